@@ -1,0 +1,104 @@
+"""The `qwen3lab` command: generate | chat | verify | tiny | bench | params | make-model.
+
+Every user-facing error is a Qwen3LabError; the command prints it as one line naming the file, tensor,
+field or value and exits 2, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import Qwen3LabError
+
+DTYPES = ["float32", "bfloat16", "float16", "float64"]
+MODEL_HELP = "checkpoint dir (config.json + safetensors + tokenizer.json); default: the embedded default model"
+
+
+def friendly_errors(fn):
+    """Turn Qwen3LabError (and Ctrl-C) into a one-line message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Qwen3LabError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="qwen3lab")
+def main() -> None:
+    """qwen3lab: run, verify layer by layer, show and measure Qwen3 (dense and MoE) models."""
+
+
+# ---- make-model ----------------------------------------------------------------------------------
+@main.command("make-model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--preset", default="tiny", show_default=True, help="qwen3-0.6b, qwen3-1.7b, ..., tiny, tiny-moe")
+@click.option("--layers", type=int, default=None, help="override num_hidden_layers")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shard-size", default=None, help="split into shards of at most this size, e.g. 200MB")
+@click.option("--overwrite", is_flag=True, help="replace an existing qwen3lab-made model in OUT_DIR")
+@friendly_errors
+def make_model_cmd(out_dir, preset, layers, dtype, seed, shard_size, overwrite):
+    """Write a complete HF-layout checkpoint dir with deterministic random weights and the real shapes."""
+    from .make_model import make_model
+
+    path = make_model(out_dir, preset=preset, layers=layers, dtype=dtype, seed=seed, shard_size=shard_size,
+                      overwrite=overwrite)
+    files = sorted(p.name for p in path.iterdir())
+    size = sum(p.stat().st_size for p in path.iterdir())
+    click.echo(f"wrote {path} ({size / 1e6:.1f} MB): {', '.join(files)}")
+
+
+# ---- generate / chat -----------------------------------------------------------------------------
+def _sampling_options(fn):
+    for opt in reversed([
+        click.option("--model", "model", default=None, help=MODEL_HELP),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True),
+        click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most"),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _load_model(model, device, dtype):
+    from .api import resolve_model_path
+    from .qwen3 import Qwen3ForCausalLM
+
+    path = resolve_model_path(model)
+    click.echo(f"loading {path} ({dtype}, {device})", err=True)
+    return Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype)
+
+
+# ---- params ----------------------------------------------------------------------------------------
+@main.command("params")
+@click.option("--model", default=None, help="checkpoint dir whose config.json to read")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False), help="a config.json")
+@click.option("--preset", default=None, help="qwen3-0.6b, ..., qwen3-235b-a22b, tiny, tiny-moe")
+@click.option("--context", type=int, default=4096, show_default=True, help="tokens per sequence for KV/activations")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8", "int4"]), default="bfloat16",
+              show_default=True, help="dtype of the weights the totals assume")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables")
+@friendly_errors
+def params_cmd(model, config, preset, context, batch, dtype, as_json):
+    """Parameters by part (total, non-embedding, MoE activated) and memory: weights, KV cache, activations."""
+    from .params import run_params_command
+
+    run_params_command(model, config, preset, context, batch, dtype, as_json)
