@@ -9,6 +9,8 @@ Taps come from hooks on the model's own modules, so what is measured is transfor
 - module inputs: o_proj's (attn, per head), down_proj's (act), post_attention_layernorm's (resid_mid);
 - q_rot / k_rot: the modeling module's `apply_rotary_pos_emb` is wrapped while a run is under way;
 - probs: the attention weights eager attention returns (only with attn_implementation="eager").
+`run_decode` prefills and then feeds one token per step through transformers' own KV cache, so HF can be
+a KV-cache candidate as well as a reference.
 
 Graft (each op consumes the reference's input) works by hooks returning the reference's value:
 - grafted fully: embed, attn_in, q, k, v, q_norm, k_norm, q_rot, k_rot, attn, attn_out, mlp_in, gate, up,
@@ -26,9 +28,11 @@ import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from .. import taps as _taps
 from ..config import Qwen3Config
-from ..errors import Qwen3LabError, WeightsError
+from ..errors import InputError, Qwen3LabError, WeightsError
 from ..taps import dataflow_key, tap, to_numpy
 from .base import RunResult, check_input_ids
 
@@ -103,22 +107,47 @@ class HFBackend:
         """Logits [T, V] and the selected taps (None: none; "all"; or names/patterns). With `graft`, the
         reference's taps replace transformers' values where hooks allow (module docstring); all taps are
         recorded unless `taps` says otherwise."""
-        torch = self._torch
         ids = check_input_ids(input_ids, self.cfg)
+        return self._run(ids, 0, taps, graft)
+
+    def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
+        """Prefill the first T - decode_steps tokens, then feed the rest one per step through transformers'
+        KV cache (DynamicCache). Step j's taps are prefixed `step{j}.` ([1, ...]; probs [Hq, 1, S])."""
+        ids = check_input_ids(input_ids, self.cfg)
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or not 0 <= decode_steps < len(ids):
+            raise InputError(f"decode_steps must be an integer in 0..{len(ids) - 1} (one prefill token at least) "
+                             f"for {len(ids)} input ids, got {decode_steps!r}")
+        return self._run(ids, decode_steps, taps, graft)
+
+    def _run(self, ids: np.ndarray, decode_steps: int, taps, graft) -> RunResult:
+        torch = self._torch
         x = torch.as_tensor(ids, device=self.device)[None]  # [1, T]
+        P = x.shape[1] - decode_steps
         names = taps if (taps is not None or graft is None) else "all"
         if graft is not None:
             session = _taps.graft(graft, names=names)
         elif names is not None:
             session = _taps.record(names)
         else:
-            with torch.no_grad():
-                out = self.model(input_ids=x, use_cache=False)
-            return RunResult(to_numpy(out.logits[0]))
-        with session as rec, self._hooks(), torch.no_grad():
-            out = self.model(input_ids=x, use_cache=False)
+            session = None
+        with ExitStack() as stack:
+            rec = stack.enter_context(session) if session is not None else None
+            if rec is not None:
+                stack.enter_context(self._hooks())
+            stack.enter_context(torch.no_grad())
+            out = self.model(input_ids=x[:, :P], use_cache=decode_steps > 0)
+            logits = [out.logits[0]]  # [P, V]
+            for j in range(decode_steps):
+                if rec is not None:
+                    rec.prefix = f"step{j}."
+                out = self.model(input_ids=x[:, P + j: P + j + 1], past_key_values=out.past_key_values,
+                                 use_cache=True)
+                logits.append(out.logits[0])  # [1, V]
+        logits_np = to_numpy(torch.cat(logits, dim=0))  # [T, V]
+        if rec is None:
+            return RunResult(logits_np)
         # hooks fire in call order (probs after attn_out); hand taps back in dataflow order
-        return RunResult(to_numpy(out.logits[0]), dict(sorted(rec.taps.items(), key=lambda kv: dataflow_key(kv[0]))))
+        return RunResult(logits_np, dict(sorted(rec.taps.items(), key=lambda kv: dataflow_key(kv[0]))))
 
     @contextmanager
     def _hooks(self):

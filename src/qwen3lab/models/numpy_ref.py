@@ -259,7 +259,7 @@ class NumpyBackend:
         """
         ids = check_input_ids(input_ids, self.cfg)
         T = ids.shape[0]
-        if not isinstance(decode_steps, int) or not 0 <= decode_steps < T:
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or not 0 <= decode_steps < T:
             raise InputError(f"decode_steps must be an integer in 0..{T - 1} (one prefill token at least) "
                              f"for {T} input ids, got {decode_steps!r}")
         P = T - decode_steps
