@@ -1,0 +1,347 @@
+"""Backends for verify, by spec string, behind one adapter (`Side`).
+
+Specs:
+- `numpy` (the float64 oracle), `torch` (ours; --device/--dtype), `hf` (transformers, extra `[hf]`);
+- `dump:FILE`: a safetensors tap dump (DESIGN.md format) written by any program. Its metadata is checked:
+  `config_sha256` against the model's config.json (sha256 of the file's bytes, or of Qwen3Config.sha256()),
+  `input_ids` against the ids being verified, `dtype` against --dtype. Differences become `problems` in the
+  report (an input_ids mismatch is an input error: the numbers would not be comparable);
+- `module:Class` or `path/to/file.py:Class`: a user's Python backend, built as `Class(model_path, **options)`
+  (options it accepts among device/dtype), with `run(input_ids, graft=None) -> dict[tap name, array]`, an
+  optional `dtype` attribute and optional `run_decode(input_ids, decode_steps, graft=None) -> dict`.
+  When `graft` (reference taps) is given it must run each op on the reference's input; set a class
+  attribute `supports_graft = False` if it cannot, and isolation is skipped.
+A backend object (anything with .cfg, .name, .dtype, .run(input_ids, taps=, graft=)) can be passed directly.
+
+Streaming: `Side.run(..., sink=f)` hands each tap to `f(name, array)` as it is made instead of returning
+them, when the backend can (its run takes `sink=`, or it is one of our tap-site models, for which an
+outer taps.record / taps.graft session is opened around an un-recorded run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .. import taps as _taps
+from ..config import Qwen3Config
+from ..errors import DumpError, InputError, Qwen3LabError
+from ..models.base import RunResult
+from .tolerances import normalize_dtype
+
+BUILTIN = ("numpy", "torch", "hf")
+
+
+class Side:
+    """One side of a comparison: a backend plus what verify needs to know about it."""
+
+    def __init__(self, backend, spec: str, label: str | None = None, precision: str | None = None,
+                 problems: list[str] | None = None):
+        self.backend = backend
+        self.spec = spec
+        self.cfg = backend.cfg
+        self.dtype = normalize_dtype(getattr(backend, "dtype", None) or "float32")
+        self.label = label or f"{getattr(backend, 'name', spec)} ({self.dtype})"
+        # the precision its numbers can be trusted to (HF float64 still does RMSNorm/RoPE tables in float32)
+        self.precision = precision or self.dtype
+        self.problems = list(problems or [])
+        self.fixed_input_ids: list[int] | None = getattr(backend, "fixed_input_ids", None)
+
+    # ---- capabilities --------------------------------------------------------------------------------
+    @property
+    def supports_graft(self) -> bool:
+        return bool(getattr(self.backend, "supports_graft", True))
+
+    @property
+    def supports_decode(self) -> bool:
+        return callable(getattr(self.backend, "run_decode", None))
+
+    def _accepts(self, fn, name: str) -> bool:
+        try:
+            return name in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _tap_site_model(self) -> bool:
+        """Our own models call taps.tap() at every site and open no session when run with taps=None."""
+        mod = type(self.backend).__module__
+        return mod in ("qwen3lab.models.numpy_ref", "qwen3lab.models.torch_model") or bool(
+            getattr(self.backend, "uses_tap_sites", False))
+
+    # ---- running ---------------------------------------------------------------------------------------
+    def run(self, input_ids, names, graft: Mapping | None = None, sink: Callable | None = None) -> RunResult:
+        b = self.backend
+        if sink is None:
+            return b.run(input_ids, taps=names, graft=graft)
+        if self._accepts(b.run, "sink"):
+            return b.run(input_ids, taps=names, graft=graft, sink=sink)
+        if self._tap_site_model():
+            session = (_taps.graft(graft, names=names, sink=_unbatched(sink)) if graft is not None
+                       else _taps.record(names, sink=_unbatched(sink)))
+            with session:
+                res = b.run(input_ids)
+            return RunResult(res.logits, {})
+        res = b.run(input_ids, taps=names, graft=graft)
+        for name in list(res.taps):
+            sink(name, res.taps.pop(name))
+        return res
+
+    def run_decode(self, input_ids, decode_steps: int, names, graft: Mapping | None = None) -> RunResult:
+        if self.supports_decode:
+            return self.backend.run_decode(input_ids, decode_steps, taps=names, graft=graft)
+        return decode_by_recompute(self, input_ids, decode_steps, names)
+
+
+def _unbatched(sink: Callable) -> Callable:
+    """Model code taps with a leading batch dim of 1 (torch); the canonical shapes have none."""
+
+    def f(name: str, arr: np.ndarray) -> None:
+        if _taps.split_name(name)[2] != "probs" and arr.ndim and arr.shape[0] == 1 and arr.ndim > _canon_ndim(name):
+            arr = arr[0]
+        elif _taps.split_name(name)[2] == "probs" and arr.ndim == 4 and arr.shape[0] == 1:
+            arr = arr[0]
+        sink(name, arr)
+
+    return f
+
+
+def _canon_ndim(name: str) -> int:
+    site = _taps.split_name(name)[2]
+    return 3 if site in ("q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "attn", "probs") else 2
+
+
+def decode_by_recompute(side: Side, input_ids, decode_steps: int, names) -> RunResult:
+    """Decode taps of a backend without a KV cache: the prefill run, then one full run per step whose last
+    row (probs: last query row over all keys) is that step's tap, named `step{j}.`."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    T = ids.shape[0]
+    P = T - decode_steps
+    pre = side.run(ids[:P], names)
+    taps = dict(pre.taps)
+    logits = None
+    for j in range(decode_steps):
+        full = side.run(ids[: P + j + 1], names)
+        for name, arr in full.taps.items():
+            arr = np.asarray(arr)
+            taps[f"step{j}.{name}"] = arr[:, -1:, :] if _taps.split_name(name)[2] == "probs" else arr[-1:]
+        logits = full.logits
+    return RunResult(logits if logits is not None else pre.logits, taps)
+
+
+# ---- dumps -----------------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class DumpBackend:
+    """A tap dump as a backend: run() returns the dump's taps. Cannot graft (isolation is skipped)."""
+
+    supports_graft = False
+    name = "dump"
+
+    def __init__(self, path: str | Path, cfg: Qwen3Config):
+        self.path = Path(path)
+        self.cfg = cfg
+        self.taps, self.meta = _taps.read_dump(self.path)
+        self.dtype = normalize_dtype(self.meta.get("dtype") or _dominant_dtype(self.taps))
+        self.fixed_input_ids = self.meta.get("input_ids")
+
+    def _check_ids(self, input_ids) -> None:
+        ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
+        if self.fixed_input_ids is not None and ids != self.fixed_input_ids:
+            raise InputError(
+                f"{self.path}: the dump was made for input_ids {_short(self.fixed_input_ids)} but verify was "
+                f"asked for {_short(ids)}; run verify with --ids {','.join(map(str, self.fixed_input_ids))} "
+                f"(or leave --ids/--test-input out to use the dump's)"
+            )
+
+    def _select(self, names, decode: bool) -> dict[str, np.ndarray]:
+        rec = _taps.record(names)
+        return {k: v for k, v in self.taps.items()
+                if (decode or _taps.split_name(k)[0] is None) and (names is None or rec.selects(k, optional=True))}
+
+    def run(self, input_ids, taps=None, graft=None) -> RunResult:
+        self._check_ids(input_ids)
+        out = self._select(taps, decode=False)
+        logits = self.taps.get("logits")
+        return RunResult(np.asarray(logits) if logits is not None else np.zeros((0, 0)), out)
+
+    def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
+        self._check_ids(input_ids)
+        steps = {_taps.split_name(k)[0] for k in self.taps} - {None}
+        if not steps:
+            raise InputError(f"{self.path}: --decode-steps {decode_steps} was asked for but the dump has no "
+                             f"step{{j}}. taps")
+        return RunResult(np.asarray(self.taps.get("logits", np.zeros((0, 0)))), self._select(taps, decode=True))
+
+    def problems(self, model_config: Path | None, want_dtype: str | None) -> list[str]:
+        out = []
+        m = self.meta
+        if m.get("format") is None:
+            out.append(f"{self.path}: metadata has no 'format' (expected {_taps.DUMP_FORMAT!r}); read as a tap dump")
+        got = m.get("config_sha256")
+        if got and model_config is not None and model_config.exists():
+            mine = {file_sha256(model_config), self.cfg.sha256()}
+            if got not in mine:
+                out.append(f"{self.path}: config_sha256 {got[:12]}... does not match {model_config} "
+                           f"(sha256 {file_sha256(model_config)[:12]}...): the dump may come from another model")
+        elif not got:
+            out.append(f"{self.path}: metadata has no config_sha256; cannot check it was made from {model_config}")
+        if want_dtype and m.get("dtype") and normalize_dtype(m["dtype"]) != normalize_dtype(want_dtype):
+            out.append(f"{self.path}: dump dtype {m['dtype']!r} differs from --dtype {want_dtype!r}; "
+                       f"tolerances follow the dump's dtype")
+        return out
+
+
+def _dominant_dtype(taps: Mapping[str, np.ndarray]) -> str:
+    for v in taps.values():
+        if np.issubdtype(np.asarray(v).dtype, np.floating):
+            return str(np.asarray(v).dtype)
+    return "float32"
+
+
+def _short(ids: list[int], n: int = 12) -> str:
+    return "[" + ", ".join(map(str, ids[:n])) + (f", ... ({len(ids)} ids)]" if len(ids) > n else "]")
+
+
+# ---- plugins ---------------------------------------------------------------------------------------
+class PluginBackend:
+    """A user's class behind the backend contract: its dict of taps becomes a RunResult."""
+
+    def __init__(self, obj, cfg: Qwen3Config, spec: str, dtype: str | None):
+        self.obj = obj
+        self.cfg = cfg
+        self.name = spec
+        self.dtype = normalize_dtype(getattr(obj, "dtype", None) or dtype or "float32")
+        self.supports_graft = bool(getattr(obj, "supports_graft", True)) and _takes(obj.run, "graft")
+        if callable(getattr(obj, "run_decode", None)):
+            self.run_decode = self._run_decode
+
+    def _wrap(self, out, where: str) -> RunResult:
+        if isinstance(out, RunResult):
+            return out
+        if not isinstance(out, Mapping):
+            raise Qwen3LabError(f"{self.name}: {where} returned {type(out).__name__}; expected a dict "
+                                f"{{tap name: array}}")
+        arrays = {}
+        for k, v in out.items():
+            try:
+                arrays[str(k)] = _taps.to_numpy(v)
+            except Exception as e:  # a user's object: say which tap could not be read, whatever it was
+                raise Qwen3LabError(f"{self.name}: tap {k!r} is not an array ({type(v).__name__}: {e})") from None
+        arrays = dict(sorted(arrays.items(), key=lambda kv: _taps.dataflow_key(kv[0])))
+        logits = arrays.get("logits")
+        return RunResult(logits if logits is not None else np.zeros((0, 0)), arrays)
+
+    def run(self, input_ids, taps=None, graft=None) -> RunResult:
+        ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
+        out = self.obj.run(ids, graft=graft) if graft is not None else self.obj.run(ids)
+        res = self._wrap(out, "run()")
+        if taps is not None:
+            rec = _taps.record(taps)
+            res.taps = {k: v for k, v in res.taps.items() if rec.selects(k, optional=True)}
+        return res
+
+    def _run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
+        ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
+        kw = {"graft": graft} if graft is not None else {}
+        return self._wrap(self.obj.run_decode(ids, decode_steps, **kw), "run_decode()")
+
+
+def _takes(fn, name: str) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    return name in sig.parameters or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def load_plugin_class(spec: str):
+    """`module:Class` or `path/to/file.py:Class` -> the class object (errors name what is missing)."""
+    target, _, cls_name = spec.rpartition(":")
+    if not target or not cls_name:
+        raise Qwen3LabError(f"backend spec {spec!r}: expected 'module:Class' or 'path/to/file.py:Class'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.exists():
+            raise Qwen3LabError(f"backend spec {spec!r}: file {path} not found")
+        mod_name = f"qwen3lab_plugin_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
+        s = importlib.util.spec_from_file_location(mod_name, path)
+        if s is None or s.loader is None:
+            raise Qwen3LabError(f"backend spec {spec!r}: cannot import {path}")
+        module = importlib.util.module_from_spec(s)
+        sys.modules[mod_name] = module
+        try:
+            s.loader.exec_module(module)
+        except Exception as e:  # the user's file: report its error as one line, not a traceback
+            raise Qwen3LabError(f"backend spec {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise Qwen3LabError(f"backend spec {spec!r}: cannot import module {target!r} ({e})") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise Qwen3LabError(f"backend spec {spec!r}: {target} has no attribute {cls_name!r}")
+    if not callable(getattr(cls, "run", None)):
+        raise Qwen3LabError(f"backend spec {spec!r}: {cls_name} has no run(input_ids, graft=None) method")
+    return cls
+
+
+# ---- resolution ------------------------------------------------------------------------------------
+def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, device: str = "cpu",
+            dtype: str | None = None) -> Side:
+    """A spec string (or a backend object) -> Side. `dtype` None picks the backend's default."""
+    if not isinstance(spec, str):
+        if not callable(getattr(spec, "run", None)) or getattr(spec, "cfg", None) is None:
+            raise Qwen3LabError(f"{spec!r} is not a backend (needs .cfg and .run(input_ids, taps=, graft=))")
+        return Side(spec, getattr(spec, "name", type(spec).__name__))
+    if spec in BUILTIN:
+        from ..api import load
+
+        if model_path is None:
+            raise Qwen3LabError(f"backend {spec!r} needs a model path")
+        b = load(model_path, backend=spec, device=device, dtype=dtype)
+        dt = normalize_dtype(b.dtype)
+        label = f"{spec} ({dt}{', ' + str(device) if spec != 'numpy' else ''})"
+        return Side(b, spec, label=label, precision="float32" if spec == "hf" and dt == "float64" else dt)
+    if cfg is None:
+        if model_path is None:
+            raise Qwen3LabError(f"backend {spec!r} needs --model-path for the model's config.json")
+        cfg = Qwen3Config.from_file(model_path)
+    if spec.startswith("dump:"):
+        path = Path(spec[5:])
+        try:
+            b = DumpBackend(path, cfg)
+        except DumpError:
+            raise
+        cfg_file = None if model_path is None else Path(model_path) / "config.json"
+        return Side(b, spec, label=f"dump {path.name} ({b.dtype})", problems=b.problems(cfg_file, dtype))
+    if ":" in spec:
+        cls = load_plugin_class(spec)
+        opts = {"device": device, "dtype": dtype}
+        try:
+            sig = inspect.signature(cls)
+            if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+                opts = {k: v for k, v in opts.items() if k in sig.parameters}
+        except (TypeError, ValueError):
+            opts = {}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        try:
+            obj = cls(str(model_path) if model_path is not None else None, **opts)
+        except Qwen3LabError:
+            raise
+        except Exception as e:  # the user's constructor
+            raise Qwen3LabError(f"backend {spec!r}: {cls.__name__}({model_path!s}, {opts}) failed: "
+                                f"{type(e).__name__}: {e}") from None
+        b = PluginBackend(obj, cfg, spec, dtype)
+        return Side(b, spec, label=f"{spec} ({b.dtype})")
+    raise Qwen3LabError(f"unknown backend {spec!r}; use one of {', '.join(BUILTIN)}, dump:FILE, module:Class "
+                        f"or path/to/file.py:Class")

@@ -1,0 +1,186 @@
+"""Per-tap error metrics: candidate array vs reference array, computed in float64.
+
+- cosine similarity, MSE, relative error ||a-b||/||b||, max abs error with its location named by the
+  tap's canonical axes (token, head, channel, ...), mean abs error, NaN/Inf counts on each side.
+- Positions where either side is NaN/Inf are left out of the numeric metrics and counted instead; a
+  non-finite value the reference does not also have at that position fails the tap (tolerances.py).
+- MoE routing taps are compared by expert id, not by slot, because implementations may list a token's
+  chosen experts in any order:
+  * `topk_idx` [T, K] is compared as a set per token: `match_fraction` is the fraction of tokens whose
+    chosen expert set equals the reference's; a token whose set differs is a failing token. The numeric
+    fields are those of the multi-hot [T, E] selection masks (so max_abs_location names the first token
+    and an expert that differs).
+  * `topk_weight` [T, K] is scattered to a dense [T, E] matrix by its own token's expert ids (zero for
+    experts not chosen) on each side, then compared like any other tap: a weight is matched with the
+    weight the other side gave the same expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# Names of the axes of each tap's canonical shape (DESIGN.md), used to name the max-error location.
+_AXES_TD = ("token", "channel")
+_AXES_THD = ("token", "head", "channel")
+AXES = {
+    "embed": _AXES_TD, "attn_in": _AXES_TD, "attn_out": _AXES_TD, "resid_mid": _AXES_TD, "mlp_in": _AXES_TD,
+    "mlp_out": _AXES_TD, "resid_post": _AXES_TD, "final_norm": _AXES_TD,
+    "gate": _AXES_TD, "up": _AXES_TD, "act": _AXES_TD,
+    "q": _AXES_THD, "k": _AXES_THD, "v": _AXES_THD, "q_norm": _AXES_THD, "k_norm": _AXES_THD,
+    "q_rot": _AXES_THD, "k_rot": _AXES_THD, "attn": _AXES_THD,
+    "probs": ("head", "token", "position"),
+    "router_logits": ("token", "expert"), "topk_idx": ("token", "expert"), "topk_weight": ("token", "expert"),
+    "logits": ("token", "vocab"),
+}
+
+
+def axes_for(site: str, ndim: int) -> tuple[str, ...]:
+    axes = AXES.get(site)
+    if axes is not None and len(axes) == ndim:
+        return axes
+    return tuple(f"dim{i}" for i in range(ndim))
+
+
+@dataclass
+class TapMetrics:
+    cosine_similarity: float
+    mse: float
+    relative_error: float
+    max_abs_error: float
+    max_abs_location: dict[str, int] | None  # e.g. {"token": 3, "head": 1, "channel": 17}
+    mean_abs_error: float
+    nan_candidate: int = 0
+    inf_candidate: int = 0
+    nan_reference: int = 0
+    inf_reference: int = 0
+    nonfinite_mismatch: int = 0  # positions non-finite on one side only (or NaN vs Inf)
+    match_fraction: float | None = None  # topk_idx: fraction of tokens whose expert set matches
+    compared: int = 0  # number of positions that entered the numeric metrics
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_arrays(cand: np.ndarray, ref: np.ndarray, axes: tuple[str, ...] | None = None) -> TapMetrics:
+    """Metrics of `cand` against `ref` (same shape). Values are converted to float64 first."""
+    a = np.asarray(cand, dtype=np.float64)
+    b = np.asarray(ref, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    axes = axes or tuple(f"dim{i}" for i in range(a.ndim))
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    both = fa & fb
+    counts = dict(
+        nan_candidate=int(np.isnan(a).sum()), inf_candidate=int(np.isinf(a).sum()),
+        nan_reference=int(np.isnan(b).sum()), inf_reference=int(np.isinf(b).sum()),
+    )
+    # one side non-finite, or both non-finite but different (NaN vs +Inf, +Inf vs -Inf)
+    odd = ~both & ~((np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b)))
+    mismatch = int(odd.sum())
+    all_finite = bool(both.all())
+    if not all_finite:
+        a, b = a[both], b[both]
+    a = a.reshape(-1)
+    b = b.reshape(-1)
+    n = a.size
+    d = a - b
+    dd = float(np.dot(d, d))
+    aa, bb, ab = float(np.dot(a, a)), float(np.dot(b, b)), float(np.dot(a, b))
+    if aa == 0.0 and bb == 0.0:
+        cos = 1.0
+    elif aa == 0.0 or bb == 0.0:
+        cos = 0.0
+    else:
+        cos = ab / np.sqrt(aa * bb)
+    if bb > 0:
+        rel = float(np.sqrt(dd / bb))
+    else:
+        rel = 0.0 if dd == 0.0 else float("inf")
+    absd = np.abs(d)
+    loc = None
+    max_abs = 0.0
+    if mismatch:
+        # a non-finite value where the reference has a number (or vice versa) is the worst error there is
+        flat = int(np.flatnonzero(odd.reshape(-1))[0])
+        loc = _location(flat, np.shape(cand), axes)
+        max_abs = float("inf")
+    elif n:
+        k = int(np.argmax(absd))
+        max_abs = float(absd[k])
+        flat = k if all_finite else int(np.flatnonzero(both.reshape(-1))[k])
+        loc = _location(flat, np.shape(cand), axes)
+    return TapMetrics(
+        cosine_similarity=float(cos), mse=dd / n if n else 0.0, relative_error=rel, max_abs_error=max_abs,
+        max_abs_location=loc, mean_abs_error=float(absd.mean()) if n else 0.0,
+        nonfinite_mismatch=mismatch, compared=int(n), **counts,
+    )
+
+
+def _location(flat: int, shape: tuple[int, ...], axes: tuple[str, ...]) -> dict[str, int]:
+    idx = np.unravel_index(flat, shape) if shape else ()
+    return {ax: int(i) for ax, i in zip(axes, idx, strict=True)}
+
+
+def topk_mask(idx: np.ndarray, num_experts: int) -> np.ndarray:
+    """[T, K] expert ids -> [T, E] multi-hot selection mask (float64)."""
+    idx = np.asarray(idx).astype(np.int64)
+    T = idx.shape[0]
+    m = np.zeros((T, num_experts), dtype=np.float64)  # [T, E]
+    m[np.arange(T)[:, None], idx] = 1.0
+    return m
+
+
+def topk_dense(idx: np.ndarray, weight: np.ndarray, num_experts: int) -> np.ndarray:
+    """[T, K] ids and weights -> [T, E] weights placed at their expert id (0 where not chosen)."""
+    idx = np.asarray(idx).astype(np.int64)
+    w = np.asarray(weight, dtype=np.float64)
+    T = idx.shape[0]
+    dense = np.zeros((T, num_experts), dtype=np.float64)  # [T, E]
+    np.add.at(dense, (np.arange(T)[:, None], idx), w)
+    return dense
+
+
+def valid_expert_ids(idx: np.ndarray, num_experts: int) -> str | None:
+    """None if every entry is an integer expert id in range, else a message saying what is wrong."""
+    arr = np.asarray(idx)
+    if not np.all(np.isfinite(arr)):
+        return "contains NaN/Inf"
+    if np.any(arr != np.round(arr)):
+        return "contains non-integer values"
+    if arr.size and (arr.min() < 0 or arr.max() >= num_experts):
+        return f"has expert ids outside 0..{num_experts - 1} (min {arr.min():g}, max {arr.max():g})"
+    return None
+
+
+def compare_topk_idx(cand: np.ndarray, ref: np.ndarray, num_experts: int) -> TapMetrics:
+    """Set comparison per token; numeric fields from the [T, E] multi-hot masks."""
+    mc, mr = topk_mask(cand, num_experts), topk_mask(ref, num_experts)
+    m = compare_arrays(mc, mr, ("token", "expert"))
+    same = np.all(mc == mr, axis=-1)  # [T]
+    m.match_fraction = float(same.mean()) if same.size else 1.0
+    return m
+
+
+def compare_topk_weight(cand_w: np.ndarray, ref_w: np.ndarray, cand_idx: np.ndarray, ref_idx: np.ndarray,
+                        num_experts: int) -> TapMetrics:
+    """Weights aligned by expert id through the dense [T, E] scatter of each side."""
+    return compare_arrays(topk_dense(cand_idx, cand_w, num_experts), topk_dense(ref_idx, ref_w, num_experts),
+                          ("token", "expert"))
+
+
+def per_token_error(cand: np.ndarray, ref: np.ndarray, token_axis: int = 0) -> np.ndarray:
+    """Relative error of each token's slice, ||a_t - b_t|| / ||b_t|| (for the HTML report)."""
+    a = np.moveaxis(np.asarray(cand, dtype=np.float64), token_axis, 0).reshape(np.shape(cand)[token_axis], -1)
+    b = np.moveaxis(np.asarray(ref, dtype=np.float64), token_axis, 0).reshape(np.shape(ref)[token_axis], -1)
+    num = np.linalg.norm(np.nan_to_num(a - b, nan=np.inf), axis=1)
+    den = np.linalg.norm(b, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
+
+
+def per_channel_error(cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Max abs error of each channel (last axis) over all other axes (for the HTML report)."""
+    d = np.abs(np.asarray(cand, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+    d = np.nan_to_num(d, nan=np.inf)
+    return d.reshape(-1, d.shape[-1]).max(axis=0) if d.ndim else d.reshape(1)

@@ -1,0 +1,309 @@
+"""verify(): reference run, candidate run, comparison, isolation run; streaming when the model is large.
+
+Order of work, and what is held in memory:
+1. the reference runs once; its taps go to a store (a dict, or .npy files on disk past `stream_bytes`);
+2. the candidate runs; each tap is compared the moment it is made (taps sink) and dropped, so only its
+   metrics stay (plus the arrays of the first failing tap, for the HTML plots);
+3. if a tap failed and the candidate can graft, it runs again on the reference's taps (isolation, see
+   isolate.py), compared the same way.
+Decode (`decode_steps` > 0): the candidate's KV-cache steps (run_decode) against the reference's full
+recompute at each position (its run_decode; for backends without one, one full run per step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Qwen3Config
+from ..errors import InputError, Qwen3LabError
+from ..models.base import check_input_ids
+from ..taps import canonical_shape, dataflow_key, split_name, tap_sites
+from .backends import Side, resolve
+from .compare import FAILING, Comparator, TapResult, layer_selected
+from .isolate import attach_isolated, label_origins
+from .report import VerifyReport
+from .store import DiskStore, MemoryStore, Without
+from .tolerances import Tolerance, tolerance_for
+
+DEFAULT_TEST_INPUT = "Hello, this is a test input"
+STREAM_BYTES = 1 << 30  # spill the reference's taps to disk past this estimated size
+
+
+class Progress:
+    """Progress events of a verify run (no-op); report_terminal has a rich progress bar with this API."""
+
+    def start(self, phase: str, total: int) -> None: ...
+
+    def advance(self, phase: str, n: int = 1) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def parse_layers(spec, num_layers: int) -> list[int] | None:
+    """'0-4' / '0,2,5-7' / [1, 2] / None -> sorted layer indices (errors name the bad part)."""
+    if spec is None or spec == "" or spec == "all":
+        return None
+    if isinstance(spec, int):
+        spec = [spec]
+    if not isinstance(spec, str):
+        out = sorted({int(i) for i in spec})
+    else:
+        out = set()
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    a, b = part.split("-", 1)
+                    lo, hi = int(a), int(b)
+                    if lo > hi:
+                        raise ValueError
+                    out.update(range(lo, hi + 1))
+                else:
+                    out.add(int(part))
+            except ValueError:
+                raise InputError(f"--layers {spec!r}: {part!r} is not a layer index or range like 0-4") from None
+        out = sorted(out)
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad:
+        raise InputError(f"--layers: layer {bad[0]} does not exist (the model has layers 0..{num_layers - 1})")
+    return out
+
+
+def resolve_input_ids(input_ids, test_input: str | None, model_path, sides: Iterable[Side], cfg) -> tuple:
+    """(ids, text): explicit ids, else the text tokenized, else a dump's own ids, else the default text."""
+    if input_ids is not None:
+        if isinstance(input_ids, str):
+            try:
+                input_ids = [int(x) for x in input_ids.replace(" ", "").split(",") if x]
+            except ValueError:
+                raise InputError(f"--ids {input_ids!r}: expected comma-separated integers like 1,2,3") from None
+        return check_input_ids(list(input_ids), cfg).tolist(), test_input
+    if test_input is None:
+        for s in sides:
+            if s.fixed_input_ids is not None:
+                return check_input_ids(s.fixed_input_ids, cfg).tolist(), None
+        test_input = DEFAULT_TEST_INPUT
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_path) if model_path is not None else Tokenizer.bundled()
+    return check_input_ids(tok.encode(test_input), cfg).tolist(), test_input
+
+
+def estimate_bytes(cfg, names: list[str], T: int) -> int:
+    total = 0
+    for n in names:
+        try:
+            total += int(np.prod(canonical_shape(cfg, n, T))) * 8
+        except KeyError:
+            pass
+    return total
+
+
+def _same_config(a: Qwen3Config, b: Qwen3Config) -> list[str]:
+    da, db = a.to_hf_dict(), b.to_hf_dict()
+    return [f"config field {k!r}: reference {da.get(k)!r}, candidate {db.get(k)!r}"
+            for k in sorted(set(da) | set(db)) if k != "torch_dtype" and da.get(k) != db.get(k)]
+
+
+def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=None, test_input: str | None = None,
+           device: str = "cpu", dtype: str | None = None, reference_dtype: str | None = None,
+           layers=None, decode_steps: int = 0, isolate: bool | None = None, probs: bool = False,
+           tolerance: Tolerance | None = None, preset: str | None = None, cos_min: float | None = None,
+           mse_max: float | None = None, rel_max: float | None = None, stream: bool | None = None,
+           stream_bytes: int = STREAM_BYTES, progress: Progress | None = None) -> VerifyReport:
+    """Compare `candidate` against `reference` tap by tap; find the first divergence and the culprit op.
+
+    reference / candidate: a spec string ("numpy", "torch", "hf", "dump:FILE", "module:Class",
+    "file.py:Class") or a backend object. input_ids: list of ints (or "1,2,3"); else `test_input` is
+    tokenized; else a dump's own ids; else "Hello, this is a test input". `dtype`/`device` are the
+    candidate's; the reference runs in float64 unless `reference_dtype` says otherwise. `layers`: "0-4",
+    [0, 1] or None (all). `isolate`: None = when a tap fails and the candidate can graft. `probs`: also
+    compare the attention probabilities (O(T*S) memory). Tolerance: `tolerance`, else `preset` ("simple"),
+    else per-dtype defaults, then cos_min / mse_max / rel_max override. `stream`: None = automatic
+    (reference taps spilled to disk past `stream_bytes`).
+    """
+    progress = progress or Progress()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    path = Path(model_path) if model_path is not None else None
+    if path is not None and not (path / "config.json").exists():
+        raise InputError(f"{path}: no config.json (expected a checkpoint directory)")
+    cfg = Qwen3Config.from_file(path) if path is not None else None
+    ref_dt = reference_dtype or "float64"
+    ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt)
+    cfg = cfg or ref.cfg
+    cand = resolve(candidate, path, cfg, device=device, dtype=dtype)
+    timings["load_s"] = time.perf_counter() - t
+    problems = ref.problems + cand.problems + _same_config(ref.cfg, cand.cfg)
+
+    ids, text = resolve_input_ids(input_ids, test_input, path, (cand, ref), cfg)
+    sel = parse_layers(layers, cfg.num_hidden_layers)
+    T = len(ids)
+    if not isinstance(decode_steps, int) or not 0 <= decode_steps < T:
+        raise InputError(f"--decode-steps must be in 0..{T - 1} for {T} input tokens (one prefill token at "
+                         f"least), got {decode_steps!r}")
+    if decode_steps and not cand.supports_decode:
+        raise InputError(f"candidate {cand.spec!r} has no KV-cache decode (run_decode); drop --decode-steps")
+    tol = tolerance or tolerance_for(cand.precision, ref.precision, preset=preset, cos_min=cos_min,
+                                     mse_max=mse_max, rel_max=rel_max)
+
+    names = tap_sites(cfg, probs=probs, layers=sel)
+    ref_names = names
+    if sel is not None:
+        # the layer before each selected one: its output is what the isolation run grafts into the layer
+        extra = [f"layers.{i - 1}.resid_post" for i in sel if i > 0 and i - 1 not in sel]
+        ref_names = sorted(set(names) | set(extra), key=dataflow_key)
+    if stream is None:
+        stream = estimate_bytes(cfg, ref_names, T) * max(1, decode_steps) > stream_bytes
+    report = VerifyReport(cfg=cfg, reference=ref.label, candidate=cand.label, dtype=cand.dtype, tolerance=tol,
+                          input_ids=ids, results=[], model_path=str(path) if path else None, test_input=text,
+                          layers=sel, decode_steps=decode_steps, problems=problems, timings=timings)
+    run = _DecodeRun if decode_steps else _PrefillRun
+    run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
+    return report
+
+
+class _PrefillRun:
+    def __init__(self, report: VerifyReport, ref: Side, cand: Side, ids, names, ref_names, sel, stream, progress):
+        self.report, self.ref, self.cand, self.ids = report, ref, cand, np.asarray(ids, dtype=np.int64)
+        self.names, self.ref_names, self.sel, self.stream, self.progress = names, ref_names, sel, stream, progress
+        self.sel_set = None if sel is None else set(sel)
+        self.store = DiskStore() if stream else MemoryStore()
+
+    def go(self, isolate: bool | None) -> None:
+        try:
+            self._go(isolate)
+        finally:
+            self.progress.stop()
+            self.store.close()
+
+    def _reference(self) -> None:
+        t = time.perf_counter()
+        self.progress.start("reference", len(self.ref_names))
+
+        def keep(name: str, arr: np.ndarray) -> None:
+            self.store.put(name, arr)
+            self.progress.advance("reference")
+
+        res = self.ref.run(self.ids, self.ref_names, sink=keep)
+        for k, v in res.taps.items():  # backends that returned a dict instead of streaming
+            keep(k, v)
+        self.report.timings["reference_s"] = time.perf_counter() - t
+
+    def _compare_run(self, phase: str, graft=None) -> dict[str, TapResult]:
+        """Run the candidate, comparing each tap against the store as it arrives."""
+        t = time.perf_counter()
+        comp = Comparator(self.report.cfg, self.report.tolerance)
+        out: dict[str, TapResult] = {}
+        first: list = []
+        self.progress.start(phase, len(self.names))
+
+        def check(name: str, arr: np.ndarray) -> None:
+            self.progress.advance(phase)
+            if not layer_selected(name, self.sel_set):
+                return
+            ref = self.store.get(name)
+            r = comp.compare(name, arr, None if ref is None else np.asarray(ref))
+            out[name] = r
+            if r.status in FAILING and not first and r.status == "fail":
+                first.append((name, np.array(arr), np.array(ref)))
+
+        self.cand.run(self.ids, self.names, graft=graft, sink=check)
+        self.report.timings[f"{phase}_s"] = time.perf_counter() - t
+        if first:
+            if phase == "candidate":
+                self.report.divergence_arrays = first[0]
+            else:
+                self.report.culprit_arrays = first[0]
+        return out
+
+    def _go(self, isolate: bool | None) -> None:
+        rep = self.report
+        self._reference()
+        plain = self._compare_run("candidate")
+        wanted = set(self.names)
+        for name in self.store:  # taps the candidate never produced
+            if name not in plain and name in wanted:
+                plain[name] = TapResult(name, "missing", shape=list(np.shape(self.store[name])),
+                                        reasons=["the candidate does not provide this tap"])
+        rep.results = sorted(plain.values(), key=lambda r: dataflow_key(r.name))
+        self._isolate(isolate, plain)
+
+    def _isolate(self, isolate: bool | None, plain: dict[str, TapResult]) -> None:
+        rep = self.report
+        failing = any(r.status in FAILING for r in rep.results)
+        if isolate is False:
+            rep.isolation = "turned off"
+        elif not self.cand.supports_graft:
+            rep.isolation = f"the candidate {self.cand.spec} cannot run on grafted reference taps"
+        elif not failing:
+            rep.isolation = "not needed: no tap failed"
+        else:
+            # taps whose shape does not match cannot be grafted (and would make the graft raise)
+            bad = {r.name for r in rep.results if r.status in ("shape_mismatch", "invalid")}
+            graft = Without(self.store, bad) if bad else self.store
+            try:
+                iso = self._run_isolated(graft)
+            except Qwen3LabError as e:
+                rep.isolation = f"the grafted run failed: {e}"
+                rep.problems.append(f"isolation run failed: {e}")
+                return
+            attach_isolated(plain, iso)
+            rep.isolation = "ran"
+        rep.culprit = label_origins(rep.results) if rep.isolation == "ran" else None
+        if rep.isolation != "ran":
+            for r in rep.results:
+                if r.status in ("shape_mismatch", "invalid"):
+                    r.origin = "op"
+
+    def _run_isolated(self, graft) -> dict[str, TapResult]:
+        return self._compare_run("isolation", graft=graft)
+
+
+class _DecodeRun(_PrefillRun):
+    """Prefill + decode steps: whole dicts (decode taps are one row each; nothing large to stream)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.store = MemoryStore()
+        self.steps = self.report.decode_steps
+
+    def _go(self, isolate: bool | None) -> None:
+        rep = self.report
+        t = time.perf_counter()
+        self.progress.start("reference", 1)
+        r = self.ref.run_decode(self.ids, self.steps, self.ref_names)
+        self.store.update(r.taps)
+        self.progress.advance("reference")
+        rep.timings["reference_s"] = time.perf_counter() - t
+        plain = self._compare("candidate", None)
+        rep.results = sorted(plain.values(), key=lambda r: dataflow_key(r.name))
+        self._isolate(isolate, plain)
+
+    def _compare(self, phase: str, graft) -> dict[str, TapResult]:
+        t = time.perf_counter()
+        self.progress.start(phase, 1)
+        res = self.cand.run_decode(self.ids, self.steps, self.names, graft=graft)
+        self.progress.advance(phase)
+        rep = self.report
+        comp = Comparator(rep.cfg, rep.tolerance)
+        want = {n for n in self.store if split_name(n)[1] is None or layer_selected(n, self.sel_set)}
+        names = sorted({n for n in (*want, *res.taps) if layer_selected(n, self.sel_set)}, key=dataflow_key)
+        out = {}
+        for n in names:
+            if n not in want and n not in res.taps:
+                continue
+            out[n] = comp.compare(n, res.taps.get(n), self.store.get(n))
+            if out[n].status == "fail":
+                key = "divergence_arrays" if phase == "candidate" else "culprit_arrays"
+                if getattr(rep, key) is None:
+                    setattr(rep, key, (n, np.asarray(res.taps[n]), np.asarray(self.store[n])))
+        rep.timings[f"{phase}_s"] = time.perf_counter() - t
+        return out
+
+    def _run_isolated(self, graft) -> dict[str, TapResult]:
+        return self._compare("isolation", graft)

@@ -1,0 +1,98 @@
+"""Pass/fail thresholds: defaults per candidate dtype, the `simple` preset, and flag overrides.
+
+A tap passes when cosine >= cos_min, relative error <= rel_max, MSE <= mse_max (when set), it has no
+NaN/Inf the reference lacks, and (topk_idx) the fraction of tokens with the reference's expert set is
+>= topk_match_min. MSE is scale-dependent (logits are large, embeddings small), so the per-dtype
+defaults leave it unset and rely on relative error and cosine; the `simple` preset sets all three.
+
+The per-dtype numbers were calibrated by measurement (see the verify tests and the issue-3 note):
+- float64 must catch an epsilon in the wrong place (RMSNorm eps 1e-5 instead of 1e-6 moves a
+  unit-RMS activation by ~5e-6 relative); torch float64 and the NumPy oracle agree to ~1e-15.
+- float32: correct runs of a 28-layer model stay below ~1e-5 relative at every tap (logits included).
+- bfloat16 / float16: a correct run's worst tap (after many layers of rounding) sits near 1e-2 relative;
+  the thresholds leave headroom above that while still catching every planted bug in the bug zoo.
+When the reference is itself lower precision than float64, the looser of the two dtypes applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import Qwen3LabError
+from .metrics import TapMetrics
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    cos_min: float
+    rel_max: float
+    mse_max: float | None = None
+    topk_match_min: float = 1.0
+    name: str = "custom"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "cos_min": self.cos_min, "rel_max": self.rel_max, "mse_max": self.mse_max,
+                "topk_match_min": self.topk_match_min}
+
+
+DTYPE_DEFAULTS: dict[str, Tolerance] = {
+    "float64": Tolerance(cos_min=1 - 1e-12, rel_max=1e-9, name="float64"),
+    "float32": Tolerance(cos_min=1 - 1e-8, rel_max=1e-4, name="float32"),
+    "float16": Tolerance(cos_min=0.999, rel_max=0.03, topk_match_min=0.9, name="float16"),
+    "bfloat16": Tolerance(cos_min=0.995, rel_max=0.08, topk_match_min=0.9, name="bfloat16"),
+}
+PRESETS: dict[str, Tolerance] = {
+    "simple": Tolerance(cos_min=0.99, rel_max=0.01, mse_max=1e-4, name="simple"),
+}
+# looser first: the tolerance of a comparison is that of its least precise side
+_LOOSENESS = ["float64", "float32", "float16", "bfloat16"]
+_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "fp16": "float16",
+            "half": "float16", "bf16": "bfloat16"}
+
+
+def normalize_dtype(dtype: str | None) -> str:
+    d = str(dtype or "float32").replace("torch.", "").lower()
+    return _ALIASES.get(d, d)
+
+
+def tolerance_for(cand_dtype: str | None, ref_dtype: str | None = "float64", *, preset: str | None = None,
+                  cos_min: float | None = None, mse_max: float | None = None,
+                  rel_max: float | None = None) -> Tolerance:
+    """The tolerance for comparing a `cand_dtype` candidate against a `ref_dtype` reference, with the
+    `preset` (e.g. "simple") or per-dtype default, then any explicit threshold overriding it."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise Qwen3LabError(f"unknown tolerance preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        tol = PRESETS[preset]
+    else:
+        dts = [normalize_dtype(cand_dtype), normalize_dtype(ref_dtype)]
+        # an unknown dtype (a dump saying "int8", say) gets the loosest defaults rather than a crash
+        rank = max(_LOOSENESS.index(d) if d in _LOOSENESS else len(_LOOSENESS) - 1 for d in dts)
+        tol = DTYPE_DEFAULTS[_LOOSENESS[rank]]
+    changes = {k: v for k, v in (("cos_min", cos_min), ("mse_max", mse_max), ("rel_max", rel_max)) if v is not None}
+    for k, v in changes.items():
+        if not isinstance(v, (int, float)) or v != v or v < 0:
+            raise Qwen3LabError(f"--{k.replace('_', '-')} must be a non-negative number, got {v!r}")
+    if changes:
+        tol = replace(tol, **changes, name=f"{tol.name}+overrides")
+    return tol
+
+
+def check(m: TapMetrics, tol: Tolerance, site: str) -> list[str]:
+    """Reasons the tap fails (empty list: it passes)."""
+    why = []
+    if m.nonfinite_mismatch:
+        why.append(f"{m.nonfinite_mismatch} NaN/Inf value(s) not in the reference "
+                   f"(candidate NaN {m.nan_candidate}, Inf {m.inf_candidate}; "
+                   f"reference NaN {m.nan_reference}, Inf {m.inf_reference})")
+    if site == "topk_idx":
+        if m.match_fraction is not None and m.match_fraction < tol.topk_match_min:
+            why.append(f"expert set matches on {m.match_fraction:.1%} of tokens (< {tol.topk_match_min:.0%})")
+        return why
+    if not m.cosine_similarity >= tol.cos_min:
+        why.append(f"cosine {m.cosine_similarity:.10g} < {tol.cos_min:.10g}")
+    if not m.relative_error <= tol.rel_max:
+        why.append(f"relative error {m.relative_error:.3g} > {tol.rel_max:.3g}")
+    if tol.mse_max is not None and not m.mse <= tol.mse_max:
+        why.append(f"MSE {m.mse:.3g} > {tol.mse_max:.3g}")
+    return why
