@@ -250,3 +250,22 @@ def test_hf_kv_cache_decode_matches_oracle_steps(moe):
     again = hf.run_decode(ids, steps, taps=["*"], graft=got.taps)
     for name, arr in got.taps.items():
         np.testing.assert_array_equal(again.taps[name], arr, err_msg=name)
+
+
+def test_hf_backend_errors_name_the_problem(tmp_path):
+    from qwen3lab.errors import ConfigError, InputError, WeightsError
+
+    with pytest.raises(ConfigError, match="config.json not found"):
+        HFBackend(tmp_path / "nowhere")
+    cfg = make_cfg({"hidden": 16, "inter": 16, "layers": 1, "kv_heads": 1, "n_rep": 2, "head_dim": 8,
+                    "vocab": 64, "tied": True})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    with pytest.raises(WeightsError, match=str(tmp_path)):
+        HFBackend(tmp_path)  # config but no weights
+    with pytest.raises(InputError, match="int8"):
+        HFBackend(tmp_path, dtype="int8")
+    hf = HFBackend(hf_model(cfg, random_weights(cfg, 0)))
+    with pytest.raises(InputError, match="decode_steps"):
+        hf.run_decode([1, 2], 2)
+    with pytest.raises(InputError, match="invalid token id 64"):
+        hf.run([64])

@@ -59,7 +59,7 @@ def _torch_dtype(dtype: str):
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"hf backend dtype {dtype!r} is not supported; use one of {DTYPES}")
+        raise InputError(f"hf backend dtype {dtype!r} is not supported; use one of {DTYPES}")
     return getattr(torch, dtype)
 
 
@@ -84,10 +84,16 @@ class HFBackend:
             kwargs = {"dtype": _torch_dtype(dtype or "float32"), "attn_implementation": attn_implementation}
             if self.cfg.model_type == "qwen3_moe":
                 kwargs["experts_implementation"] = experts_implementation
+            hf_logging = transformers.utils.logging
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # qwen3lab's own progress display owns the terminal
             try:
                 model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
             except (OSError, ValueError, RuntimeError) as e:
                 raise WeightsError(f"{path}: transformers could not load the checkpoint: {e}") from None
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
             model.to(device or "cpu")
         else:
             require_transformers()
