@@ -89,11 +89,31 @@ def test_roundtrip_dtypes(made):
     assert load_weights(made["tiny32"], cfg, dtype="bf16")["model.norm.weight"].dtype == torch.bfloat16
 
 
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process has `path` memory-mapped (Linux /proc/self/maps)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[-1] == str(path.resolve()):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
 def test_same_dtype_keeps_mapped_tensor(made):
-    # float32 file loaded as float32: values as stored, and the result is writable copy-on-write memory
-    # (editing it must not change the file).
+    # float32 file loaded as float32: the tensors are the file's mapped pages, not copies (no second copy of the
+    # checkpoint in memory); converted ones are fresh memory. Mappings are copy-on-write: editing a loaded
+    # tensor must not change the file.
     cfg = Qwen3Config.from_file(made["tiny32"])
     w = load_weights(made["tiny32"], cfg, dtype=torch.float32)
+    ranges = _mapped_ranges(made["tiny32"] / "model.safetensors")
+    inside = [n for n, t in w.items() if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+    assert len(inside) == len(w), f"{len(w) - len(inside)} of {len(w)} tensors are copies, e.g. " \
+        f"{sorted(set(w) - set(inside))[:3]}"
+    w16 = load_weights(made["tiny32"], cfg, dtype=torch.bfloat16)
+    ranges = _mapped_ranges(made["tiny32"] / "model.safetensors")
+    assert not [n for n, t in w16.items() if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
     before = load_file(made["tiny32"] / "model.safetensors")["model.norm.weight"].clone()
     w["model.norm.weight"].zero_()
     after = load_file(made["tiny32"] / "model.safetensors")["model.norm.weight"]
