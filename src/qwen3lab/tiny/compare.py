@@ -1,0 +1,125 @@
+"""`--compare torch`: the same tiny weights through the torch model and the NumPy oracle, tap by tap.
+
+The comparison itself is `qwen3lab.verify` (per-tap metrics against the candidate dtype's tolerance, the
+first divergence in dataflow order, and -- when a tap fails -- the isolation run that names the culprit
+op); this module adds what tiny mode is for: every difference matrix (candidate − oracle) printed in
+full, so a person sees which token, head and channel went wrong. Any backend object can stand in for
+the torch model (tests hand in a deliberately broken one).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..taps import dataflow_key, tap_sites
+from .printer import format_tap
+
+
+@dataclass
+class CompareResult:
+    report: object  # verify.VerifyReport
+    diffs: dict[str, np.ndarray]  # tap -> candidate − reference (same-shape taps only)
+    text: str
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.overall_success)
+
+    @property
+    def first_divergence(self) -> str | None:
+        r = self.report.first_divergence
+        return r.name if r is not None else None
+
+    @property
+    def culprit(self) -> str | None:
+        return self.report.culprit.name if self.report.culprit is not None else None
+
+    def to_json(self) -> dict:
+        rep = self.report
+        return {
+            "reference": rep.reference, "candidate": rep.candidate, "dtype": rep.dtype,
+            "tolerance": rep.tolerance.to_dict(), "passed": self.passed,
+            "first_divergence": self.first_divergence, "culprit": self.culprit, "isolation": rep.isolation,
+            "sentence": rep.sentence(),
+            "taps": {r.name: {"status": r.status, "origin": r.origin, "reasons": r.reasons,
+                              **({k: _j(v) for k, v in r.metrics.to_dict().items()} if r.metrics else {})}
+                     for r in rep.results},
+        }
+
+
+def _j(v):
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
+def torch_candidate(cfg, weights: dict[str, np.ndarray], dtype: str = "float32", device: str = "cpu"):
+    import torch
+
+    from ..models.torch_model import TorchBackend
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    return TorchBackend(cfg, tensors, device=device, dtype=dtype)
+
+
+def compare(cfg, reference, candidate, input_ids: list[int], precision: int = 4, width: int = 80
+            ) -> CompareResult:
+    """verify(reference, candidate) over every tap (probs included), plus the printed difference matrices."""
+    from ..verify import verify
+
+    report = verify(reference=reference, candidate=candidate, input_ids=list(input_ids), probs=True)
+    names = tap_sites(cfg, probs=True)
+    ref = reference.run(input_ids, taps=names).taps
+    cand = candidate.run(input_ids, taps=names).taps
+    diffs, routing = {}, {}
+    for n in names:
+        if n not in ref or n not in cand or np.shape(ref[n]) != np.shape(cand[n]):
+            continue
+        if n.endswith("topk_idx"):  # expert ids: a difference of ids means nothing; show both sides
+            routing[n] = (np.asarray(cand[n]).astype(np.int64), np.asarray(ref[n]).astype(np.int64))
+        else:
+            diffs[n] = np.asarray(cand[n], dtype=np.float64) - np.asarray(ref[n], dtype=np.float64)
+    return CompareResult(report, diffs, _render(report, diffs, routing, precision, width))
+
+
+def _render(report, diffs: dict[str, np.ndarray], routing: dict, precision: int, width: int) -> str:
+    from ..verify.report import fmt, loc_str
+
+    tol = report.tolerance
+    out = [f"{report.candidate} vs {report.reference}",
+           f"tolerance ({tol.name}): cosine >= {tol.cos_min:.12g}, relative error <= {tol.rel_max:g}"
+           + (f", MSE <= {tol.mse_max:g}" if tol.mse_max is not None else ""), ""]
+    name_w = max([len(r.name) for r in report.results] + [3])
+    out.append(f"{'tap':<{name_w}}  {'status':<8} {'rel err':>9} {'max |diff|':>10}  where")
+    for r in report.results:
+        m = r.metrics
+        status = r.status + (f" ({r.origin})" if r.origin else "")
+        out.append(f"{r.name:<{name_w}}  {status:<8} {fmt(m.relative_error if m else None):>9} "
+                   f"{fmt(m.max_abs_error if m else None):>10}  {loc_str(m.max_abs_location if m else None)}")
+    out.append("")
+    out.append("Difference matrices (candidate − oracle), every element:")
+    for name in sorted([*diffs, *routing], key=dataflow_key):
+        out.append("")
+        if name in routing:
+            c, r = routing[name]
+            if all(set(a) == set(b) for a, b in zip(c.tolist(), r.tolist(), strict=True)):
+                out.append(f"{name}  {list(c.shape)}  the same experts at every token")
+            else:
+                out.append(format_tap(name, c, width=width, what="candidate's experts"))
+                out.append(format_tap(name, r, width=width, what="oracle's experts"))
+            continue
+        # one digit past the point is enough to read an error's size and sign, and 8 columns fit in 80
+        out.append(format_tap(name, diffs[name], precision=1, width=width, what="candidate − oracle", sci=True))
+    out.append("")
+    first = report.first_divergence
+    if first is None:
+        out.append(f"First differing tap: none -- every tap is within the {tol.name} tolerance.")
+    else:
+        out.append(f"First differing tap: {first.name} ({'; '.join(first.reasons)})")
+        if report.culprit is not None:
+            out.append(f"Culprit (its own op fails on the oracle's inputs): {report.culprit.name}")
+    out.extend(textwrap.wrap(report.sentence(), width))
+    return "\n".join(out)
