@@ -387,3 +387,13 @@ def test_fused_layout_errors(made, tmp_path):
     both["model.layers.0.mlp.experts.3.up_proj.weight"] = torch.zeros(32, 64)
     save_file(both, ck / "model.safetensors", metadata={"format": "pt"})
     assert "stores experts both fused" in _load_error(ck)
+
+
+def test_check_finite_no_false_alarm_on_overflowing_sum():
+    # the fast path sums each tensor; a float16 sum of large finite values overflows but the tensor is fine
+    w = {"a": torch.full((64, 64), 6e4, dtype=torch.float16)}
+    assert not torch.isfinite(w["a"].sum())
+    check_finite(w)
+    w["b"] = torch.tensor([1.0, float("-inf"), float("inf"), float("nan")])
+    with pytest.raises(NumericsError, match=r"tensor 'b' holds 1 NaN and 2 Inf values \(first at index \[1\]: -inf\)"):
+        check_finite(w, source="x")
