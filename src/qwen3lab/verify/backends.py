@@ -89,9 +89,9 @@ class Side:
                 res = b.run(input_ids)
             return RunResult(res.logits, {})
         res = b.run(input_ids, taps=names, graft=graft)
-        for name in list(res.taps):
-            sink(name, res.taps.pop(name))
-        return res
+        for name, arr in res.taps.items():
+            sink(name, arr)
+        return RunResult(res.logits, {})
 
     def run_decode(self, input_ids, decode_steps: int, names, graft: Mapping | None = None) -> RunResult:
         if self.supports_decode:

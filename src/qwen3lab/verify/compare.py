@@ -196,15 +196,15 @@ def group_results(results: list[TapResult], cfg, tol: Tolerance, sublayers: bool
             part = ""
         else:
             idx, label = layer, f"layers.{layer}"
-            part = ("attention" if site in ATTN_BLOCK else "mlp") if sublayers else ""
+            part = ("attn" if site in ATTN_BLOCK else "mlp") if sublayers else ""
             if part:
-                label += f".{part}"
+                label += f" {part}"
         key = (-1 if step is None else step, idx, part)
         g = groups.get(key)
         if g is None:
             g = groups[key] = Group(idx, prefix + label, step, [])
         g.taps.append(r)
-    out = [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1], k[2] != "attention"))]
+    out = [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1], k[2] != "attn"))]
     for g in out:
         c = g.compared
         if c:

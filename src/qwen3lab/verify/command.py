@@ -1,0 +1,125 @@
+"""`qwen3lab verify ...` as a function the CLI calls: `run_verify_command(**options) -> exit code`.
+
+Exit codes: 0 everything compared passes (self-test: every planted bug named); 1 a divergence was found
+(self-test: a bug missed or a false alarm); 2 usage or input error (printed as one line, no traceback).
+
+Options (the CLI flag is the option name with dashes): model_path, reference ("numpy"), candidate
+("torch"), device ("cpu"), dtype (candidate's; None = its default, float32 for torch), test_input, ids
+("1,2,3"), layers ("0-4"), decode_steps, isolate (None = automatic, True/False), output (JSON path),
+html (HTML path), cos_min, mse_max, rel_max, preset ("simple"), taps ("layer" | "sublayer" | "all": rows of
+the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import Qwen3LabError
+from .report_terminal import ROWS, RichProgress, render
+
+KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
+         "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
+         "sweep", "self_test"}
+
+
+def run_verify_command(console: Console | None = None, **opts) -> int:
+    console = console or Console()
+    err = Console(stderr=True)
+    unknown = sorted(set(opts) - KNOWN)
+    if unknown:
+        err.print(f"[red]error:[/] unknown verify option(s): {', '.join(unknown)}")
+        return 2
+    try:
+        return _run(console, **opts)
+    except Qwen3LabError as e:
+        err.print(f"error: {e}", style="red", highlight=False, markup=False)
+        return 2
+
+
+def _run(console: Console, model_path=None, reference="numpy", candidate="torch", device="cpu", dtype=None,
+         test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
+         cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
+         sweep=False, self_test=False) -> int:
+    from ..api import resolve_model_path
+
+    taps = taps or "layer"
+    if taps not in ROWS:
+        raise Qwen3LabError(f"--taps {taps!r}: choose one of {', '.join(ROWS)}")
+    if test_input is not None and ids is not None:
+        raise Qwen3LabError("give either --test-input or --ids, not both")
+    if sweep and self_test:
+        raise Qwen3LabError("give either --sweep or --self-test, not both")
+    decode_steps = int(decode_steps or 0)
+    if self_test:
+        return _self_test(console, model_path)
+    needs_model = model_path is not None or any(
+        s in ("numpy", "torch", "hf") for s in (reference, candidate) if isinstance(s, str))
+    path = resolve_model_path(model_path) if needs_model else None
+    tol_kw = dict(preset=preset, cos_min=cos_min, mse_max=mse_max, rel_max=rel_max)
+    if sweep:
+        from .sweep import run_sweep
+
+        cells = run_sweep(path, input_ids=ids, test_input=test_input, layers=layers, console=console, probs=probs,
+                          decode_steps=decode_steps, isolate=isolate, **tol_kw)
+        return 0 if all(c.report is not None and c.report.overall_success for c in cells) else 1
+
+    from .runner import verify
+
+    rep = verify(reference, candidate, ids, model_path=path, test_input=test_input, device=device, dtype=dtype,
+                 layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
+                 progress=RichProgress(), **tol_kw)
+    render(rep, console, rows=taps)
+    if output:
+        from .report_json import write_json
+
+        console.print(f"wrote {write_json(rep, output)}")
+    if html:
+        from .report_html import write_html
+
+        console.print(f"wrote {write_html(rep, html)}")
+    return 0 if rep.overall_success else 1
+
+
+def _self_test(console: Console, model_path=None) -> int:
+    """The bug zoo on tiny / tiny-moe models (or the given model for the dense bugs), plus the correct torch
+    model in float64, float32 and bfloat16, which must pass."""
+    import tempfile
+    from pathlib import Path
+
+    from ..config import Qwen3Config
+    from .bugzoo import BUGS, Zoo, zoo_models
+    from .runner import verify
+
+    ids = [9707, 11, 419, 374, 264, 1273, 1946, 13]  # "Hello, this is a test input." in Qwen3's vocab
+    with tempfile.TemporaryDirectory(prefix="qwen3lab-zoo-") as tmp:
+        dense, moe = zoo_models(tmp)
+        if model_path is not None:
+            p = Path(model_path)
+            dense = p
+            if Qwen3Config.from_file(p).is_moe:
+                moe = p
+        zoo = Zoo.from_paths(dense, moe, "float64")
+        table = Table(title="bug zoo: planted bugs in the torch model (float64) vs the NumPy oracle",
+                      header_style="bold")
+        for col in ("candidate", "expected culprit", "culprit found", "first divergence", ""):
+            table.add_column(col, no_wrap=True)
+        ok = True
+        for bug in BUGS:
+            r = zoo.check(bug, ids)
+            ok &= r.found
+            table.add_row(bug.title, bug.expected[0], r.culprit or "-", r.first_divergence or "-",
+                          "[green]found[/]" if r.found else "[red]MISSED[/]")
+        for dt in ("float64", "float32", "bfloat16"):
+            for kind in ("dense", "moe"):
+                rep = verify(zoo.reference(kind == "moe"), zoo.candidate(None, kind == "moe", dt), ids,
+                             decode_steps=2)
+                good = rep.overall_success
+                ok &= good
+                fd = rep.first_divergence
+                table.add_row(f"correct torch {dt} ({kind})", "none (must pass)", "-", fd.name if fd else "-",
+                              "[green]pass[/]" if good else "[red]FALSE ALARM[/]")
+    console.print(table)
+    console.print("[bold green]self-test passed: every planted bug named, no false alarm[/]" if ok
+                  else "[bold red]self-test FAILED[/]")
+    return 0 if ok else 1

@@ -1,0 +1,90 @@
+"""`qwen3lab verify --sweep`: the torch backend in float32, bfloat16 and float16 on every available device
+against the NumPy float64 oracle, as one matrix of worst errors. The reference runs once and is reused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from .report import VerifyReport, fmt
+
+SWEEP_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devs.append("mps")
+    return devs
+
+
+@dataclass
+class SweepCell:
+    device: str
+    dtype: str
+    report: VerifyReport | None
+    error: str | None = None
+
+
+class _Cached:
+    """A backend whose taps are computed once (the oracle is deterministic) and replayed."""
+
+    def __init__(self, inner):
+        self.inner, self.cfg, self.dtype, self.name = inner, inner.cfg, inner.dtype, inner.name
+        self._memo: dict = {}
+
+    def run(self, input_ids, taps=None, graft=None):
+        key = (tuple(int(i) for i in input_ids), repr(taps), graft is None)
+        if graft is not None:
+            return self.inner.run(input_ids, taps=taps, graft=graft)
+        if key not in self._memo:
+            self._memo[key] = self.inner.run(input_ids, taps=taps)
+        return self._memo[key]
+
+
+def run_sweep(model_path, input_ids=None, test_input=None, layers=None, dtypes=SWEEP_DTYPES, devices=None,
+              console: Console | None = None, **kw) -> list[SweepCell]:
+    from ..api import load
+    from ..errors import Qwen3LabError
+    from .runner import verify
+
+    console = console or Console()
+    ref = _Cached(load(model_path, backend="numpy", dtype="float64"))
+    cells = []
+    for dev in devices or available_devices():
+        for dt in dtypes:
+            try:
+                rep = verify(ref, "torch", input_ids, model_path=model_path, test_input=test_input, device=dev,
+                             dtype=dt, layers=layers, **kw)
+                cells.append(SweepCell(dev, dt, rep))
+            except Qwen3LabError as e:
+                cells.append(SweepCell(dev, dt, None, str(e)))
+            except RuntimeError as e:  # e.g. a dtype a device's kernels do not implement
+                cells.append(SweepCell(dev, dt, None, f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+    render_sweep(cells, console)
+    return cells
+
+
+def render_sweep(cells: list[SweepCell], console: Console) -> None:
+    table = Table(title="torch vs NumPy float64 oracle: worst tap per device and dtype", header_style="bold")
+    for col in ("device", "dtype", "worst tap", "rel err", "cosine", "verdict", "first divergence", "culprit"):
+        table.add_column(col, no_wrap=True)
+    for c in cells:
+        if c.report is None:
+            table.add_row(c.device, c.dtype, "-", "-", "-", "[yellow]error[/]", c.error or "", "")
+            continue
+        r = c.report
+        w = r.worst()
+        m = w.metrics if w else None
+        fd, cu = r.first_divergence, r.culprit
+        table.add_row(c.device, c.dtype, w.name if w else "-", fmt(m.relative_error) if m else "-",
+                      f"{m.cosine_similarity:.6f}" if m else "-",
+                      "[green]PASS[/]" if r.overall_success else "[red]FAIL[/]",
+                      fd.name if fd else "-", cu.name if cu else "-")
+    console.print(table)
