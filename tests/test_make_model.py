@@ -14,6 +14,7 @@ import qwen3lab.make_model as mm
 from qwen3lab.config import Qwen3Config
 from qwen3lab.errors import InputError, WeightsError
 from qwen3lab.make_model import default_model_dir, ensure_default_model, make_model
+from qwen3lab.tokenizer import Tokenizer
 from qwen3lab.weights import load_weights
 
 
@@ -59,8 +60,11 @@ def test_loads_in_transformers_with_equal_parameters(tmp_path, preset, shard):
     assert (gen.eos_token_id, gen.bos_token_id, gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (
         [151645, 151643], 151643, True, 0.6, 20, 0.95)
     tok = transformers.AutoTokenizer.from_pretrained(d)
-    assert tok.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n") == [
-        151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]
+    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.encode(prompt) == [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]
+    ours_tok = Tokenizer.from_dir(d)
+    assert ours_tok.note is None and ours_tok.eos_token_ids == [151645, 151643]
+    assert ours_tok.encode(prompt) == tok.encode(prompt)
 
 
 def test_0_6b_one_layer_has_real_shapes(tmp_path):
