@@ -1,0 +1,484 @@
+"""Qwen3 and Qwen3-MoE in PyTorch: the fast path. Dense and MoE in one file, HF parameter names.
+
+Notable:
+- Module attribute paths equal the checkpoint's tensor names (model.layers.3.self_attn.q_proj.weight,
+  model.layers.3.mlp.experts.7.down_proj.weight, ...), so loading is a name-for-name assignment (no copy
+  when dtype and device already match) and a tied lm_head is the embedding Parameter itself.
+- Packed ("varlen") batches: the new tokens of all sequences are flattened to one [1, N, D] stream, so every
+  linear layer is one GEMM over the whole batch (decode of B sequences is a [B, D] x [D, *] product, not B
+  GEMVs); only attention runs per sequence, each over its own KV cache (engine/kv_cache.py).
+- RMSNorm in float32 (float64 in a float64 model) then cast back, weight applied in the model dtype (as HF).
+- q_norm / k_norm are per-head RMSNorms applied BEFORE RoPE; RoPE rotates half-split pairs; cos/sin tables
+  come from rope.rope_parameters, evaluated in float32 like HF (float64 in a float64 model) then cast.
+- Attention: F.scaled_dot_product_attention with enable_gqa (no repeated K/V is materialised); a prefill
+  after a cached past gets an explicit [T, S] causal mask (is_causal would align it to the wrong corner).
+  The probs [Hq, T, S] are computed explicitly (matmul + softmax) only when a recorder asks for them.
+- MoE: router softmax in float32 (float64), top-k, renormalised when norm_topk_prob; tokens grouped by expert
+  and each hit expert runs once over its tokens, results scattered back with index_add (as HF does).
+- Every DESIGN.md tap site calls tap() on a tensor with a leading batch dim of 1 and uses the returned value
+  (graft). With nothing recording each tap is one global check. A packed batch of several sequences taps the
+  packed tensors [1, N, ...]; recording probs needs one sequence per forward.
+- Always eager, always under torch.inference_mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import taps as _taps
+from ..config import Qwen3Config
+from ..engine.kv_cache import KVCache
+from ..errors import InputError, WeightsError
+from ..rope import rope_parameters
+from ..shapes import expected_shapes
+from ..taps import tap, wants
+from .base import RunResult, check_input_ids
+
+# enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for the kernel.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InputError(f"torch backend dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp64": "float64",
+           "double": "float64", "float": "float32"}.get(key, key)
+    if key not in DTYPES:
+        raise InputError(f"torch backend dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of norms, softmaxes and RoPE tables: float32, or float64 for a float64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- what one forward is asked to do ------------------------------------------------------------------
+@dataclass
+class Span:
+    """One sequence's slice of a packed batch: `length` new tokens at positions start..start+length-1.
+    cache None means no KV cache: attention over this span's own tokens only (start must be 0)."""
+
+    cache: KVCache | None
+    start: int
+    length: int
+
+
+@dataclass
+class _AttnPlan:
+    """Per-forward attention facts for one span, shared by every layer."""
+
+    cache: KVCache | None
+    start: int
+    T: int
+    offset: int  # first row of this span in the packed [1, N, ...] stream
+    is_causal: bool
+    mask: torch.Tensor | None  # [T, S] bool (True = may attend), only for a prefill after a cached past
+
+
+# ---- building blocks ------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        h = x.to(_compute_dtype(dt))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dt)  # weight applied in the model dtype, as HF does
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dim: channel j pairs with j + Dh/2."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [1, N, H, Dh]; cos/sin [1, N, 1, Dh] (already scaled and in x's dtype)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Qwen3MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers tap gate/up/act; experts (names None) do not."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, names: Mapping[str, str] | None = None) -> torch.Tensor:
+        if names is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = tap(names["gate"], self.gate_proj(x))  # [1, N, I]
+        up = tap(names["up"], self.up_proj(x))  # [1, N, I]
+        act = tap(names["act"], F.silu(gate) * up)  # [1, N, I]
+        return self.down_proj(act)
+
+
+class Qwen3MoeBlock(nn.Module):
+    """Router (`gate`, [E, D]) + experts; HF names mlp.gate.weight, mlp.experts.{e}.*_proj.weight."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            [Qwen3MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)]
+        )
+
+    def forward(self, x: torch.Tensor, names: Mapping[str, str]) -> torch.Tensor:
+        _, N, D = x.shape
+        K = self.top_k
+        router_logits = tap(names["router_logits"], self.gate(x))  # [1, N, E]
+        probs = torch.softmax(router_logits.to(_compute_dtype(x.dtype)), dim=-1)  # [1, N, E]
+        topk_idx = tap(names["topk_idx"], torch.topk(probs, K, dim=-1).indices)  # [1, N, K] best first
+        # Weights gathered at the (possibly grafted) choice, so pinning the routing keeps them consistent.
+        topk_weight = probs.gather(-1, topk_idx)  # [1, N, K]
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        topk_weight = tap(names["topk_weight"], topk_weight.to(x.dtype))
+
+        h = x.view(N, D)
+        flat = topk_idx.reshape(N * K)
+        # Group the (token, slot) pairs by expert: one pass per hit expert over all its tokens.
+        order = torch.argsort(flat, stable=True)  # [N*K]
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync per layer
+        token_of = order // K  # [N*K] token row of each sorted pair
+        weight_of = topk_weight.reshape(N * K)[order]  # [N*K]
+        out = torch.zeros_like(h)  # [N, D]
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            rows = token_of[start:start + c]
+            y = self.experts[e](h[rows]) * weight_of[start:start + c, None]  # [c, D]
+            out.index_add_(0, rows, y)  # experts added in ascending id order, like HF
+            start += c
+        return out.view(1, N, D)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.Hq, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_rep = cfg.n_rep
+        self.scaling = self.Dh ** -0.5
+        D, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.Hq * self.Dh, bias=bias)
+        self.k_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
+        self.v_proj = nn.Linear(D, self.Hkv * self.Dh, bias=bias)
+        self.o_proj = nn.Linear(self.Hq * self.Dh, D, bias=bias)
+        self.q_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)  # per head, over head_dim
+        self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[_AttnPlan],
+                names: Mapping[str, str]) -> torch.Tensor:
+        _, N, D = x.shape
+        Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
+        q = tap(names["q"], self.q_proj(x).view(1, N, Hq, Dh))  # [1, N, Hq, Dh]
+        k = tap(names["k"], self.k_proj(x).view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
+        v = tap(names["v"], self.v_proj(x).view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
+        q = tap(names["q_norm"], self.q_norm(q))
+        k = tap(names["k_norm"], self.k_norm(k))
+        q = tap(names["q_rot"], apply_rope(q, cos, sin))
+        k = tap(names["k_rot"], apply_rope(k, cos, sin))
+        if len(plans) == 1:
+            o = self._attend(q, k, v, plans[0], names)  # [1, N, Hq, Dh]
+        else:
+            if wants(names["probs"]):
+                raise InputError("recording attention probs needs one sequence per forward (got a packed batch)")
+            o = torch.cat([self._attend(q[:, p.offset:p.offset + p.T], k[:, p.offset:p.offset + p.T],
+                                        v[:, p.offset:p.offset + p.T], p, names) for p in plans], dim=1)
+        o = tap(names["attn"], o)  # [1, N, Hq, Dh]
+        return self.o_proj(o.reshape(1, N, Hq * Dh))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _AttnPlan,
+                names: Mapping[str, str]) -> torch.Tensor:
+        """One sequence: q [1, T, Hq, Dh], new k/v [1, T, Hkv, Dh] -> attention output [1, T, Hq, Dh]."""
+        T = p.T
+        qh = q.transpose(1, 2)  # [1, Hq, T, Dh]
+        kh, vh = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [Hkv, T, Dh]
+        if p.cache is not None:
+            kh, vh = p.cache.write(self.layer_idx, p.start, kh, vh)  # [Hkv, S, Dh] views of the cache
+        S = kh.shape[1]
+        if wants(names["probs"]):
+            return self._attend_explicit(qh, kh, vh, p, names["probs"]).transpose(1, 2)
+        kh, vh = kh.unsqueeze(0), vh.unsqueeze(0)  # [1, Hkv, S, Dh]
+        if _SDPA_GQA:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=p.mask, is_causal=p.is_causal,
+                                               scale=self.scaling, enable_gqa=self.n_rep > 1)
+        else:
+            kh, vh = kh.repeat_interleave(self.n_rep, 1), vh.repeat_interleave(self.n_rep, 1)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=p.mask, is_causal=p.is_causal,
+                                               scale=self.scaling)
+        assert o.shape == (1, self.Hq, T, self.Dh) and S >= T
+        return o.transpose(1, 2)  # [1, T, Hq, Dh]
+
+    def _attend_explicit(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, p: _AttnPlan,
+                         name: str) -> torch.Tensor:
+        """Materialised scores and probs (tap `probs` [1, Hq, T, S]); GQA by broadcasting over groups."""
+        T, S = p.T, kh.shape[1]
+        Hq, Hkv, Dh, R = self.Hq, self.Hkv, self.Dh, self.n_rep
+        qg = qh.reshape(Hkv, R, T, Dh)  # query head h belongs to key/value head h // R
+        scores = torch.matmul(qg, kh.transpose(1, 2).unsqueeze(1)) * self.scaling  # [Hkv, R, T, S]
+        if T > 1:
+            allowed = p.mask if p.mask is not None else torch.ones(T, S, dtype=torch.bool, device=qh.device).tril()
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(qh.dtype)).to(qh.dtype)
+        probs = tap(name, probs.reshape(1, Hq, T, S))
+        o = torch.matmul(probs.reshape(Hkv, R, T, S), vh.unsqueeze(1))  # [Hkv, R, T, Dh]
+        return o.reshape(1, Hq, T, Dh)
+
+
+SITES = ("attn_in", "q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "probs", "attn", "attn_out",
+         "resid_mid", "mlp_in", "gate", "up", "act", "router_logits", "topk_idx", "topk_weight", "mlp_out",
+         "resid_post")
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.names = {s: f"layers.{layer_idx}.{s}" for s in SITES}  # formatted once, not per token
+        self.self_attn = Qwen3Attention(cfg, layer_idx)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = Qwen3MoeBlock(cfg) if self.is_moe else Qwen3MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[_AttnPlan]
+                ) -> torch.Tensor:
+        n = self.names
+        h = tap(n["attn_in"], self.input_layernorm(x))  # [1, N, D]
+        a = tap(n["attn_out"], self.self_attn(h, cos, sin, plans, n))  # [1, N, D]
+        x = tap(n["resid_mid"], x + a)
+        h = tap(n["mlp_in"], self.post_attention_layernorm(x))
+        m = tap(n["mlp_out"], self.mlp(h, n))
+        return tap(n["resid_post"], x + m)
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                plans: Sequence[_AttnPlan]) -> torch.Tensor:
+        x = tap("embed", self.embed_tokens(input_ids).unsqueeze(0))  # [1, N, D]
+        for layer in self.layers:
+            x = layer(x, cos, sin, plans)
+        return tap("final_norm", self.norm(x))
+
+
+class Qwen3CausalLM(nn.Module):
+    """The nn.Module tree of a checkpoint (`model.*`, `lm_head`). Build with `from_weights`."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._cos: torch.Tensor | None = None  # [P, Dh] RoPE tables, grown on demand
+        self._sin: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    # ---- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, cfg: Qwen3Config, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                     dtype: str | torch.dtype = torch.float32) -> Qwen3CausalLM:
+        """Assign the {hf_name: tensor} dict to the module tree (converted to dtype/device; no copy when they
+        match). A tied model uses the embedding as lm_head whatever the dict holds under lm_head.weight."""
+        dt = _torch_dtype(dtype)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise InputError(f"invalid device {device!r}: {e}") from None
+        with torch.device("meta"):
+            model = cls(cfg)
+        want = expected_shapes(cfg, include_lm_head=not cfg.tie_word_embeddings)
+        missing = [n for n in want if n not in weights]
+        if missing:
+            raise WeightsError(f"torch backend: missing tensor {missing[0]!r} (expected shape {list(want[missing[0]])})"
+                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        extra = [n for n in weights if n not in want and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+        if extra:
+            raise WeightsError(f"torch backend: unexpected tensor {extra[0]!r} for this config ({cfg.source})")
+        for name, shape in want.items():
+            t = weights[name]
+            if tuple(t.shape) != tuple(shape):
+                raise WeightsError(f"torch backend: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+            if not t.is_floating_point():
+                raise WeightsError(f"torch backend: tensor {name!r} has dtype {t.dtype}, expected a float dtype")
+            mod_path, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(mod_path), attr,
+                    nn.Parameter(t.to(device=device, dtype=dt), requires_grad=False))
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.eval()
+        return model
+
+    # ---- RoPE tables ---------------------------------------------------------------------------------
+    def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [>= n, Dh] in the model dtype; recomputed (doubling) only when a longer one is needed."""
+        if self._cos is None or self._cos.shape[0] < n:
+            cur = 0 if self._cos is None else self._cos.shape[0]
+            P = min(max(n, 2 * cur, 256), max(n, self.cfg.max_position_embeddings))
+            inv_freq, scale = rope_parameters(self.cfg)
+            ct = _compute_dtype(self.dtype)
+            inv = torch.tensor(inv_freq, dtype=ct, device=self.device)  # [Dh/2]
+            ang = torch.arange(P, dtype=ct, device=self.device)[:, None] * inv[None, :]  # [P, Dh/2]
+            ang = torch.cat((ang, ang), dim=-1)  # [P, Dh]
+            self._cos = (ang.cos() * scale).to(self.dtype)
+            self._sin = (ang.sin() * scale).to(self.dtype)
+        return self._cos, self._sin
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, spans: Sequence[Span],
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [N] (long, every span's new tokens back to back). Returns logits
+        [len(logits_rows) or N, V] in the model dtype and advances each span's cache by its length."""
+        N = input_ids.shape[0]
+        assert sum(s.length for s in spans) == N, ([s.length for s in spans], N)
+        with torch.inference_mode():
+            plans = self._plans(spans)
+            end = max(s.start + s.length for s in spans)
+            cos_t, sin_t = self.rope_tables(end)
+            cos = cos_t[positions].view(1, N, 1, -1)  # [1, N, 1, Dh]
+            sin = sin_t[positions].view(1, N, 1, -1)
+            h = self.model(input_ids, cos, sin, plans)  # [1, N, D]
+            if logits_rows is not None:
+                h = h[:, logits_rows]
+            logits = tap("logits", self.lm_head(h))  # [1, R, V]
+        for s in spans:
+            if s.cache is not None:
+                s.cache.advance(s.length)
+        return logits[0]
+
+    def _plans(self, spans: Sequence[Span]) -> list[_AttnPlan]:
+        plans, off = [], 0
+        for s in spans:
+            T = s.length
+            assert T > 0
+            if s.cache is None:
+                assert s.start == 0, "a span without a cache starts at position 0"
+            else:
+                assert s.start == s.cache.length and s.start + T <= s.cache.capacity, (s.start, s.cache)
+            past = s.start if s.cache is not None else 0
+            mask = None
+            if T > 1 and past > 0:  # bottom-right aligned causal mask: query i sees keys 0..past+i
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=self.device).tril(past)
+            plans.append(_AttnPlan(s.cache, s.start, T, off, is_causal=T > 1 and past == 0, mask=mask))
+            off += T
+        return plans
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache.for_model(self.cfg, capacity, self.dtype, self.device)
+
+
+# ---- the backend contract (COMMON.md) ------------------------------------------------------------------
+class TorchBackend:
+    """`.run(input_ids, taps=None, graft=None) -> RunResult` and `.run_decode(...)` over Qwen3CausalLM."""
+
+    name = "torch"
+
+    def __init__(self, cfg: Qwen3Config, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32"):
+        self.cfg = cfg
+        self.model = Qwen3CausalLM.from_weights(cfg, weights, device=device, dtype=dtype)
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.device = self.model.device
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "float32") -> TorchBackend:
+        from ..weights import load_weights
+
+        dt = _torch_dtype(dtype)
+        cfg = Qwen3Config.from_file(path)
+        return cls(cfg, load_weights(path, cfg, dtype=dt, device=device), device=device, dtype=dt)
+
+    def _ids(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(ids, dtype=torch.long, device=self.device)
+
+    def run(self, input_ids, taps=None, graft=None) -> RunResult:
+        """Whole-sequence forward without a cache: logits [T, V] (float NumPy) and the selected taps."""
+        ids = check_input_ids(input_ids, self.cfg)
+        T = ids.shape[0]
+        pos = torch.arange(T, device=self.device)
+        with _session(taps, graft) as rec:
+            logits = self.model(self._ids(ids), pos, [Span(None, 0, T)])
+        return RunResult(_taps.to_numpy(logits), _unbatch(rec))
+
+    def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
+        """Prefill the first P = T - decode_steps tokens, then feed the rest one per step through the KV
+        cache. Prefill taps are unprefixed; step j's are prefixed `step{j}.` ([1, ...]; probs [Hq, 1, P+j+1])."""
+        ids = check_input_ids(input_ids, self.cfg)
+        T = ids.shape[0]
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, (int, np.integer)) \
+                or not 0 <= decode_steps < T:
+            raise InputError(f"decode_steps must be an integer in 0..{T - 1} (one prefill token at least) "
+                             f"for {T} input ids, got {decode_steps!r}")
+        P = T - int(decode_steps)
+        cache = self.model.new_cache(T)
+        tids = self._ids(ids)
+        pos = torch.arange(T, device=self.device)
+        if taps is None and graft is not None:
+            taps = "all"
+        with _session(taps, graft) as rec:
+            out = [self.model(tids[:P], pos[:P], [Span(cache, 0, P)])]  # [P, V]
+            for j in range(int(decode_steps)):
+                if rec is not None:
+                    rec.prefix = f"step{j}."
+                t = P + j
+                out.append(self.model(tids[t:t + 1], pos[t:t + 1], [Span(cache, t, 1)]))  # [1, V]
+        return RunResult(_taps.to_numpy(torch.cat(out, dim=0)), _unbatch(rec))
+
+
+@contextlib.contextmanager
+def _session(names, graft):
+    """A tap recorder (or grafter) for the forward, or nothing when no taps are asked for."""
+    if graft is not None:
+        with _taps.graft(graft, names=names) as rec:
+            yield rec
+    elif names is not None:
+        with _taps.record(names) as rec:
+            yield rec
+    else:
+        yield None
+
+
+def _unbatch(rec) -> dict[str, np.ndarray]:
+    """Recorded taps without their leading batch dim of 1 (canonical DESIGN.md shapes)."""
+    if rec is None:
+        return {}
+    out = {}
+    for name, arr in rec.taps.items():
+        assert arr.shape[0] == 1, (name, arr.shape)
+        out[name] = arr[0]
+    return out
