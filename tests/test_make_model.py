@@ -135,6 +135,9 @@ def test_overwrite_protection(tmp_path):
         make_model(tmp_path / "x", "tiny", layers=0)
     with pytest.raises(InputError, match="unknown dtype"):
         make_model(tmp_path / "x", "tiny", dtype="int4")
+    with pytest.raises(InputError, match="float32, bfloat16 or float16, not float64"):
+        make_model(tmp_path / "x", "tiny", dtype="float64")
+    assert not (tmp_path / "x").exists()
 
 
 def test_default_model_is_made_atomically(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from .errors import InputError
 from .presets import preset_config
 from .random_init import random_weights
 from .tokenizer import bundled_file_text
-from .weights import dtype_name, save_checkpoint, torch_dtype
+from .weights import checkpoint_dtype, dtype_name, save_checkpoint
 
 MARKER = ".qwen3lab-model"
 DEFAULT_PRESET, DEFAULT_LAYERS, DEFAULT_SEED, DEFAULT_DTYPE = "qwen3-0.6b", 4, 0, "bfloat16"
@@ -86,7 +86,7 @@ def make_model(
     """Write a random-weight checkpoint of `preset` (num_hidden_layers = layers if given) into out_dir."""
     out = Path(out_dir)
     _check_target(out, overwrite)
-    tdt = torch_dtype(dtype)
+    tdt = checkpoint_dtype(dtype)
     name = dtype_name(tdt)
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0):
         raise InputError(f"layers must be a positive integer, got {layers!r}")

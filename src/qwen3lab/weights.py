@@ -58,6 +58,14 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPE_NAMES[key]
 
 
+def checkpoint_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype checkpoints may be written in: float32, bfloat16 or float16 (what load_weights accepts)."""
+    dt = torch_dtype(dtype)
+    if dt not in FILE_DTYPES.values():
+        raise InputError(f"checkpoints are written in float32, bfloat16 or float16, not {dtype_name(dt)}")
+    return dt
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -349,7 +357,7 @@ def save_checkpoint(
 
     A tied lm_head is not written (transformers re-ties it); earlier weight files in out_dir are removed so the
     dir never mixes two checkpoints."""
-    dtype = torch_dtype(dtype)
+    dtype = checkpoint_dtype(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(expected_shapes(cfg))
