@@ -387,3 +387,45 @@ def test_stability_flags_broken_scores_mask():
     taps["layers.0.scores"] = s
     rep = check_stability(cfg, taps, w)
     assert any("not masked" in m for m in rep["layers.0.scores"].problems)
+
+
+def test_attention_bias_model_through_scalar_loops_and_explain():
+    """attention_bias=True (q/k/v/o biases): the loops, the oracle and the walkthrough agree."""
+    cfg = tiny_config().replace(attention_bias=True)
+    w = init_weights(cfg, "random", 5)
+    run = tiny_forward(cfg, w, IDS)
+    ref = scalar_forward(w, cfg, IDS)
+    np.testing.assert_allclose(run.logits, np.array(ref["logits"]), atol=1e-12)
+    wt = explain(cfg, w, IDS, run.taps, channel=5)
+    assert wt.ok, [c for c in wt.checks if not c.passed]
+    assert "+ bias[" in wt.text()
+
+
+# ---- printing ----------------------------------------------------------------------------------------
+def test_format_matrix_wraps_without_eliding():
+    from qwen3lab.tiny.printer import format_matrix
+
+    a = np.arange(3 * 40, dtype=np.float64).reshape(3, 40) / 7 - 5
+    text = format_matrix(a, precision=3, width=80)
+    lines = text.splitlines()
+    assert max(len(l) for l in lines) <= 80
+    assert "..." not in text
+    values = [float(x) for l in lines if l.strip().startswith("t") for x in l.split()[1:]]
+    assert len(values) == a.size and set(np.round(a, 3).ravel()) == set(values)
+    blocks = [l for l in lines if l.strip().startswith("columns")]
+    assert blocks == ["  columns 0-9:", "  columns 10-19:", "  columns 20-29:", "  columns 30-39:"]
+    # 41 columns at 12 per line: blocks of 11, 11, 11, 8 -- never a lone last column
+    text41 = format_matrix(np.ones((2, 41)), precision=3, width=80)
+    assert [l.strip() for l in text41.splitlines() if "columns" in l] == \
+        ["columns 0-10:", "columns 11-21:", "columns 22-32:", "columns 33-40:"]
+
+
+def test_format_matrix_alignment_nan_and_large_values():
+    from qwen3lab.tiny.printer import format_matrix, format_tap
+
+    text = format_matrix(np.array([[1.0, np.nan], [-np.inf, 2.5]]), precision=2)
+    assert text.splitlines() == ["        0    1", "  t0 1.00  nan", "  t1 -inf 2.50"]
+    big = format_matrix(np.array([[1.0, 2e7]]), precision=2)
+    assert "2.00e+07" in big and "1.00e+00" in big  # one notation per matrix keeps columns aligned
+    t = format_tap("layers.0.probs", np.full((2, 3, 3), 1 / 3), precision=3)
+    assert t.count("head ") == 2 and "rows: query token, columns: key position" in t

@@ -50,6 +50,13 @@ class CompareResult:
         }
 
 
+_AXIS = {"token": "t", "head": "h", "channel": "c", "position": "s", "expert": "e", "vocab": "v"}
+
+
+def _loc(loc: dict | None) -> str:
+    return "-" if not loc else " ".join(f"{_AXIS.get(k, k)}{v}" for k, v in loc.items())
+
+
 def _j(v):
     if isinstance(v, float) and not np.isfinite(v):
         return None
@@ -86,19 +93,24 @@ def compare(cfg, reference, candidate, input_ids: list[int], precision: int = 4,
 
 
 def _render(report, diffs: dict[str, np.ndarray], routing: dict, precision: int, width: int) -> str:
-    from ..verify.report import fmt, loc_str
+    from ..verify.report import fmt
 
     tol = report.tolerance
     out = [f"{report.candidate} vs {report.reference}",
            f"tolerance ({tol.name}): cosine >= {tol.cos_min:.12g}, relative error <= {tol.rel_max:g}"
            + (f", MSE <= {tol.mse_max:g}" if tol.mse_max is not None else ""), ""]
-    name_w = max([len(r.name) for r in report.results] + [3])
-    out.append(f"{'tap':<{name_w}}  {'status':<8} {'rel err':>9} {'max |diff|':>10}  where")
+    rows = []
     for r in report.results:
         m = r.metrics
-        status = r.status + (f" ({r.origin})" if r.origin else "")
-        out.append(f"{r.name:<{name_w}}  {status:<8} {fmt(m.relative_error if m else None):>9} "
-                   f"{fmt(m.max_abs_error if m else None):>10}  {loc_str(m.max_abs_location if m else None)}")
+        rows.append((r.name, r.status + (f":{r.origin}" if r.origin else ""),
+                     fmt(m.relative_error if m else None), fmt(m.max_abs_error if m else None),
+                     _loc(m.max_abs_location if m else None)))
+    w = [max(len(row[i]) for row in [("tap", "status", "rel err", "max |diff|", "at"), *rows]) for i in range(5)]
+    for row in [("tap", "status", "rel err", "max |diff|", "at"), *rows]:
+        out.append(f"{row[0]:<{w[0]}}  {row[1]:<{w[1]}}  {row[2]:>{w[2]}}  {row[3]:>{w[3]}}  {row[4]}")
+    out.extend(textwrap.wrap("at: t token, h head, c channel, s key position, e expert, v vocab id. fail:op = the "
+                             "tap's own op fails on the oracle's inputs; fail:inherited = it only received a wrong "
+                             "input.", width))
     out.append("")
     out.append("Difference matrices (candidate − oracle), every element:")
     for name in sorted([*diffs, *routing], key=dataflow_key):

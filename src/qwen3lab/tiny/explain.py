@@ -146,6 +146,7 @@ def explain(cfg, weights: dict, input_ids: list[int], taps: dict[str, np.ndarray
            f"(row {row} = head {h} · {Dh} + {j})")
     wq = W[p + "self_attn.q_proj.weight"][row]
     q = _dot_explained(o, attn_in, wq, f"q[{t},{h},{j}]")
+    q = _bias(o, W, p + "self_attn.q_proj.bias", row, q, f"q[{t},{h},{j}]")
     o.check(f"{L}q[{t},{h},{j}]", q, float(taps[L + "q"][t, h, j]))
 
     # 4. q/k norm (per head, over head_dim)
@@ -224,6 +225,7 @@ def explain(cfg, weights: dict, input_ids: list[int], taps: dict[str, np.ndarray
     o.head(f"9. o_proj row {c} over all heads' outputs, then the residual: resid_mid = x + attn_out")
     flat = [v for hv in S[L + "attn"][t] for v in hv]
     ao = _dot_explained(o, flat, W[p + "self_attn.o_proj.weight"][c], f"attn_out[{t},{c}]")
+    ao = _bias(o, W, p + "self_attn.o_proj.bias", c, ao, f"attn_out[{t},{c}]")
     o.check(f"{L}attn_out[{t},{c}]", ao, float(taps[L + "attn_out"][t, c]))
     rm = x[c] + ao
     o.say(f"resid_mid[{t},{c}] = x[{c}] + attn_out[{t},{c}] = {o.n(x[c])} + {o.n(ao)} = {o.r(rm)}")
@@ -318,6 +320,15 @@ def _dot_explained(o: _Writer, a: list[float], b: list[float], out: str) -> floa
         terms.append(f"{o.n(u)}·{o.n(v)}")
     o.say(f"{out} = {' + '.join(terms)} = {o.r(acc)}")
     return acc
+
+
+def _bias(o: _Writer, W: dict, name: str, row: int, acc: float, out: str) -> float:
+    """Add the projection's bias (attention_bias models) and say so."""
+    if name not in W:
+        return acc
+    b = W[name][row]
+    o.say(f"{out} + bias[{row}] = {o.r(acc)} + {o.n(b)} = {o.r(acc + b)}")
+    return acc + b
 
 
 def _numpy_scores(cfg, taps: dict, layer: int) -> np.ndarray:

@@ -205,10 +205,11 @@ def _num(x: float) -> str:
 
 
 def load_checkpoint_weights(path: str | Path, cfg) -> dict[str, np.ndarray]:
-    """A checkpoint dir's tensors as float64 through the project's loader (same checks as every command)."""
+    """A checkpoint dir's tensors as float64 through the project's loader (same checks as every command,
+    except that NaN/Inf are let through: tiny mode is where a person looks at what they do)."""
     import torch
 
     from ..weights import load_weights
 
-    tensors = load_weights(path, cfg, dtype=torch.float32, device="cpu")
+    tensors = load_weights(path, cfg, dtype=torch.float32, device="cpu", check_finite=False)
     return complete({k: v.double().numpy() for k, v in tensors.items()}, cfg)
