@@ -307,8 +307,10 @@ def _stability_table(rep: StabilityReport, precision: int) -> str:
         for msg in t.warnings:
             lines.append(f"warn {t.name}: {msg}")
     fails = rep.failures()
-    lines.append(f"stability: all {len(rep.taps)} taps pass" if not fails else
-                 f"stability: {len(fails)} tap(s) FAIL; the first in dataflow order is {fails[0].name}")
+    warns = sum(len(t.warnings) for t in rep.taps)
+    lines.append((f"stability: all {len(rep.taps)} taps pass" if not fails else
+                  f"stability: {len(fails)} tap(s) FAIL; the first in dataflow order is {fails[0].name}")
+                 + (f" ({warns} warning{'s' if warns > 1 else ''})" if warns else ""))
     return "\n".join(lines)
 
 
