@@ -75,6 +75,10 @@ class _Writer:
         s = f"{v:.{self.p}f}"
         return f"({s})" if v < 0 else s
 
+    def v(self, v: float) -> str:
+        """A number in a list: no parentheses needed."""
+        return f"{v:.{self.p}f}" if math.isfinite(v) else str(v)
+
     def r(self, v: float) -> str:
         """A result: two more digits than the inputs."""
         return f"{v:.{self.p + 2}f}" if math.isfinite(v) else str(v)
@@ -126,12 +130,12 @@ def explain(cfg, weights: dict, input_ids: list[int], taps: dict[str, np.ndarray
     if layer == 0:
         o.head(f"1. Embedding: x = model.embed_tokens.weight[{input_ids[t]}] (the row of token id {input_ids[t]})")
         x = list(W["model.embed_tokens.weight"][input_ids[t]])
-        o.say("x = [" + ", ".join(o.n(v) for v in x) + "]")
+        o.say("x = [" + ", ".join(o.v(v) for v in x) + "]")
         o.check(f"embed[{t},{c}]", x[c], float(taps["embed"][t, c]))
     else:
         o.head(f"1. Layer input: x = output of layer {layer - 1} (resid_post) at token {t}")
         x = list(S[f"layers.{layer - 1}.resid_post"][t])
-        o.say("x = [" + ", ".join(o.n(v) for v in x) + "]")
+        o.say("x = [" + ", ".join(o.v(v) for v in x) + "]")
         o.check(f"layers.{layer - 1}.resid_post[{t},{c}]", x[c], float(taps[f"layers.{layer - 1}.resid_post"][t, c]))
 
     # 2. RMSNorm
@@ -200,7 +204,7 @@ def explain(cfg, weights: dict, input_ids: list[int], taps: dict[str, np.ndarray
     # 7. softmax of row t
     row_scores = S[L + "scores"][h][t]
     o.head(f"7. Softmax of query row {t}, head {h} (positions after {t} are masked to -inf: causal)")
-    o.say("scores = [" + ", ".join("-inf" if v == NEG_INF else o.n(v) for v in row_scores) + "]")
+    o.say("scores = [" + ", ".join(o.v(v) for v in row_scores) + "]")
     mx = max(row_scores)
     es, tot = [], 0.0
     for v in row_scores:
