@@ -1,0 +1,101 @@
+"""Memory bandwidth of this machine and the decode roofline it implies.
+
+Notable:
+- bandwidth is measured the way a decode step uses memory: streaming a buffer far larger than the
+  caches once. `read` is a torch sum (reads N bytes), `copy` a tensor copy (reads N, writes N: counted
+  as 2N). Best of several repeats, after a warm-up that also faults the pages in.
+- the roofline is the decode rate at which weight (and KV cache) traffic alone would saturate that
+  bandwidth: every decode step reads every weight once (embedding rows aside: one row per token), the
+  lm_head fully, the KV cache of each sequence, and for MoE only the experts the step's tokens hit
+  (expected distinct experts for a batch of B tokens: E * (1 - (1 - K/E)^B)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..shapes import expected_shapes
+from .harness import clock
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+@dataclass
+class Bandwidth:
+    read_gbs: float  # torch sum of a large buffer: bytes read / s, 1e9
+    copy_gbs: float  # tensor copy: (bytes read + bytes written) / s
+    nbytes: int
+    repeats: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read_gbs": round(self.read_gbs, 2), "copy_gbs": round(self.copy_gbs, 2),
+                "buffer_bytes": self.nbytes, "repeats": self.repeats, "method": "best of torch sum / copy"}
+
+
+def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> Bandwidth:
+    """Best-of-`repeats` streaming bandwidth in GB/s (1e9 bytes) for reads (sum) and copies."""
+    if nbytes is None:
+        # Well past any last-level cache; large enough on a GPU to amortise launch latency.
+        nbytes = (2 << 30) if device.type == "cuda" else (512 << 20)
+    n = nbytes // 4
+    with torch.inference_mode():
+        src = torch.ones(n, dtype=torch.float32, device=device)  # touches every page now, not in the timing
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best_sum = best_copy = float("inf")
+        for _ in range(repeats + 1):  # the first round is a warm-up
+            t0 = clock(device)
+            s = src.sum()
+            t1 = clock(device)
+            dst.copy_(src)
+            t2 = clock(device)
+            best_sum, best_copy = min(best_sum, t1 - t0), min(best_copy, t2 - t1)
+        assert float(s) == n  # the sum really read every element
+        del src, dst
+    return Bandwidth(read_gbs=n * 4 / best_sum / 1e9, copy_gbs=2 * n * 4 / best_copy / 1e9,
+                     nbytes=n * 4, repeats=repeats)
+
+
+def expected_experts_hit(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected number of distinct experts chosen by `tokens` tokens routing uniformly at random."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def decode_bytes(cfg, dtype: str, context: int, batch: int = 1,
+                 bytes_per_param: float | None = None) -> dict[str, float]:
+    """Bytes one decode step of `batch` sequences at `context` positions reads from memory.
+
+    Returns weights_bytes (shared by the batch), kv_bytes (all sequences), embed_bytes (rows gathered).
+    `bytes_per_param` overrides the weight element size (e.g. 1 for int8 weights); the KV cache stays
+    at `dtype`.
+    """
+    esize = DTYPE_BYTES[dtype]
+    wsize = esize if bytes_per_param is None else bytes_per_param
+    shapes = expected_shapes(cfg, include_lm_head=True)
+    weights = 0.0
+    for name, shape in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        if name == "model.embed_tokens.weight":
+            continue  # a gather: one row per token, counted below
+        if ".mlp.experts." in name:
+            # every expert tensor of a layer has the same size: scale by the fraction of experts hit
+            hit = expected_experts_hit(cfg.num_experts, cfg.num_experts_per_tok, batch)
+            weights += n * wsize * hit / cfg.num_experts
+        else:
+            weights += n * wsize
+    embed = batch * cfg.hidden_size * esize
+    kv = batch * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * esize
+    return {"weights_bytes": weights, "kv_bytes": float(kv), "embed_bytes": float(embed)}
+
+
+def roofline_tok_per_s(cfg, dtype: str, bandwidth_gbs: float, context: int, batch: int = 1,
+                       bytes_per_param: float | None = None) -> float:
+    """Decode tokens/s (all sequences of the batch together) if memory traffic were the only cost."""
+    b = decode_bytes(cfg, dtype, context, batch, bytes_per_param)
+    step_bytes = b["weights_bytes"] + b["kv_bytes"] + b["embed_bytes"]
+    return batch * bandwidth_gbs * 1e9 / step_bytes

@@ -1,0 +1,236 @@
+"""`qwen3lab bench generate`: end to end on a checkpoint dir, ours vs HF `generate` in the same run.
+
+Notable:
+- ours is driven through `Qwen3ForCausalLM.batch_infer_one_round` (what `generate` runs, one packed
+  forward per round, batch = several tasks); HF through `model.generate` with a streamer whose `put` marks
+  each step. Both make exactly `new_tokens` tokens per sequence (eos ignored: ours' tasks have no stop ids,
+  HF gets min_new_tokens), greedy, the same random prompts (token ids, no tokenizer in the timing).
+- figures: prefill at batch 1 for each prompt length (TTFT = time to the first token; prefill tok/s =
+  prompt tokens / TTFT); decode at each batch (tok/s = batch * (N - 1) / time from the first token to the
+  last; latency = median inter-token (per-step) time, p90 too); peak memory of each phase; a `load` record
+  with load time and its peak.
+- roofline: the machine's bandwidth is measured in the same run (bandwidth.py) and each decode figure is
+  given as a fraction of bandwidth / (weights + KV cache + embedding rows read per step), the KV cache at
+  the mean context of the decode (prompt + N/2).
+- ours and HF are loaded one after the other, the first freed before the second, so each peak is its own.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Qwen3Config
+from ..errors import InputError
+from . import harness as H
+from .bandwidth import measure_bandwidth, roofline_tok_per_s
+
+DEFAULT_PROMPT_LENS = (128, 512)
+DEFAULT_BATCHES = (1, 8)
+DEFAULT_NEW_TOKENS = 64
+DEFAULT_WARMUPS, DEFAULT_RUNS = 1, 3
+FIRST_SPECIAL_ID = 151643  # Qwen3's special tokens start here: random prompts stay below it
+
+
+def random_prompts(cfg: Qwen3Config, batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + length)
+    hi = min(cfg.vocab_size, FIRST_SPECIAL_ID)
+    return torch.randint(0, hi, (batch, length), generator=g).tolist()
+
+
+# ---- ours ------------------------------------------------------------------------------------------
+class OursGenerate:
+    impl = "qwen3lab"
+
+    def __init__(self, path: Path, device: torch.device, dtype: str):
+        from ..qwen3 import Qwen3ForCausalLM
+
+        self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype)
+        self.cfg = self.lm.config
+
+    def weight_bytes(self) -> int:
+        seen, n = set(), 0
+        for p in self.lm.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel() * p.element_size()
+        return n
+
+    def generate(self, prompts: list[list[int]], new_tokens: int, mark) -> list[list[int]]:
+        from ..engine.sampler import SamplingParams
+        from ..engine.task import InferTask
+
+        # no stop ids: every run makes exactly new_tokens tokens, whatever a random model samples
+        tasks = [InferTask(list(p), SamplingParams(), stop_ids=frozenset(), max_new_tokens=new_tokens)
+                 for p in prompts]
+        live = tasks
+        while live:
+            self.lm.batch_infer_one_round(live)
+            mark()
+            live = [t for t in live if not t.finished]
+        return [t.generated for t in tasks]
+
+    def close(self) -> None:
+        del self.lm
+
+
+# ---- HF --------------------------------------------------------------------------------------------
+class _StepMarks:
+    """A transformers streamer: generate calls put() with the prompt, then once per generated step."""
+
+    def __init__(self, mark):
+        self.mark, self.calls = mark, 0
+
+    def put(self, value) -> None:
+        if self.calls:
+            self.mark()
+        self.calls += 1
+
+    def end(self) -> None:
+        pass
+
+
+class HFGenerate:
+    impl = "hf"
+
+    def __init__(self, path: Path, device: torch.device, dtype: str, attn_impl: str = "sdpa"):
+        from .modules import require_transformers
+
+        require_transformers()
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        transformers.logging.set_verbosity_error()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=H.resolve_dtype(dtype), attn_implementation=attn_impl).to(device).eval()
+        self.device = device
+        self.cfg = Qwen3Config.from_file(path)
+
+    def weight_bytes(self) -> int:
+        seen, n = set(), 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel() * p.element_size()
+        return n
+
+    def generate(self, prompts: list[list[int]], new_tokens: int, mark) -> list[list[int]]:
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)  # [B, L], equal lengths: no padding
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, pad_token_id=self.cfg.eos_token_ids[0] if self.cfg.eos_token_ids else 0,
+            streamer=_StepMarks(mark), temperature=None, top_p=None, top_k=None)
+        return out[:, ids.shape[1]:].tolist()
+
+    def close(self) -> None:
+        del self.model
+
+
+# ---- the bench -------------------------------------------------------------------------------------
+def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches, new_tokens: int,
+                decode_prompt_len: int, warmups: int, runs: int, seed: int, bandwidth_gbs: float | None,
+                progress) -> tuple[list[dict], list[list[int]] | None]:
+    recs: list[dict] = []
+    greedy_tokens = None
+
+    def timed(prompts, n, label):
+        samples_tokens: list = []
+
+        def fn(mark):
+            samples_tokens.append(impl.generate(prompts, n, mark))
+
+        with H.PeakMemory(device) as pm:
+            samples = H.run_timed(fn, device, warmups, runs, progress=progress, label=label)
+        for s in samples:
+            assert len(s.marks) == n, (label, len(s.marks), n)  # one mark per generated step
+        return samples, pm.peak_bytes, samples_tokens[-1]
+
+    for L in prompt_lens:
+        samples, peak, _ = timed(random_prompts(cfg, 1, L, seed), 1, f"{impl.impl} prefill {L}")
+        ttft = [s.marks[0] for s in samples]
+        med = H.median(ttft)
+        recs.append(H.make_record("generate", impl.impl, "prefill", f"prompt={L} batch=1", device, dtype,
+                                  ttft_ms=1e3 * med, tok_per_s=L / med, latency_p90_ms=1e3 * H.percentile(ttft, 90),
+                                  peak_mem_bytes=peak, prompt_len=L, batch=1))
+    for B in batches:
+        prompts = random_prompts(cfg, B, decode_prompt_len, seed)
+        samples, peak, toks = timed(prompts, new_tokens, f"{impl.impl} decode batch {B}")
+        if B == 1:
+            greedy_tokens = toks
+        rates, itl = [], []
+        for s in samples:
+            rates.append(B * (new_tokens - 1) / (s.marks[-1] - s.marks[0]))
+            itl += [b - a for a, b in zip(s.marks[:-1], s.marks[1:], strict=True)]
+        rate = H.median(rates)
+        frac = roof = None
+        if bandwidth_gbs:
+            roof = roofline_tok_per_s(cfg, dtype, bandwidth_gbs, context=decode_prompt_len + new_tokens // 2,
+                                      batch=B)
+            frac = rate / roof
+        recs.append(H.make_record(
+            "generate", impl.impl, "decode", f"batch={B} prompt={decode_prompt_len} new={new_tokens}", device, dtype,
+            tok_per_s=rate, latency_ms=1e3 * H.median(itl), latency_p90_ms=1e3 * H.percentile(itl, 90),
+            ttft_ms=1e3 * H.median([s.marks[0] for s in samples]), roofline_fraction=frac,
+            roofline_tok_per_s=roof, peak_mem_bytes=peak, prompt_len=decode_prompt_len, batch=B,
+            new_tokens=new_tokens))
+    return recs, greedy_tokens
+
+
+def run(path: str | Path | None, device: torch.device, dtype: str, warmups: int = DEFAULT_WARMUPS,
+        runs: int = DEFAULT_RUNS, prompt_lens=DEFAULT_PROMPT_LENS, batches=DEFAULT_BATCHES,
+        new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
+        hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True,
+        progress: H.Progress | None = None) -> tuple[list[dict], dict[str, Any]]:
+    from ..api import resolve_model_path
+
+    H.check_counts(warmups, runs)
+    H.resolve_dtype(dtype)
+    if new_tokens < 2:
+        raise InputError(f"--new-tokens must be >= 2 (decode rate needs two tokens), got {new_tokens}")
+    path = resolve_model_path(path)
+    cfg = Qwen3Config.from_file(path)
+    decode_prompt_len = decode_prompt_len or prompt_lens[0]
+    longest = max(max(prompt_lens), decode_prompt_len + new_tokens)
+    if longest > cfg.max_position_embeddings:
+        raise InputError(f"{longest} positions exceed the model's context {cfg.max_position_embeddings}")
+    bw = measure_bandwidth(device) if roofline else None
+    records: list[dict] = []
+    greedy: dict[str, Any] = {}
+    weight_bytes: dict[str, int] = {}
+    makers = [("qwen3lab", lambda: OursGenerate(path, device, dtype))]
+    if hf:
+        makers.append(("hf", lambda: HFGenerate(path, device, dtype, hf_attn)))
+    for name, make in makers:
+        gc.collect()
+        with H.PeakMemory(device) as pm:
+            t0 = H.clock(device)
+            impl = make()
+            load_s = H.clock(device) - t0
+        weight_bytes[name] = impl.weight_bytes()
+        records.append(H.make_record("generate", name, "load", "from_pretrained", device, dtype,
+                                     latency_ms=1e3 * load_s, peak_mem_bytes=pm.peak_bytes))
+        recs, toks = _bench_impl(impl, cfg, device, dtype, prompt_lens, batches, new_tokens, decode_prompt_len,
+                                 warmups, runs, seed, bw.read_gbs if bw else None, progress)
+        records += recs
+        greedy[name] = toks
+        impl.close()
+        del impl
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    extra: dict[str, Any] = {
+        "model": str(path), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size, "prompt_lens": list(prompt_lens), "batches": list(batches),
+        "new_tokens": new_tokens, "decode_prompt_len": decode_prompt_len, "weight_bytes": weight_bytes,
+        "bandwidth": bw.as_dict() if bw else None, "hf_attn_implementation": hf_attn if hf else None,
+        "baseline_rss_bytes": H.rss_bytes(),
+    }
+    if greedy.get("qwen3lab") and greedy.get("hf"):
+        a, b = greedy["qwen3lab"][0], greedy["hf"][0]
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        # information, not a check: random weights make near-ties, and bf16 rounding may break them differently
+        extra["greedy_agreement_tokens"] = f"{same}/{min(len(a), len(b))}"
+    return records, extra

@@ -1,0 +1,276 @@
+"""`run_bench_command(kind, **options) -> exit code`: the one entry point of `qwen3lab bench attention|moe|generate`
+and of the scripts in benchmarks/.
+
+Options (keyword names; CLI spelling with dashes):
+  common     preset, config, device="cpu", dtype="bfloat16", warmups, runs (bench defaults when None),
+             json (FILE), compare (OLD.json), tolerance (percent, default 10), plot (FILE.png), no_hf,
+             threads, seed=0, quiet (no progress bars)
+  attention  seqlens="64,128,256,256", past="512,0,0,256", decode_past="50,100,200,400", decode_repeat=4,
+             hf_attn="sdpa"
+  moe        prefill_tokens="512", decode_tokens="1,8", hf_experts="grouped_mm"
+  generate   model (checkpoint dir; default the embedded model), prompt_lens="128,512", batch="1,8",
+             new_tokens=64, decode_prompt_len (default the first prompt length), hf_attn="sdpa", no_roofline
+
+Output: the table, the comparison (with --compare), then ONE JSON line on stdout. Exit code 0, or 1 when
+--compare finds a qwen3lab figure worse than the tolerance. Bad options raise Qwen3LabError subclasses.
+`click_options(kind)` decorates a click command with exactly these options (cli.py and benchmarks/ use it).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from ..config import Qwen3Config
+from ..errors import InputError
+from . import harness as H
+
+KINDS = ("attention", "moe", "generate")
+DEFAULT_PRESET = {"attention": "qwen3-0.6b", "moe": "qwen3-30b-a3b"}
+
+COMMON = {"preset": None, "config": None, "device": "cpu", "dtype": "bfloat16", "warmups": None, "runs": None,
+          "json": None, "compare": None, "tolerance": 10.0, "plot": None, "no_hf": False, "threads": None,
+          "seed": 0, "quiet": False}
+PER_KIND: dict[str, dict[str, Any]] = {
+    "attention": {"seqlens": "64,128,256,256", "past": "512,0,0,256", "decode_past": "50,100,200,400",
+                  "decode_repeat": 4, "hf_attn": "sdpa"},
+    "moe": {"prefill_tokens": "512", "decode_tokens": "1,8", "hf_experts": "grouped_mm"},
+    "generate": {"model": None, "prompt_lens": "128,512", "batch": "1,8", "new_tokens": 64,
+                 "decode_prompt_len": None, "hf_attn": "sdpa", "no_roofline": False},
+}
+# spellings a caller may use for the same option
+ALIASES = {"json_path": "json", "json_file": "json", "compare_path": "compare", "plot_path": "plot",
+           "batches": "batch", "model_path": "model", "hf": None}
+
+
+def _options(kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise InputError(f"unknown bench {kind!r}; choose one of {', '.join(KINDS)}")
+    opts = {**COMMON, **PER_KIND[kind]}
+    for key, value in given.items():
+        key = key.replace("-", "_")
+        if key == "hf":  # hf=False is no_hf=True
+            opts["no_hf"] = not value
+            continue
+        key = ALIASES.get(key, key) or key
+        if key not in opts:
+            raise TypeError(f"bench {kind}: unknown option {key!r}; accepted: {', '.join(sorted(opts))}")
+        if value is not None or key in ("warmups", "runs", "threads"):
+            opts[key] = value
+    return opts
+
+
+def _config(kind: str, o: dict[str, Any]) -> tuple[Qwen3Config, str]:
+    from ..presets import preset_config
+
+    if o["config"] is not None and o["preset"] is not None:
+        raise InputError("give --preset or --config, not both")
+    if o["config"] is not None:
+        return Qwen3Config.from_file(o["config"]), str(o["config"])
+    name = o["preset"] or DEFAULT_PRESET[kind]
+    return preset_config(name), name
+
+
+def _hf(o: dict[str, Any], quiet_log) -> bool:
+    if o["no_hf"]:
+        return False
+    if not H.hf_available():
+        quiet_log("transformers is not installed: HF columns skipped (pip install 'qwen3lab[hf]')")
+        return False
+    return True
+
+
+def run_bench_command(kind: str, **options: Any) -> int:
+    """Run one bench with CLI-style options; print table (+ comparison) and the JSON line; return the exit code."""
+    o = _options(kind, options)
+    device = H.resolve_device(o["device"])
+    H.resolve_dtype(o["dtype"])
+    tolerance = H.parse_tolerance(o["tolerance"])
+    old = H.load_report(o["compare"]) if o["compare"] else None  # fail early, before minutes of timing
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    hf = _hf(o, log)
+    settings: dict[str, Any] = {"device": str(device), "dtype": o["dtype"], "seed": o["seed"], "hf": hf}
+    with H.torch_threads(o["threads"]), H.Progress(enabled=not o["quiet"]) as progress:
+        settings["threads"] = torch.get_num_threads()
+        if kind == "attention":
+            from . import attention as A
+
+            cfg, source = _config(kind, o)
+            warmups = A.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
+            runs = A.DEFAULT_RUNS if o["runs"] is None else o["runs"]
+            decode_past = H.parse_int_list(o["decode_past"], "--decode-past") if str(o["decode_past"]) != "0" else []
+            repeat = int(o["decode_repeat"])
+            if repeat < 1:
+                raise InputError(f"--decode-repeat must be >= 1, got {repeat}")
+            shape = A.AttentionShape(H.parse_int_list(o["seqlens"], "--seqlens"), _int_list0(o["past"], "--past"),
+                                     [p for p in decode_past for _ in range(repeat)])
+            records, extra = A.run(cfg, device, o["dtype"], warmups, runs, shape, hf=hf, hf_attn=o["hf_attn"],
+                                   seed=o["seed"], progress=progress)
+        elif kind == "moe":
+            from . import moe as M
+
+            cfg, source = _config(kind, o)
+            warmups = M.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
+            runs = M.DEFAULT_RUNS if o["runs"] is None else o["runs"]
+            records, extra = M.run(cfg, device, o["dtype"], warmups, runs,
+                                   prefill_tokens=_maybe_list(o["prefill_tokens"], "--prefill-tokens"),
+                                   decode_tokens=_maybe_list(o["decode_tokens"], "--decode-tokens"),
+                                   hf=hf, hf_experts=o["hf_experts"], seed=o["seed"], progress=progress)
+        else:
+            from . import generate as G
+
+            if o["preset"] is not None or o["config"] is not None:
+                raise InputError("bench generate runs a checkpoint dir: use --model DIR "
+                                 "(make one with `qwen3lab make-model DIR --preset NAME`)")
+            source = o["model"] or "default"
+            warmups = G.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
+            runs = G.DEFAULT_RUNS if o["runs"] is None else o["runs"]
+            records, extra = G.run(o["model"], device, o["dtype"], warmups, runs,
+                                   prompt_lens=H.parse_int_list(o["prompt_lens"], "--prompt-lens"),
+                                   batches=H.parse_int_list(o["batch"], "--batch"),
+                                   new_tokens=int(o["new_tokens"]), decode_prompt_len=o["decode_prompt_len"],
+                                   hf=hf, hf_attn=o["hf_attn"], seed=o["seed"], roofline=not o["no_roofline"],
+                                   progress=progress)
+    settings.update({"source": source, "warmups": warmups, "runs": runs, **extra})
+    report = H.make_report(kind, device, settings, records)
+    return finish(report, o, old, tolerance)
+
+
+def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None, tolerance: float) -> int:
+    """Table, comparison, JSON line (stdout and --json), plot; the exit code."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log file or a pipe: do not squeeze the table into 80 columns
+    H.print_table(report, console)
+    rc = 0
+    if old is not None:
+        changes, missing = H.compare_reports(old, report, tolerance)
+        H.print_comparison(changes, missing, tolerance, str(o["compare"]), console)
+        bad = H.regressions(changes)
+        report["comparison"] = {
+            "against": str(o["compare"]), "tolerance": tolerance,
+            "regressions": [{"impl": c.record[1], "phase": c.record[2], "case": c.record[3], "figure": c.figure,
+                             "old": c.old, "new": c.new, "change": round(c.change, 4)} for c in bad]}
+        if bad:
+            console.print(f"[bold red]{len(bad)} regression(s) past {100 * tolerance:g}%[/]")
+            rc = 1
+        else:
+            console.print(f"no qwen3lab figure regressed past {100 * tolerance:g}%")
+    H.emit_json(report, o["json"])
+    if o["plot"]:
+        H.plot_report(report, o["plot"])
+        print(f"wrote {o['plot']}", file=sys.stderr)
+    return rc
+
+
+def _int_list0(text, option: str) -> list[int]:
+    """Comma-separated integers >= 0 (a request may have no cached past)."""
+    items = list(text) if isinstance(text, (list, tuple)) else [x for x in str(text).replace(" ", "").split(",") if x]
+    try:
+        out = [int(x) for x in items]
+    except ValueError:
+        raise InputError(f"{option} {text!r}: expected comma-separated integers, e.g. 512,0,0,256") from None
+    if not out or any(x < 0 for x in out):
+        raise InputError(f"{option} {text!r}: expected integers >= 0")
+    return out
+
+
+def _maybe_list(text, option: str) -> list[int]:
+    """A comma list; "" or "0" means none (e.g. --decode-tokens 0 to skip the decode sizes)."""
+    if text in ("", "0", None, [], ()):
+        return []
+    return H.parse_int_list(text, option)
+
+
+# ---- click options (cli.py and benchmarks/ share them) ---------------------------------------------
+def click_options(kind: str):
+    """Decorator adding the options of `qwen3lab bench KIND` to a click command (keyword names as above)."""
+    import click
+
+    from .modules import HF_ATTN_IMPLS, HF_EXPERTS_IMPLS
+
+    common = [
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N"),
+        click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+                     show_default=True),
+        click.option("--warmups", type=int, default=None, help="untimed runs first (bench default)"),
+        click.option("--runs", type=int, default=None, help="timed runs (bench default)"),
+        click.option("--json", "json", type=click.Path(dir_okay=False), default=None,
+                     help="also write the JSON line to FILE"),
+        click.option("--compare", type=click.Path(dir_okay=False), default=None,
+                     help="OLD.json: print each figure's change; exit 1 when one of ours regresses"),
+        click.option("--tolerance", default="10", show_default=True, help="regression threshold, percent"),
+        click.option("--plot", type=click.Path(dir_okay=False), default=None, help="draw the figures to FILE.png"),
+        click.option("--no-hf", is_flag=True, help="skip the HuggingFace transformers peer"),
+        click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--quiet", is_flag=True, help="no progress bars"),
+    ]
+    shape = [
+        click.option("--preset", default=None, help=f"config preset (default {DEFAULT_PRESET.get(kind)})"),
+        click.option("--config", type=click.Path(exists=True), default=None, help="a config.json (or its dir)"),
+    ]
+    per = {
+        "attention": [
+            click.option("--seqlens", default="64,128,256,256", show_default=True,
+                         help="prefill: new tokens per request"),
+            click.option("--past", default="512,0,0,256", show_default=True, help="prefill: cached past per request"),
+            click.option("--decode-past", default="50,100,200,400", show_default=True,
+                         help="decode: past lengths (each repeated --decode-repeat times)"),
+            click.option("--decode-repeat", type=int, default=4, show_default=True),
+            click.option("--hf-attn", type=click.Choice(HF_ATTN_IMPLS), default="sdpa", show_default=True),
+        ],
+        "moe": [
+            click.option("--prefill-tokens", default="512", show_default=True, help="prefill-sized token counts"),
+            click.option("--decode-tokens", default="1,8", show_default=True, help="decode-sized token counts"),
+            click.option("--hf-experts", type=click.Choice(HF_EXPERTS_IMPLS), default="grouped_mm",
+                         show_default=True, help="HF experts implementation (grouped_mm is HF's default)"),
+        ],
+        "generate": [
+            click.option("--model", default=None, help="checkpoint dir (default: the embedded default model)"),
+            click.option("--prompt-lens", default="128,512", show_default=True, help="prefill prompt lengths"),
+            click.option("--batch", default="1,8", show_default=True, help="decode batch sizes"),
+            click.option("--new-tokens", type=int, default=64, show_default=True,
+                         help="tokens generated per decode run"),
+            click.option("--decode-prompt-len", type=int, default=None,
+                         help="decode prompt length (default: the first prompt length)"),
+            click.option("--hf-attn", type=click.Choice(HF_ATTN_IMPLS), default="sdpa", show_default=True),
+            click.option("--no-roofline", is_flag=True, help="skip the bandwidth measurement"),
+        ],
+    }[kind]
+    opts = (shape if kind != "generate" else []) + per + common
+
+    def deco(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def script_main(kind: str) -> None:
+    """Entry point of benchmarks/bench_KIND.py: the same options as `qwen3lab bench KIND`."""
+    import click
+
+    from ..errors import Qwen3LabError
+
+    @click.command(name=f"bench_{kind}", help=f"qwen3lab bench {kind} (see src/qwen3lab/bench/run.py)")
+    @click_options(kind)
+    def cmd(**kw):
+        try:
+            sys.exit(run_bench_command(kind, **kw))
+        except Qwen3LabError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+    cmd()
+
+
+__all__ = ["run_bench_command", "click_options", "script_main", "KINDS"]
