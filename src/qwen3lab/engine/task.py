@@ -24,7 +24,7 @@ class InferTask:
     num_prompt: int = field(init=False)
 
     def __post_init__(self):
-        self.tokens = [int(t) for t in self.tokens]
+        self.tokens = list(self.tokens)  # ids are checked (and converted) when fed
         self.stop_ids = frozenset(int(t) for t in self.stop_ids)
         self.num_prompt = len(self.tokens)
 
