@@ -102,3 +102,47 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
     from .params import run_params_command
 
     run_params_command(model, config, preset, context, batch, dtype, as_json)
+
+
+# ---- tiny ------------------------------------------------------------------------------------------
+@main.command("tiny")
+@click.option("--d", type=int, default=None, help="hidden size [default: 8]")
+@click.option("--nlayer", type=int, default=None, help="layers [default: 2]")
+@click.option("--nh", type=int, default=None, help="query heads [default: 2]")
+@click.option("--nkvh", type=int, default=None, help="key/value heads [default: 2]")
+@click.option("--dh", type=int, default=None, help="head_dim [default: 4]")
+@click.option("--di", type=int, default=None, help="MLP (and MoE expert) intermediate size [default: 16]")
+@click.option("--dvoc", type=int, default=None, help="vocabulary size [default: 10]")
+@click.option("--dctx", type=int, default=None, help="context length, max_position_embeddings [default: 4]")
+@click.option("--tokens", default=None, help="input token ids, comma-separated [default: 1,3,7,2]")
+@click.option("--moe", is_flag=True, help="a tiny Qwen3-MoE (4 experts, top-2)")
+@click.option("--experts", type=int, default=None, help="with --moe: number of experts [default: 4]")
+@click.option("--topk", type=int, default=None, help="with --moe: experts per token [default: 2]")
+@click.option("--init", type=click.Choice(["random", "identity", "ones", "arange"]), default="random",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="for --init random")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="weights file (.safetensors, .npz or .json) with HF tensor names")
+@click.option("--save-weights", type=click.Path(dir_okay=False), default=None,
+              help="write the weights used (.safetensors, .npz or .json)")
+@click.option("--save-model", type=click.Path(file_okay=False), default=None,
+              help="write an HF-layout checkpoint dir (config.json + model.safetensors, float32)")
+@click.option("--model", default=None, help="run tiny mode on a small checkpoint dir")
+@click.option("--explain", is_flag=True, help="hand-computed walkthrough of one token and channel")
+@click.option("--explain-layer", type=int, default=0, show_default=True)
+@click.option("--explain-token", type=int, default=None, help="[default: the last token]")
+@click.option("--explain-channel", type=int, default=0, show_default=True)
+@click.option("--explain-head", type=int, default=0, show_default=True)
+@click.option("--compare", type=click.Choice(["torch"]), default=None, help="compare the torch model with the oracle")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="torch dtype for --compare")
+@click.option("--device", default="cpu", show_default=True, help="torch device for --compare")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="write the JSON results here")
+@click.option("--precision", type=int, default=4, show_default=True, help="decimals printed")
+@click.option("--width", type=int, default=80, show_default=True, help="line width to wrap matrices at")
+@friendly_errors
+def tiny_cmd(**opts):
+    """Qwen3 with matrices small enough to print: every step, stability checks, --explain, --compare."""
+    from .tiny import run_tiny_command
+
+    sys.exit(run_tiny_command(**opts))
