@@ -86,6 +86,78 @@ def _load_model(model, device, dtype):
     return Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype)
 
 
+
+def _print_stats(res) -> None:
+    click.echo(
+        f"\n[{len(res.token_ids)} tokens | prompt {res.prompt_tokens} tokens in {res.prefill_s * 1e3:.1f} ms "
+        f"({res.prefill_tokens_per_s:.1f} tok/s) | decode {res.tokens_per_s:.2f} tok/s | "
+        f"finish: {res.finish_reason}]",
+        err=True,
+    )
+
+
+def _stream_text(_tok: int, delta: str) -> None:
+    click.echo(delta, nl=False)
+
+
+@main.command("generate")
+@click.argument("prompt")
+@_sampling_options
+@click.option("--chat", "as_chat", is_flag=True, help="wrap the prompt in the chat template as a user turn")
+@click.option("--no-think", is_flag=True, help="with --chat: enable_thinking=False")
+@click.option("--stop", multiple=True, help="extra stop string (repeatable); eos ids always stop")
+@friendly_errors
+def generate_cmd(prompt, model, device, dtype, max_steps, temperature, top_k, top_p, seed, as_chat, no_think, stop):
+    """Continue PROMPT with the model, streaming tokens as they come; tokens/s at the end."""
+    lm = _load_model(model, device, dtype)
+    if as_chat:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, enable_thinking=not no_think)
+    click.echo(prompt, nl=False)
+    res = lm.generate(prompt, max_steps=max_steps, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      stop=list(stop) or None, stream=_stream_text)
+    _print_stats(res)
+
+
+@main.command("chat")
+@_sampling_options
+@click.option("--system", default=None, help="system prompt")
+@click.option("--no-think", is_flag=True, help="enable_thinking=False (Qwen3's /no_think mode)")
+@friendly_errors
+def chat_cmd(model, device, dtype, max_steps, temperature, top_k, top_p, seed, system, no_think):
+    """Interactive chat with the chat template; replies stream. /exit quits, /reset clears the history."""
+    lm = _load_model(model, device, dtype)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    click.echo("chat: /exit to quit, /reset to clear the history, /think or /no_think to switch thinking", err=True)
+    think = not no_think
+    while True:
+        try:
+            line = click.prompt(click.style("you", fg="cyan"), prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.exceptions.Abort):
+            click.echo("", err=True)
+            return
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            history = history[:1] if system else []
+            click.echo("(history cleared)", err=True)
+            continue
+        if cmd in ("/think", "/no_think"):
+            think = cmd == "/think"
+            click.echo(f"(thinking {'on' if think else 'off'})", err=True)
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = lm.tokenizer.apply_chat_template(history, add_generation_prompt=True, enable_thinking=think)
+        click.echo(click.style("qwen3", fg="green") + "> ", nl=False)
+        res = lm.generate(prompt, max_steps=max_steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, stream=_stream_text)
+        history.append({"role": "assistant", "content": res.text})
+        _print_stats(res)
+
+
 # ---- params ----------------------------------------------------------------------------------------
 @main.command("params")
 @click.option("--model", default=None, help="checkpoint dir whose config.json to read")
