@@ -307,13 +307,14 @@ class Zoo:
         return ZooResult(bug, rep.culprit.name if rep.culprit else None, fd.name if fd else None, rep.sentence())
 
 
-def zoo_models(where: str | Path | None = None) -> tuple[Path, Path]:
-    """tiny and tiny-moe checkpoints (seed 0) made under `where` (a temp dir by default)."""
+def zoo_models(where: str | Path | None = None, **overrides) -> tuple[Path, Path]:
+    """tiny and tiny-moe checkpoints (seed 0) made under `where` (a temp dir by default); `overrides` are
+    config fields (e.g. vocab_size=10000 for a faster zoo)."""
     from ..make_model import make_model
 
     root = Path(where) if where is not None else Path(tempfile.mkdtemp(prefix="qwen3lab-zoo-"))
-    dense = make_model(root / "tiny", preset="tiny", overwrite=True)
-    moe = make_model(root / "tiny-moe", preset="tiny-moe", overwrite=True)
+    dense = make_model(root / "tiny", preset="tiny", overwrite=True, **overrides)
+    moe = make_model(root / "tiny-moe", preset="tiny-moe", overwrite=True, **overrides)
     return dense, moe
 
 

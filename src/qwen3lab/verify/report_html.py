@@ -94,9 +94,7 @@ def heatmap(rep: VerifyReport) -> Figure | None:
 def _cmap():
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
-    return cmap
+    return colormaps["viridis"].with_extremes(bad="#dddddd")
 
 
 def _box(ij):

@@ -236,12 +236,12 @@ class _PrefillRun:
     def _isolate(self, isolate: bool | None, plain: dict[str, TapResult]) -> None:
         rep = self.report
         failing = any(r.status in FAILING for r in rep.results)
-        if isolate is False:
+        if not failing:
+            rep.isolation = "not needed: no tap failed"
+        elif isolate is False:
             rep.isolation = "turned off"
         elif not self.cand.supports_graft:
             rep.isolation = f"the candidate {self.cand.spec} cannot run on grafted reference taps"
-        elif not failing:
-            rep.isolation = "not needed: no tap failed"
         else:
             # taps whose shape does not match cannot be grafted (and would make the graft raise)
             bad = {r.name for r in rep.results if r.status in ("shape_mismatch", "invalid")}

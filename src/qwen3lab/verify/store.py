@@ -34,7 +34,8 @@ class DiskStore(Mapping):
         self.files[name] = path
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return np.load(self.files[name], mmap_mode="r")
+        # copy-on-write map: writable (torch.from_numpy in a graft wants that), the file is never changed
+        return np.load(self.files[name], mmap_mode="c")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
