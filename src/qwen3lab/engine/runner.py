@@ -73,7 +73,7 @@ def batch_infer_one_round(model: Qwen3CausalLM, tasks: Sequence[InferTask]) -> l
     dev = model.device
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
     logits = model(as_t(ids), as_t(positions), spans, as_t(rows))  # [B, V]
-    out = sample_rows(logits.float(), [t.sampling for t in tasks], [t.rng(dev) for t in tasks])
+    out = sample_rows(logits, [t.sampling for t in tasks], [t.rng(dev) for t in tasks])
     ctx = cfg.max_position_embeddings
     for task, tok in zip(tasks, out, strict=True):
         task.tokens.append(tok)

@@ -80,5 +80,6 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     """One token per row of logits [B, V], each row with its own settings; greedy rows share one argmax."""
     assert logits.shape[0] == len(params) == len(generators)
     if all(p.greedy for p in params):
-        return torch.argmax(logits, dim=-1).tolist()  # one host sync for the whole batch
+        # one host sync for the whole batch; argmax over float32 is ~2x faster on CPU than over bfloat16
+        return torch.argmax(logits.float(), dim=-1).tolist()
     return [sample(logits[b], p, g) for b, (p, g) in enumerate(zip(params, generators, strict=True))]
