@@ -355,3 +355,23 @@ def test_moe_decode_reads_only_the_experts_hit():
 def test_measure_bandwidth_is_positive():
     bw = measure_bandwidth(torch.device("cpu"), nbytes=8 << 20, repeats=2)
     assert bw.read_gbs > 0 and bw.copy_gbs > 0 and bw.nbytes == 8 << 20
+
+
+def test_benchmark_script_prints_table_then_one_json_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
+    args = ["--preset", "tiny", "--seqlens", "4", "--past", "2", "--decode-past", "3", "--decode-repeat", "2",
+            "--warmups", "0", "--runs", "1", "--no-hf", "--quiet", "--dtype", "float32"]
+    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert "qwen3lab bench attention" in lines[0]
+    report = json.loads(lines[-1])
+    assert {r["impl"] for r in report["results"]} == {"qwen3lab"} and report["settings"]["hf"] is False
+    bad = subprocess.run([sys.executable, str(script), *args, "--device", "cuda:7"], capture_output=True, text=True,
+                         timeout=120)
+    if not torch.cuda.is_available():
+        assert bad.returncode == 2 and "error: --device cuda:7" in bad.stderr, bad.stderr

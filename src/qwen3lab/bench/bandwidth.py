@@ -53,7 +53,7 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
             dst.copy_(src)
             t2 = clock(device)
             best_sum, best_copy = min(best_sum, t1 - t0), min(best_copy, t2 - t1)
-        assert float(s) == n  # the sum really read every element
+        assert abs(float(s) - n) <= 1e-3 * n  # the sum really read every element
         del src, dst
     return Bandwidth(read_gbs=n * 4 / best_sum / 1e9, copy_gbs=2 * n * 4 / best_copy / 1e9,
                      nbytes=n * 4, repeats=repeats)

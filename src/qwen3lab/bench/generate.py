@@ -104,6 +104,7 @@ class HFGenerate:
         from transformers import AutoModelForCausalLM
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # stderr stays for our own progress bars
         self.model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=H.resolve_dtype(dtype), attn_implementation=attn_impl).to(device).eval()
         self.device = device

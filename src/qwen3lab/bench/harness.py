@@ -388,22 +388,27 @@ def print_table(report: dict[str, Any], console=None) -> None:
     results = report["results"]
     figures = [k for k in FIGURE_DIRECTION if any(k in r for r in results)]
     m = report["machine"]
-    title = (f"qwen3lab bench {report['bench']} · {m['cpu']} · {m['torch_threads']} threads"
-             + (f" · {m['gpu']}" if m.get("gpu") else "") + f" · torch {m['torch']}")
+    # device / dtype as columns only when the records differ in them; otherwise in the title
+    shared = [c for c in ("device", "dtype") if len({r[c] for r in results}) == 1]
+    title = " · ".join([f"qwen3lab bench {report['bench']}", *(str(results[0][c]) for c in shared), m["cpu"],
+                        f"{m['torch_threads']} threads", *([m["gpu"]] if m.get("gpu") else []), f"torch {m['torch']}"])
+    bw = (report.get("settings") or {}).get("bandwidth")
+    if bw:
+        title += f" · bandwidth {bw['read_gbs']} GB/s"
     table = Table(title=title, title_justify="left")
-    for col in ("impl", "phase", "case", "device", "dtype"):
+    cols = ["impl", "phase", "case"] + [c for c in ("device", "dtype") if c not in shared]
+    for col in cols:
         table.add_column(col)
     units = {"tok_per_s": "tok/s", "ttft_ms": "TTFT ms", "latency_ms": "latency ms", "latency_p90_ms": "p90 ms",
              "peak_mem_bytes": "peak mem", "roofline_fraction": "roofline", "bandwidth_gbs": "GB/s"}
     for k in figures:
         table.add_column(units.get(k, k), justify="right")
-    table.add_column("ours vs HF", justify="right")
+    table.add_column("ours vs HF (×, >1 = ours better)", justify="right")
     for r in results:
         sp = r.get("speedup_vs_hf", {})
         key = next((k for k in PRIMARY_FIGURES if k in sp), None)
-        ratio = f"{sp[key]:.2f}× ({key})" if key else ""
-        table.add_row(r["impl"], r["phase"], r["case"], r["device"], r["dtype"],
-                      *[_fmt(r.get(k), k) for k in figures], ratio)
+        ratio = f"{sp[key]:.2f}× {units[key]}" if key else ""
+        table.add_row(*[str(r[c]) for c in cols], *[_fmt(r.get(k), k) for k in figures], ratio)
     console.print(table)
 
 
