@@ -141,3 +141,23 @@ def test_check_reasons_name_threshold_and_value():
     assert why == ["relative error 0.02 > 0.01"]
     why = check(compare_arrays(a * 100, b * 100), tol, "mlp_out")  # same relative error, MSE 0.04 > 1e-4 now
     assert why == ["relative error 0.02 > 0.01", "MSE 0.04 > 0.0001"]
+
+
+def test_chunked_pass_equals_one_pass(monkeypatch):
+    """Large taps are reduced a chunk at a time (bounded memory); the numbers must not depend on it."""
+    from qwen3lab.verify import metrics
+
+    rng = np.random.default_rng(1)
+    b = rng.standard_normal((37, 1001))
+    a = b + 1e-3 * rng.standard_normal(b.shape)
+    a[30, 900] += 5.0
+    a[2, 3] = np.inf
+    whole = compare_arrays(a, b, ("token", "channel"))
+    monkeypatch.setattr(metrics, "CHUNK", 777)
+    chunked = compare_arrays(a, b, ("token", "channel"))
+    for f in ("cosine_similarity", "mse", "relative_error", "mean_abs_error"):
+        assert getattr(chunked, f) == pytest.approx(getattr(whole, f), rel=1e-12), f
+    assert (chunked.max_abs_location, chunked.inf_candidate, chunked.nonfinite_mismatch) == ({"token": 2, "channel": 3},
+                                                                                            1, 1)
+    a[2, 3] = b[2, 3]
+    assert compare_arrays(a, b, ("token", "channel")).max_abs_location == {"token": 30, "channel": 900}

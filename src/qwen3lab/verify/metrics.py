@@ -63,30 +63,51 @@ class TapMetrics:
         return asdict(self)
 
 
+CHUNK = 1 << 20  # elements per float64 pass: a [32, 151936] logits tap never needs 4 full float64 copies
+
+
 def compare_arrays(cand: np.ndarray, ref: np.ndarray, axes: tuple[str, ...] | None = None) -> TapMetrics:
-    """Metrics of `cand` against `ref` (same shape). Values are converted to float64 first."""
-    a = np.asarray(cand, dtype=np.float64)
-    b = np.asarray(ref, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    axes = axes or tuple(f"dim{i}" for i in range(a.ndim))
-    fa, fb = np.isfinite(a), np.isfinite(b)
-    both = fa & fb
-    counts = dict(
-        nan_candidate=int(np.isnan(a).sum()), inf_candidate=int(np.isinf(a).sum()),
-        nan_reference=int(np.isnan(b).sum()), inf_reference=int(np.isinf(b).sum()),
-    )
-    # one side non-finite, or both non-finite but different (NaN vs +Inf, +Inf vs -Inf)
-    odd = ~both & ~((np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b)))
-    mismatch = int(odd.sum())
-    all_finite = bool(both.all())
-    if not all_finite:
-        a, b = a[both], b[both]
-    a = a.reshape(-1)
-    b = b.reshape(-1)
-    n = a.size
-    d = a - b
-    dd = float(np.dot(d, d))
-    aa, bb, ab = float(np.dot(a, a)), float(np.dot(b, b)), float(np.dot(a, b))
+    """Metrics of `cand` against `ref` (same shape), in float64, a chunk of CHUNK elements at a time."""
+    shape = np.shape(cand)
+    assert shape == np.shape(ref), (shape, np.shape(ref))
+    axes = axes or tuple(f"dim{i}" for i in range(len(shape)))
+    fa_all, fb_all = np.ravel(cand), np.ravel(ref)  # views when contiguous (memmaps stay on disk)
+    N = fa_all.size
+    dd = aa = bb = ab = sabs = 0.0
+    n = mismatch = nan_a = inf_a = nan_b = inf_b = 0
+    max_abs, max_at, first_odd = -1.0, -1, -1
+    for lo in range(0, max(N, 1), CHUNK):
+        a = np.asarray(fa_all[lo:lo + CHUNK], dtype=np.float64)
+        b = np.asarray(fb_all[lo:lo + CHUNK], dtype=np.float64)
+        ca, cb = float(np.dot(a, a)), float(np.dot(b, b))
+        idx = None
+        if not (np.isfinite(ca) and np.isfinite(cb)):
+            # some NaN/Inf (or a square past 1e308): count them and keep only positions finite on both sides
+            na_, nb_ = np.isnan(a), np.isnan(b)
+            ia, ib = np.isinf(a), np.isinf(b)
+            nan_a, inf_a, nan_b, inf_b = (nan_a + int(na_.sum()), inf_a + int(ia.sum()), nan_b + int(nb_.sum()),
+                                          inf_b + int(ib.sum()))
+            both = ~(na_ | ia | nb_ | ib)
+            # one side non-finite, or both non-finite but different (NaN vs +Inf, +Inf vs -Inf)
+            odd = ~both & ~((na_ & nb_) | (ia & (a == b)))
+            if odd.any() and first_odd < 0:
+                first_odd = lo + int(np.flatnonzero(odd)[0])
+            mismatch += int(odd.sum())
+            idx = np.flatnonzero(both)
+            a, b = a[idx], b[idx]
+            ca, cb = float(np.dot(a, a)), float(np.dot(b, b))
+        aa += ca
+        bb += cb
+        ab += float(np.dot(a, b))
+        d = a - b
+        dd += float(np.dot(d, d))
+        n += d.size
+        if d.size:
+            absd = np.abs(d, out=d)
+            sabs += float(absd.sum())
+            k = int(np.argmax(absd))
+            if absd[k] > max_abs:
+                max_abs, max_at = float(absd[k]), lo + (k if idx is None else int(idx[k]))
     if aa == 0.0 and bb == 0.0:
         cos = 1.0
     elif aa == 0.0 or bb == 0.0:
@@ -97,23 +118,18 @@ def compare_arrays(cand: np.ndarray, ref: np.ndarray, axes: tuple[str, ...] | No
         rel = float(np.sqrt(dd / bb))
     else:
         rel = 0.0 if dd == 0.0 else float("inf")
-    absd = np.abs(d)
     loc = None
-    max_abs = 0.0
     if mismatch:
         # a non-finite value where the reference has a number (or vice versa) is the worst error there is
-        flat = int(np.flatnonzero(odd.reshape(-1))[0])
-        loc = _location(flat, np.shape(cand), axes)
-        max_abs = float("inf")
+        loc, max_abs = _location(first_odd, shape, axes), float("inf")
     elif n:
-        k = int(np.argmax(absd))
-        max_abs = float(absd[k])
-        flat = k if all_finite else int(np.flatnonzero(both.reshape(-1))[k])
-        loc = _location(flat, np.shape(cand), axes)
+        loc = _location(max_at, shape, axes)
+    else:
+        max_abs = 0.0
     return TapMetrics(
         cosine_similarity=float(cos), mse=dd / n if n else 0.0, relative_error=rel, max_abs_error=max_abs,
-        max_abs_location=loc, mean_abs_error=float(absd.mean()) if n else 0.0,
-        nonfinite_mismatch=mismatch, compared=int(n), **counts,
+        max_abs_location=loc, mean_abs_error=sabs / n if n else 0.0, nan_candidate=nan_a, inf_candidate=inf_a,
+        nan_reference=nan_b, inf_reference=inf_b, nonfinite_mismatch=mismatch, compared=int(n),
     )
 
 

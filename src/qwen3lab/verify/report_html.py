@@ -20,6 +20,7 @@ from ..taps import split_name
 from .compare import TapResult
 from .metrics import per_channel_error, per_token_error
 from .report import VerifyReport, fmt, loc_str
+from .tolerances import cos_str
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -157,7 +158,7 @@ def render_html(rep: VerifyReport) -> str:
     meta = [("candidate", rep.candidate), ("reference", rep.reference), ("model", rep.model_path or "-"),
             ("input", rep.test_input if rep.test_input is not None else "(token ids)"),
             ("input_ids", ", ".join(map(str, rep.input_ids))), ("decode steps", rep.decode_steps),
-            ("tolerance", f"{tol.name}: cosine ≥ {tol.cos_min:.12g}, relative error ≤ {tol.rel_max:g}"
+            ("tolerance", f"{tol.name}: cosine ≥ {cos_str(tol.cos_min)}, relative error ≤ {tol.rel_max:g}"
              + (f", MSE ≤ {tol.mse_max:g}" if tol.mse_max is not None else "")),
             ("layers", f"{tested} tested, {passed} passed, {failed} failed"), ("isolation", rep.isolation),
             ("first divergence", rep.first_divergence.name if rep.first_divergence else "none"),

@@ -12,6 +12,7 @@ from rich.text import Text
 from .compare import Group, TapResult
 from .report import VerifyReport, fmt
 from .runner import Progress as ProgressHook
+from .tolerances import cos_str
 
 ROWS = ("layer", "sublayer", "all")
 
@@ -65,7 +66,7 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
     if rep.layers is not None:
         what += f", layers {_ranges(rep.layers)}"
     mse = f", MSE <= {tol.mse_max:g}" if tol.mse_max is not None else ""
-    console.print(f"{what}; tolerance {tol.name}: cosine >= {tol.cos_min:.12g}, relative error <= "
+    console.print(f"{what}; tolerance {tol.name}: cosine >= {cos_str(tol.cos_min)}, relative error <= "
                   f"{tol.rel_max:g}{mse}")
     for p in rep.problems:
         console.print(f"[yellow]warning:[/] {p}")

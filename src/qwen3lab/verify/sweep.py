@@ -72,19 +72,26 @@ def run_sweep(model_path, input_ids=None, test_input=None, layers=None, dtypes=S
 
 
 def render_sweep(cells: list[SweepCell], console: Console) -> None:
-    table = Table(title="torch vs NumPy float64 oracle: worst tap per device and dtype", header_style="bold")
-    for col in ("device", "dtype", "worst tap", "rel err", "cosine", "verdict", "first divergence", "culprit"):
+    from rich import box
+
+    console.print("torch vs the NumPy float64 oracle: the worst tap per device and dtype")
+    failing = any(c.report is not None and not c.report.overall_success for c in cells)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
+    cols = ["device", "dtype", "", "worst tap", "rel err", "cosine"]
+    cols += ["first divergence / culprit"] if failing else []
+    for col in cols:
         table.add_column(col, no_wrap=True)
     for c in cells:
         if c.report is None:
-            table.add_row(c.device, c.dtype, "-", "-", "-", "[yellow]error[/]", c.error or "", "")
+            table.add_row(c.device, c.dtype, "[yellow]error[/]", c.error or "", "", "", "")
             continue
         r = c.report
         w = r.worst()
         m = w.metrics if w else None
         fd, cu = r.first_divergence, r.culprit
-        table.add_row(c.device, c.dtype, w.name if w else "-", fmt(m.relative_error) if m else "-",
-                      f"{m.cosine_similarity:.6f}" if m else "-",
-                      "[green]PASS[/]" if r.overall_success else "[red]FAIL[/]",
-                      fd.name if fd else "-", cu.name if cu else "-")
+        row = [c.device, c.dtype, "[green]PASS[/]" if r.overall_success else "[red]FAIL[/]", w.name if w else "-",
+               fmt(m.relative_error) if m else "-", f"{m.cosine_similarity:.6f}" if m else "-"]
+        if failing:
+            row.append(f"{fd.name if fd else '-'} / {cu.name if cu else '-'}")
+        table.add_row(*row)
     console.print(table)
