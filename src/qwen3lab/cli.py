@@ -218,3 +218,29 @@ def tiny_cmd(**opts):
     from .tiny import run_tiny_command
 
     sys.exit(run_tiny_command(**opts))
+
+
+# ---- bench -----------------------------------------------------------------------------------------
+@main.group("bench")
+def bench_group() -> None:
+    """Benchmarks, ours and HF transformers side by side: attention, moe, generate. Ends with one JSON line."""
+
+
+def _bench_command(kind: str, doc: str):
+    from .bench.run import click_options, run_bench_command
+
+    @bench_group.command(kind, help=doc)
+    @click_options(kind)
+    @friendly_errors
+    def cmd(**opts):
+        sys.exit(run_bench_command(kind, **opts))
+
+    return cmd
+
+
+_bench_command("attention", "One Qwen3 attention layer: prefill TTFT (4 requests with cached pasts) and "
+                            "decode tok/s (16 requests), ours vs HF Qwen3Attention.")
+_bench_command("moe", "The Qwen3-MoE sparse block, ours vs HF: latency and tok/s at prefill- and decode-sized "
+                      "token counts, plus routing statistics.")
+_bench_command("generate", "End to end on a checkpoint dir: prefill tok/s, TTFT, decode tok/s and inter-token "
+                           "latency at batch 1 and 8, peak memory, roofline fraction; ours vs HF generate.")
