@@ -316,6 +316,19 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
+def busy_warning(report: dict[str, Any]) -> str | None:
+    """A sentence when other work shared the CPU during the bench (1-minute load above the core count at its
+    start or end): CPU figures are then unreliable, and a thread pool may stall on preempted threads."""
+    m = report["machine"]
+    cores = m.get("cores") or 1
+    loads = [x for x in ((report.get("settings") or {}).get("loadavg_start"), m.get("loadavg")) if x]
+    worst = max((x[0] for x in loads), default=0.0)
+    if report["settings"].get("device", "cpu").startswith("cpu") and worst > cores:
+        return (f"the machine was busy (1-minute load {worst:.1f} on {cores} cores): CPU figures are unreliable; "
+                f"rerun when it is idle")
+    return None
+
+
 def hf_available() -> bool:
     try:
         import transformers  # noqa: F401

@@ -94,7 +94,8 @@ def run_bench_command(kind: str, **options: Any) -> int:
         print(msg, file=sys.stderr)
 
     hf = _hf(o, log)
-    settings: dict[str, Any] = {"device": str(device), "dtype": o["dtype"], "seed": o["seed"], "hf": hf}
+    settings: dict[str, Any] = {"device": str(device), "dtype": o["dtype"], "seed": o["seed"], "hf": hf,
+                                "loadavg_start": H.machine_info(device)["loadavg"]}
     with H.torch_threads(o["threads"]), H.Progress(enabled=not o["quiet"]) as progress:
         settings["threads"] = torch.get_num_threads()
         if kind == "attention":
@@ -163,6 +164,9 @@ def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None
             rc = 1
         else:
             console.print(f"no qwen3lab figure regressed past {100 * tolerance:g}%")
+    busy = H.busy_warning(report)
+    if busy:
+        console.print(f"[yellow]warning: {busy}[/]")
     H.emit_json(report, o["json"])
     if o["plot"]:
         H.plot_report(report, o["plot"])
