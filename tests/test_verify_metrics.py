@@ -161,3 +161,20 @@ def test_chunked_pass_equals_one_pass(monkeypatch):
                                                                                             1, 1)
     a[2, 3] = b[2, 3]
     assert compare_arrays(a, b, ("token", "channel")).max_abs_location == {"token": 30, "channel": 900}
+
+
+def test_near_tie_routing_by_hand():
+    """A token's different expert choice is excused only when the router-logit error explains it."""
+    ref_logits = np.array([[3.0, 2.0, 1.00, 0.98, -1.0]])  # top-3 by the reference: {0, 1, 2}
+    cand_close = np.array([[3.0, 2.0, 0.99, 0.995, -1.0]])  # err 0.015 >= (1.00 - 0.98) / 2: swap 2 -> 3
+    cand_idx, ref_idx = np.array([[0, 1, 3]]), np.array([[0, 1, 2]])
+    m = compare_topk_idx(cand_idx, ref_idx, 5, cand_close, ref_logits)
+    assert (m.match_fraction, m.near_tie_tokens, m.tokens) == (0.0, 1, 1)
+    assert not check(m, DTYPE_DEFAULTS["bfloat16"], "topk_idx")
+    cand_far = np.array([[3.0, 2.0, 1.00, 0.985, -1.0]])  # err 0.005 < 0.01: the same swap is a wrong top-k
+    m = compare_topk_idx(cand_idx, ref_idx, 5, cand_far, ref_logits)
+    assert m.near_tie_tokens == 0
+    assert check(m, DTYPE_DEFAULTS["bfloat16"], "topk_idx") == [
+        "expert set differs on 1 of 1 tokens (matching or near-tie tokens 0.0% < 100%)"]
+    wrong = np.array([[0, 1, 4]])  # expert 4 is far below expert 2: never a near tie at this error
+    assert compare_topk_idx(wrong, ref_idx, 5, cand_close, ref_logits).near_tie_tokens == 0

@@ -179,6 +179,7 @@ def test_command_exit_codes_and_files(model_dir, plugin, tmp_path, capsys):
 
 
 def test_command_self_test_on_small_models(tmp_path):
+    from qwen3lab.verify.bugzoo import BUGS
     from qwen3lab.verify.command import _self_test
 
     dense = make_model(tmp_path / "d", preset="tiny", vocab_size=10000)
@@ -187,4 +188,4 @@ def test_command_self_test_on_small_models(tmp_path):
     assert _self_test(con, dense, moe) == 0, con.export_text()
     text = con.export_text()
     ends = [line.split()[-1] for line in text.splitlines() if line.strip()]
-    assert ends.count("right") == 11 and ends.count("pass") == 6 and "self-test passed" in text
+    assert ends.count("right") == len(BUGS) and ends.count("pass") == 6 and "self-test passed" in text

@@ -93,6 +93,18 @@ class Side:
             sink(name, arr)
         return RunResult(res.logits, {})
 
+    @property
+    def can_host_session(self) -> bool:
+        """Whether an outer taps session (record / graft / routing pin) sees every tap of a plain run."""
+        return self._tap_site_model()
+
+    def run_in(self, session, input_ids) -> RunResult:
+        """A plain run inside a taps session of the caller's making (tap-site models only)."""
+        assert self.can_host_session, self.spec
+        with session:
+            res = self.backend.run(input_ids)
+        return RunResult(res.logits, {})
+
     def run_decode(self, input_ids, decode_steps: int, names, graft: Mapping | None = None) -> RunResult:
         if self.supports_decode:
             return self.backend.run_decode(input_ids, decode_steps, taps=names, graft=graft)

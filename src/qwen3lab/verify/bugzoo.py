@@ -17,6 +17,7 @@ and the reference (the NumPy oracle) is never touched. Every bug is one a real p
 | SiLU applied to up instead of gate | dense MLP forward | layers.0.act |
 | attention residual dropped | decoder layer forward | layers.0.resid_mid |
 | MoE weights not renormalised although norm_topk_prob is true | MoE block attribute | layers.0.topk_weight |
+| MoE expert ids off by one (experts indexed from 1) | the model's `tap` wrapped for a run | layers.0.topk_idx |
 | a decode step writes the KV cache one position early | the run's KV cache | step0.layers.0.attn |
 
 With `probs` recorded the three attention bugs are caught one tap earlier, at layers.0.probs.
@@ -191,6 +192,28 @@ def plant_moe_no_renorm(b):
     return None
 
 
+def plant_expert_ids_off_by_one(b):
+    """Expert ids shifted by one (a port indexing experts from 1): the chosen ids are wrong, not the weights."""
+    E = b.cfg.num_experts
+
+    @contextlib.contextmanager
+    def during_run():
+        orig = tm.tap
+
+        def tap_(name, x):
+            if name.endswith(".topk_idx"):
+                x = (x + 1) % E
+            return orig(name, x)
+
+        tm.tap = tap_
+        try:
+            yield
+        finally:
+            tm.tap = orig
+
+    return during_run
+
+
 def _write_one_early(self, layer, start, k, v):
     """KVCache.write with single-token steps stored one position early (over the previous token)."""
     T = k.shape[1]
@@ -227,6 +250,8 @@ BUGS: list[Bug] = [
     Bug("silu_on_up", "SiLU on up instead of gate", ("layers.0.act",), plant_silu_on_up),
     Bug("residual_dropped", "attention residual dropped", ("layers.0.resid_mid",), plant_residual_dropped),
     Bug("moe_no_renorm", "MoE top-k weights not renormalised", ("layers.0.topk_weight",), plant_moe_no_renorm,
+        moe=True),
+    Bug("expert_ids_off_by_one", "MoE expert ids off by one", ("layers.0.topk_idx",), plant_expert_ids_off_by_one,
         moe=True),
     Bug("kv_wrong_position", "decode writes the KV cache one position early",
         ("step0.layers.0.attn", "step0.layers.0.probs"), plant_kv_wrong_position, decode_steps=2),

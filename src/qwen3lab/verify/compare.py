@@ -77,6 +77,18 @@ class Comparator:
         self.cfg = cfg
         self.tol = tol
         self._idx: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+        self._router: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # router_logits, for near-tie routing
+
+    def align_weights_to(self, idx_name: str, ref_idx: np.ndarray) -> None:
+        """The expert ids the reference's topk_weight belongs to, when that is not the topk_idx it was compared
+        with (routing pinned: the weights are for the candidate's experts, the comparison used the reference's
+        own choice)."""
+        c, _ = self._idx.get(idx_name, (None, None))
+        self._idx[idx_name] = (c, np.asarray(ref_idx))
+
+    def candidate_routing(self) -> dict[str, np.ndarray]:
+        """The candidate's topk_idx of every MoE layer seen so far (to pin the reference's routing to)."""
+        return {k: c for k, (c, _) in self._idx.items() if c is not None}
 
     def compare(self, name: str, cand: np.ndarray | None, ref: np.ndarray | None) -> TapResult:
         if ref is None and cand is None:
@@ -115,13 +127,16 @@ class Comparator:
                     self._idx[name] = (None, None)
                     return None, [f"{side} topk_idx {bad}"]
             self._idx[name] = (cand, ref)
-            return compare_topk_idx(cand, ref, E), []
+            rl = self._router.get(name.replace("topk_idx", "router_logits"), (None, None))
+            return compare_topk_idx(cand, ref, E, rl[0], rl[1]), []
         if site == "topk_weight" and E:
             ci, ri = self._idx.get(name.replace("topk_weight", "topk_idx"), (None, None))
             if ci is not None and ri is not None and ci.shape == cand.shape and ri.shape == ref.shape:
                 return compare_topk_weight(cand, ref, ci, ri, E), []
             # without both sides' expert ids the weights can only be compared slot by slot
             return compare_arrays(cand, ref, ("token", "slot")), []
+        if site == "router_logits":
+            self._router[name] = (cand, np.asarray(ref))
         return compare_arrays(cand, ref, axes_for(site, ref.ndim)), []
 
 
@@ -157,7 +172,7 @@ def badness(r: TapResult, tol: Tolerance) -> float:
     if m.nonfinite_mismatch:
         return float("inf")
     if r.site == "topk_idx" and m.match_fraction is not None:
-        return (1 - m.match_fraction) / max(1 - tol.topk_match_min, 1e-12) if m.match_fraction < 1 else 0.0
+        return (1 - m.match_fraction) if r.passed else 1e6  # near ties only (<= 1) or a wrong choice
     terms = [m.relative_error / tol.rel_max if tol.rel_max > 0 else (np.inf if m.relative_error > 0 else 0.0),
              (1 - m.cosine_similarity) / max(1 - tol.cos_min, 1e-300)]
     if tol.mse_max:

@@ -10,6 +10,10 @@
     chosen expert set equals the reference's; a token whose set differs is a failing token. The numeric
     fields are those of the multi-hot [T, E] selection masks (so max_abs_location names the first token
     and an expert that differs).
+    A differing token is a *near tie* when the swap is explained by the candidate's own router-logit
+    error at that token: with r, c the reference's and candidate's router logits and err = max|c - r|,
+    a candidate that ranks by its logits can prefer b over a only if r_a - r_b <= 2 err; so when every
+    dropped expert a and added expert b satisfy that, low precision (not a wrong top-k) made the choice.
   * `topk_weight` [T, K] is scattered to a dense [T, E] matrix by its own token's expert ids (zero for
     experts not chosen) on each side, then compared like any other tap: a weight is matched with the
     weight the other side gave the same expert.
@@ -57,6 +61,8 @@ class TapMetrics:
     inf_reference: int = 0
     nonfinite_mismatch: int = 0  # positions non-finite on one side only (or NaN vs Inf)
     match_fraction: float | None = None  # topk_idx: fraction of tokens whose expert set matches
+    near_tie_tokens: int | None = None  # topk_idx: differing tokens explained by the router logits' error
+    tokens: int | None = None  # topk_idx: number of tokens compared
     compared: int = 0  # number of positions that entered the numeric metrics
 
     def to_dict(self) -> dict:
@@ -169,13 +175,33 @@ def valid_expert_ids(idx: np.ndarray, num_experts: int) -> str | None:
     return None
 
 
-def compare_topk_idx(cand: np.ndarray, ref: np.ndarray, num_experts: int) -> TapMetrics:
-    """Set comparison per token; numeric fields from the [T, E] multi-hot masks."""
+def compare_topk_idx(cand: np.ndarray, ref: np.ndarray, num_experts: int, cand_logits: np.ndarray | None = None,
+                     ref_logits: np.ndarray | None = None) -> TapMetrics:
+    """Set comparison per token; numeric fields from the [T, E] multi-hot masks. With both sides' router
+    logits [T, E], differing tokens that are near ties (module docstring) are counted in near_tie_tokens."""
     mc, mr = topk_mask(cand, num_experts), topk_mask(ref, num_experts)
     m = compare_arrays(mc, mr, ("token", "expert"))
     same = np.all(mc == mr, axis=-1)  # [T]
     m.match_fraction = float(same.mean()) if same.size else 1.0
+    m.tokens = int(same.size)
+    if cand_logits is not None and ref_logits is not None and np.shape(cand_logits) == np.shape(ref_logits) \
+            and np.shape(ref_logits) == mr.shape:
+        m.near_tie_tokens = sum(near_tie(mc[t], mr[t], cand_logits[t], ref_logits[t]) for t in np.flatnonzero(~same))
     return m
+
+
+def near_tie(cand_mask: np.ndarray, ref_mask: np.ndarray, cand_logits: np.ndarray, ref_logits: np.ndarray) -> bool:
+    """Whether one token's different expert choice is explained by its router-logit error (r_a - r_b <= 2 err)."""
+    r = np.asarray(ref_logits, dtype=np.float64)
+    c = np.asarray(cand_logits, dtype=np.float64)
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(c))):
+        return False
+    err = float(np.max(np.abs(c - r)))
+    dropped = r[(ref_mask > 0) & (cand_mask == 0)]
+    added = r[(cand_mask > 0) & (ref_mask == 0)]
+    if dropped.size == 0 or added.size == 0:
+        return False
+    return float(dropped.max() - added.min()) <= 2 * err
 
 
 def compare_topk_weight(cand_w: np.ndarray, ref_w: np.ndarray, cand_idx: np.ndarray, ref_idx: np.ndarray,

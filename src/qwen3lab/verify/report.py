@@ -41,6 +41,7 @@ class VerifyReport:
     isolation: str = "not run"  # "ran", or why it did not
     culprit: TapResult | None = None
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the comparison was made (e.g. MoE routing pinned)
     timings: dict[str, float] = field(default_factory=dict)
     # (name, candidate array, reference array) of the first divergent tap, for the HTML report
     divergence_arrays: tuple[str, np.ndarray, np.ndarray] | None = None

@@ -165,6 +165,8 @@ def render_html(rep: VerifyReport) -> str:
             ("culprit", rep.culprit.name if rep.culprit else "none")]
     parts += [f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>" for k, v in meta]
     parts.append("</table>")
+    for n in rep.notes:
+        parts.append(f"<p>note: {html.escape(n)}</p>")
     for p in rep.problems:
         parts.append(f'<p class="warn">warning: {html.escape(p)}</p>')
     fig = heatmap(rep)

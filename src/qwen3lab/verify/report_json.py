@@ -21,6 +21,7 @@
   "layers": [int] | null,            the --layers selection
   "tolerance": {"name", "cos_min", "rel_max", "mse_max", "topk_match_min"},
   "problems": [str],                 metadata / config mismatches found on the way
+  "notes": [str],                    how the comparison was made (e.g. MoE routing pinned at near ties)
   "timings": {"load_s", "reference_s", "candidate_s", "isolation_s"},
   "layer_results": [                 dataflow order; embed is layer_index -1, final_norm + logits are
     {                                layer_index num_hidden_layers ("head"); decode steps repeat the layers
@@ -44,6 +45,7 @@
           "nan_count": {"candidate": int, "reference": int},
           "inf_count": {"candidate": int, "reference": int},
           "match_fraction": float | null,    topk_idx: tokens whose expert set matches
+          "near_tie_tokens": int | null,     topk_idx: differing tokens explained by router-logit error
           "reasons": [str],                  why it failed / was not compared
           "isolated": {"cosine_similarity", "relative_error", "max_abs_error", "passed"} | null
         }
@@ -100,6 +102,7 @@ def tap_dict(r: TapResult) -> dict:
         "nan_count": {"candidate": m.nan_candidate, "reference": m.nan_reference} if m else None,
         "inf_count": {"candidate": m.inf_candidate, "reference": m.inf_reference} if m else None,
         "match_fraction": _num(m.match_fraction) if m else None,
+        "near_tie_tokens": m.near_tie_tokens if m else None,
         "reasons": list(r.reasons),
         "isolated": iso,
     }
@@ -128,6 +131,7 @@ def to_dict(rep: VerifyReport) -> dict:
         "layers": rep.layers,
         "tolerance": rep.tolerance.to_dict(),
         "problems": list(rep.problems),
+        "notes": list(rep.notes),
         "timings": {k: round(v, 4) for k, v in rep.timings.items()},
         "layer_results": [
             {"layer_index": g.layer_index, "layer_name": g.layer_name, "passed": g.passed,

@@ -68,6 +68,8 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
     mse = f", MSE <= {tol.mse_max:g}" if tol.mse_max is not None else ""
     console.print(f"{what}; tolerance {tol.name}: cosine >= {cos_str(tol.cos_min)}, relative error <= "
                   f"{tol.rel_max:g}{mse}")
+    for n in rep.notes:
+        console.print(f"[cyan]note:[/] {n}")
     for p in rep.problems:
         console.print(f"[yellow]warning:[/] {p}")
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)

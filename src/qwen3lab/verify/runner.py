@@ -173,6 +173,8 @@ class _PrefillRun:
         self.names, self.ref_names, self.sel, self.stream, self.progress = names, ref_names, sel, stream, progress
         self.sel_set = None if sel is None else set(sel)
         self.store = DiskStore() if stream else MemoryStore()
+        self.own_routing: dict[str, np.ndarray] = {}  # reference's own expert choice when routing is pinned
+        self.routing: dict[str, np.ndarray] = {}  # the candidate's expert choice, per topk_idx tap
 
     def go(self, isolate: bool | None) -> None:
         try:
@@ -206,14 +208,19 @@ class _PrefillRun:
             self.progress.advance(phase)
             if not layer_selected(name, self.sel_set):
                 return
-            ref = self.store.get(name)
+            own = self.own_routing.get(name)
+            ref = self.store.get(name) if own is None else own
             r = comp.compare(name, arr, None if ref is None else np.asarray(ref))
+            if own is not None and name in self.store:
+                comp.align_weights_to(name, self.store[name])
             out[name] = r
             if r.status in FAILING and not first and r.status == "fail":
                 first.append((name, np.array(arr), np.array(ref)))
 
         self.cand.run(self.ids, self.names, graft=graft, sink=check)
-        self.report.timings[f"{phase}_s"] = time.perf_counter() - t
+        self.report.timings[f"{phase}_s"] = self.report.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
+        if phase == "candidate":
+            self.routing = comp.candidate_routing()
         if first:
             if phase == "candidate":
                 self.report.divergence_arrays = first[0]
@@ -225,6 +232,11 @@ class _PrefillRun:
         rep = self.report
         self._reference()
         plain = self._compare_run("candidate")
+        ties = {n: r.metrics.near_tie_tokens for n, r in plain.items()
+                if r.site == "topk_idx" and r.metrics is not None and r.metrics.near_tie_tokens}
+        if ties and self.ref.can_host_session:
+            self._pin_routing(ties)
+            plain = self._compare_run("candidate")
         wanted = set(self.names)
         for name in self.store:  # taps the candidate never produced
             if name not in plain and name in wanted:
@@ -232,6 +244,29 @@ class _PrefillRun:
                                         reasons=["the candidate does not provide this tap"])
         rep.results = sorted(plain.values(), key=lambda r: dataflow_key(r.name))
         self._isolate(isolate, plain)
+
+    def _pin_routing(self, ties: dict[str, int]) -> None:
+        """Re-run the reference routed as the candidate was (routing.py); later comparisons use that run."""
+        from .routing import PinRouting
+
+        rep = self.report
+        t = time.perf_counter()
+        self.store.close()
+        self.store = DiskStore() if self.stream else MemoryStore()
+        self.progress.start("pinned reference", len(self.ref_names))
+
+        def keep(name: str, arr: np.ndarray) -> None:
+            self.store.put(name, arr)
+            self.progress.advance("pinned reference")
+
+        pin = PinRouting(self.ref_names, keep, self.routing, rep.cfg)
+        self.ref.run_in(pin, self.ids)
+        self.own_routing = pin.own
+        rep.timings["pinned_reference_s"] = time.perf_counter() - t
+        where = ", ".join(f"{n.rsplit('.', 1)[0]}: {k}" for n, k in ties.items())
+        rep.notes.append(f"MoE routing: some tokens chose other experts than the reference at near ties (router "
+                         f"logits within their own error; tokens per layer: {where}); the reference was re-run "
+                         f"routed as the candidate was, and the taps are compared with that run")
 
     def _isolate(self, isolate: bool | None, plain: dict[str, TapResult]) -> None:
         rep = self.report
