@@ -116,3 +116,9 @@ def test_bf16_moe_near_ties_pass_by_pinned_routing_and_real_routing_bugs_still_f
     bug = next(b for b in BUGS if b.key == "expert_ids_off_by_one")
     rep = verify(zoo.reference(True), zoo.candidate(bug, True, "bfloat16"), ids)
     assert rep.culprit.name == rep.first_divergence.name == "layers.0.topk_idx", rep.sentence()
+    # the same with a KV-cache decode: the reference is recomputed routed as the candidate's prefill and steps
+    rep = verify(zoo.reference(True), zoo.candidate(None, True, "bfloat16"), ids, decode_steps=8)
+    assert rep.notes and rep.overall_success, [(r.name, r.reasons) for r in rep.results if r.passed is False]
+    assert sum(1 for r in rep.results if r.name.startswith("step7.")) == 1 + 3 * 17 + 2
+    rep = verify(zoo.reference(True), zoo.candidate(bug, True, "bfloat16"), ids, decode_steps=8)
+    assert rep.culprit.name == "layers.0.topk_idx", rep.sentence()

@@ -172,7 +172,7 @@ def badness(r: TapResult, tol: Tolerance) -> float:
     if m.nonfinite_mismatch:
         return float("inf")
     if r.site == "topk_idx" and m.match_fraction is not None:
-        return (1 - m.match_fraction) if r.passed else 1e6  # near ties only (<= 1) or a wrong choice
+        return 0.0 if r.passed else 1e6  # near ties only (excused), or a wrong choice
     terms = [m.relative_error / tol.rel_max if tol.rel_max > 0 else (np.inf if m.relative_error > 0 else 0.0),
              (1 - m.cosine_similarity) / max(1 - tol.cos_min, 1e-300)]
     if tol.mse_max:

@@ -8,6 +8,8 @@ Order of work, and what is held in memory:
    isolate.py), compared the same way.
 Decode (`decode_steps` > 0): the candidate's KV-cache steps (run_decode) against the reference's full
 recompute at each position (its run_decode; for backends without one, one full run per step).
+MoE: when the candidate's expert choices differ from the reference's only at near ties, the reference is
+re-run routed as the candidate was (routing.py) and everything is compared with that run.
 """
 
 from __future__ import annotations
@@ -316,8 +318,40 @@ class _DecodeRun(_PrefillRun):
         self.progress.advance("reference")
         rep.timings["reference_s"] = time.perf_counter() - t
         plain = self._compare("candidate", None)
+        ties = {n: r.metrics.near_tie_tokens for n, r in plain.items()
+                if r.site == "topk_idx" and r.metrics is not None and r.metrics.near_tie_tokens}
+        if ties and self.ref.can_host_session:
+            self._pin_routing_decode(ties)
+            plain = self._compare("candidate", None)
         rep.results = sorted(plain.values(), key=lambda r: dataflow_key(r.name))
         self._isolate(isolate, plain)
+
+    def _pin_routing_decode(self, ties: dict[str, int]) -> None:
+        """The pinned reference as a full recompute over the whole sequence (what a KV cache must reproduce),
+        with each position routed as the candidate routed it (prefill rows, then one row per step), sliced
+        into prefill and per-step taps the way a decode run records them."""
+        from .routing import PinRouting
+
+        rep, P = self.report, len(self.ids) - self.steps
+        t = time.perf_counter()
+        whole: dict[str, np.ndarray] = {}
+        for name, idx in self.routing.items():
+            if split_name(name)[0] is None:
+                rows = [idx] + [self.routing.get(f"step{j}.{name}") for j in range(self.steps)]
+                if all(r is not None for r in rows):
+                    whole[name] = np.concatenate([np.asarray(r).reshape(-1, idx.shape[-1]) for r in rows])
+        full: dict[str, np.ndarray] = {}
+        bare = sorted({split_name(n)[0] is None and n or n.split(".", 1)[1] for n in self.ref_names},
+                      key=dataflow_key)
+        pin = PinRouting(bare, full.__setitem__, whole, rep.cfg)
+        self.ref.run_in(pin, self.ids)
+        self.store = MemoryStore(_split_steps(full, P, self.steps))
+        self.own_routing = _split_steps(pin.own, P, self.steps)
+        rep.timings["pinned_reference_s"] = time.perf_counter() - t
+        where = ", ".join(f"{n.rsplit('.', 1)[0]}: {k}" for n, k in ties.items())
+        rep.notes.append(f"MoE routing: some tokens chose other experts than the reference at near ties (router "
+                         f"logits within their own error; tokens per tap: {where}); the reference was recomputed "
+                         f"routed as the candidate was, and the taps are compared with that run")
 
     def _compare(self, phase: str, graft) -> dict[str, TapResult]:
         t = time.perf_counter()
@@ -332,13 +366,32 @@ class _DecodeRun(_PrefillRun):
         for n in names:
             if n not in want and n not in res.taps:
                 continue
-            out[n] = comp.compare(n, res.taps.get(n), self.store.get(n))
+            own = self.own_routing.get(n)
+            out[n] = comp.compare(n, res.taps.get(n), self.store.get(n) if own is None else own)
+            if own is not None and n in self.store:
+                comp.align_weights_to(n, self.store[n])
             if out[n].status == "fail":
                 key = "divergence_arrays" if phase == "candidate" else "culprit_arrays"
                 if getattr(rep, key) is None:
                     setattr(rep, key, (n, np.asarray(res.taps[n]), np.asarray(self.store[n])))
-        rep.timings[f"{phase}_s"] = time.perf_counter() - t
+        rep.timings[f"{phase}_s"] = rep.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
+        if phase == "candidate":
+            self.routing = comp.candidate_routing()
         return out
 
     def _run_isolated(self, graft) -> dict[str, TapResult]:
         return self._compare("isolation", graft)
+
+
+def _split_steps(full: dict[str, np.ndarray], P: int, steps: int) -> dict[str, np.ndarray]:
+    """Whole-sequence taps -> prefill taps (rows 0..P-1) and `step{j}.` taps (row P+j); probs [Hq, T, S]
+    keep the keys a cache holds at that point (0..P-1, then 0..P+j)."""
+    out: dict[str, np.ndarray] = {}
+    for name, arr in full.items():
+        probs = split_name(name)[2] == "probs"
+        out[name] = arr[:, :P, :P] if probs else arr[:P]
+    for j in range(steps):
+        t = P + j
+        for name, arr in full.items():
+            out[f"step{j}.{name}"] = arr[:, t:t + 1, :t + 1] if split_name(name)[2] == "probs" else arr[t:t + 1]
+    return dict(sorted(out.items(), key=lambda kv: dataflow_key(kv[0])))
