@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .compare import Group, TapResult
+from .compare import TapResult
 from .report import VerifyReport, fmt
 from .runner import Progress as ProgressHook
 from .tolerances import cos_str
@@ -74,19 +74,22 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
         console.print(f"[yellow]warning:[/] {p}")
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
     show_origin = any(r.origin for r in rep.results)
-    cols = [("layer", "left"), ("taps ok", "left"), ("worst tap", "left"), ("cosine", "right"),
-            ("rel err", "right"), ("max abs @ where", "left")] + ([("origin", "left")] if show_origin else [])
-    for col, just in cols:
-        table.add_column(col, justify=just, no_wrap=col != "origin")
+    # on a narrow terminal the cosine column goes (the relative error says the same; JSON/HTML keep both)
+    show_cos = console.width >= 100 or not show_origin
+    cols = [("layer", "left", True), ("taps ok", "left", True), ("worst tap", "left", True),
+            ("cosine", "right", show_cos), ("rel err", "right", True), ("max abs @ where", "left", True),
+            ("origin", "left", show_origin)]
+    keep = [i for i, c in enumerate(cols) if c[2]]
+    for i in keep:
+        table.add_column(cols[i][0], justify=cols[i][1], no_wrap=cols[i][0] != "origin")
     if rows == "all":
-        for r in rep.results:
-            cells = _row_cells(r.name, [r], r if r.passed is not None or r.metrics else None, r.passed,
-                               show_site=False)
-            table.add_row(*cells[: len(cols)])
+        rows_cells = [_row_cells(r.name, [r], r if r.passed is not None or r.metrics else None, r.passed,
+                                 show_site=False) for r in rep.results]
     else:
-        groups: list[Group] = rep.groups(sublayers=rows == "sublayer")
-        for g in groups:
-            table.add_row(*_row_cells(g.layer_name, g.taps, g.worst, g.passed)[: len(cols)])
+        rows_cells = [_row_cells(g.layer_name, g.taps, g.worst, g.passed)
+                      for g in rep.groups(sublayers=rows == "sublayer")]
+    for cells in rows_cells:
+        table.add_row(*[cells[i] for i in keep])
     console.print(table)
     style = "bold green" if rep.overall_success else "bold red"
     console.print(Text(rep.sentence(), style=style))
