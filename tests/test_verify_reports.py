@@ -189,3 +189,17 @@ def test_command_self_test_on_small_models(tmp_path):
     text = con.export_text()
     ends = [line.split()[-1] for line in text.splitlines() if line.strip()]
     assert ends.count("right") == len(BUGS) and ends.count("pass") == 6 and "self-test passed" in text
+
+
+def test_progress_bar_on_a_terminal(model_dir):
+    import io
+
+    from qwen3lab.verify.report_terminal import RichProgress
+
+    con = Console(file=io.StringIO(), force_terminal=True, width=100)
+    rep = verify("numpy", "numpy", IDS, model_path=model_dir, dtype="float32", progress=RichProgress(con, min_taps=1))
+    out = con.file.getvalue()
+    assert rep.overall_success and "reference" in out and "candidate" in out and "taps" in out
+    quiet = Console(file=io.StringIO(), force_terminal=False)
+    verify("numpy", "numpy", IDS, model_path=model_dir, dtype="float32", progress=RichProgress(quiet, min_taps=1))
+    assert quiet.file.getvalue() == ""  # not a terminal: no bar

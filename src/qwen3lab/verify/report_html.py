@@ -73,7 +73,7 @@ def heatmap(rep: VerifyReport) -> Figure | None:
             j = sites.index(t.site)
             grid[i, j] = _cell_value(t)
             if t.passed is False:
-                fails.append((i, j))
+                fails.append((i, j, t.origin == "op"))
             if rep.culprit is not None and t.name == rep.culprit.name:
                 culprit = (i, j)
     h = max(2.5, 0.32 * len(groups) + 1.6)
@@ -83,11 +83,12 @@ def heatmap(rep: VerifyReport) -> Figure | None:
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=-16, vmax=0, interpolation="nearest")
     ax.set_xticks(range(len(sites)), labels=sites, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(groups)), labels=[g.layer_name for g in groups], fontsize=8)
-    for i, j in fails:
-        ax.plot(j, i, marker="x", color="black", markersize=6, mew=1.5)
+    for i, j, own in fails:
+        ax.plot(j, i, marker="x", color="red" if own else "black", markersize=8 if own else 5, mew=2 if own else 1.2)
     if culprit is not None:
         ax.add_patch(_box(culprit))
-    ax.set_title("log10 relative error per tap (x: fails, box: culprit, blank: not compared)", fontsize=9)
+    ax.set_title("log10 relative error per tap (red x: its own op fails, black x: inherited, box: culprit, "
+                 "grey: not compared)", fontsize=9)
     fig.colorbar(im, ax=ax, label="log10 ||cand - ref|| / ||ref||", shrink=0.8)
     return fig
 
