@@ -243,3 +243,19 @@ def test_decode_steps_input_errors(model_dir, plugin_file):
         verify("numpy", "numpy", IDS, model_path=model_dir, decode_steps=7)
     with pytest.raises(InputError, match="has no KV-cache decode"):
         verify("numpy", f"{plugin_file}:Port", IDS, model_path=model_dir, decode_steps=2)
+
+
+def test_decode_dump_and_dump_as_reference(model_dir, torch32, tmp_path):
+    """A KV-cache run dumped with its step{j}. taps verifies against the oracle's full recompute; a dump can
+    also be the reference (two ports compared with each other, neither in Python)."""
+    dec = torch32.run_decode(IDS, 2, taps="all")
+    dump = T.write_dump(tmp_path / "dec.safetensors", dec.taps, backend="myport", dtype="float32", input_ids=IDS,
+                        config_sha256=sha(model_dir / "config.json"))
+    rep = verify("numpy", f"dump:{dump}", model_path=model_dir, decode_steps=2)
+    assert rep.overall_success, rep.sentence()
+    assert {r.step for r in rep.results} == {None, 0, 1} and rep.problems == []
+    other = {k: (v * 1.001 if k == "step1.layers.1.v" else v) for k, v in dec.taps.items()}
+    dump2 = T.write_dump(tmp_path / "other.safetensors", other, backend="otherport", dtype="float32",
+                         input_ids=IDS, config_sha256=sha(model_dir / "config.json"))
+    rep = verify(f"dump:{dump}", f"dump:{dump2}", model_path=model_dir, decode_steps=2)
+    assert rep.first_divergence.name == "step1.layers.1.v" and rep.reference.startswith("dump dec.safetensors")
