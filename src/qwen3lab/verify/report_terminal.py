@@ -75,7 +75,7 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
     show_origin = any(r.origin for r in rep.results)
     # on a narrow terminal the cosine column goes (the relative error says the same; JSON/HTML keep both)
-    show_cos = console.width >= 100 or not show_origin
+    show_cos = console.width >= 100
     cols = [("layer", "left", True), ("taps ok", "left", True), ("worst tap", "left", True),
             ("cosine", "right", show_cos), ("rel err", "right", True), ("max abs @ where", "left", True),
             ("origin", "left", show_origin)]

@@ -112,7 +112,7 @@ def check(m: TapMetrics, tol: Tolerance, site: str) -> list[str]:
 def cos_str(c: float) -> str:
     """A cosine with enough digits to see how far below 1 it is: 0.806619, 0.99999874, 1 - 3.1e-13."""
     if c != c or c < 0.999:
-        return f"{c:.6f}"
+        return f"{c:.6f}".rstrip("0").rstrip(".") if c == c else "nan"
     if c > 1 - 1e-7:
         return "1" if c >= 1 else f"1 - {1 - c:.2g}"
     return f"{c:.9f}".rstrip("0")
