@@ -62,7 +62,8 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
     tol = rep.tolerance
     console.print(f"[bold]qwen3lab verify[/]: candidate [cyan]{rep.candidate}[/] vs reference "
                   f"[cyan]{rep.reference}[/]" + (f" on {rep.model_path}" if rep.model_path else ""))
-    what = f"{len(rep.input_ids)} tokens" + (f", {rep.decode_steps} decode steps" if rep.decode_steps else "")
+    steps = rep.decode_steps
+    what = f"{len(rep.input_ids)} tokens" + (f", {steps} decode step{'s' if steps > 1 else ''}" if steps else "")
     if rep.layers is not None:
         what += f", layers {_ranges(rep.layers)}"
     mse = f", MSE <= {tol.mse_max:g}" if tol.mse_max is not None else ""
