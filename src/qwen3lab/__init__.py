@@ -1,5 +1,7 @@
 """qwen3lab: run, verify layer by layer, show and measure Qwen3 (dense and MoE) models."""
 
+import importlib
+
 from .api import load
 from .config import Qwen3Config, load_config
 from .errors import (
@@ -14,7 +16,20 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Lazy: importing the torch model (and torch) only when it is used keeps `import qwen3lab` light.
+    if name == "Qwen3ForCausalLM":
+        from .qwen3 import Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM
+    if name == "verify":
+        # the verify subpackage is itself callable: qwen3lab.verify(reference, candidate, input_ids, ...)
+        return importlib.import_module(".verify", __name__)
+    raise AttributeError(f"module 'qwen3lab' has no attribute {name!r}")
+
+
 __all__ = [
-    "ConfigError", "DumpError", "InputError", "NumericsError", "Qwen3Config", "Qwen3LabError",
-    "TokenizerError", "WeightsError", "load", "load_config", "__version__",
+    "ConfigError", "DumpError", "InputError", "NumericsError", "Qwen3Config", "Qwen3ForCausalLM", "Qwen3LabError",
+    "TokenizerError", "WeightsError", "load", "load_config", "verify", "__version__",
 ]

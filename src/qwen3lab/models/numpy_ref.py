@@ -110,10 +110,11 @@ def moe(x: np.ndarray, w: Mapping[str, np.ndarray], p: str, cfg: Qwen3Config, na
     probs = softmax64(logits)  # [T, E] float64
     # Highest K probabilities, best first (stable: on an exact tie the lower expert id wins).
     idx = np.argsort(-probs, axis=-1, kind="stable")[:, :K]  # [T, K]
-    topw = np.take_along_axis(probs, idx, axis=-1)  # [T, K]
+    # Weights are gathered at the (possibly grafted) chosen experts, so grafting topk_idx alone stays consistent.
+    idx = _t(name, "topk_idx", idx)
+    topw = np.take_along_axis(probs, np.asarray(idx, dtype=np.int64), axis=-1)  # [T, K]
     if cfg.norm_topk_prob:
         topw = topw / np.sum(topw, axis=-1, keepdims=True)
-    idx = _t(name, "topk_idx", idx)
     topw = _t(name, "topk_weight", topw.astype(x.dtype))
     out = np.zeros_like(x)  # [T, D]
     for e in range(E):
