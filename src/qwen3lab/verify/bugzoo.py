@@ -239,7 +239,7 @@ def plant_kv_wrong_position(b):
 
 ATTN = ("layers.0.attn", "layers.0.probs")
 BUGS: list[Bug] = [
-    Bug("rope_interleaved", "RoPE on interleaved pairs instead of half-split", ("layers.0.q_rot",),
+    Bug("rope_interleaved", "RoPE on interleaved pairs, not half-split", ("layers.0.q_rot",),
         plant_rope_interleaved),
     Bug("rope_theta", "wrong rope_theta (10000)", ("layers.0.q_rot",), plant_rope_theta),
     Bug("q_norm_skipped", "q_norm skipped", ("layers.0.q_norm",), plant_q_norm_skipped),
@@ -253,7 +253,7 @@ BUGS: list[Bug] = [
         moe=True),
     Bug("expert_ids_off_by_one", "MoE expert ids off by one", ("layers.0.topk_idx",), plant_expert_ids_off_by_one,
         moe=True),
-    Bug("kv_wrong_position", "decode writes the KV cache one position early",
+    Bug("kv_wrong_position", "decode writes KV cache one slot early",
         ("step0.layers.0.attn", "step0.layers.0.probs"), plant_kv_wrong_position, decode_steps=2),
 ]
 BUG_KEYS = [b.key for b in BUGS]
