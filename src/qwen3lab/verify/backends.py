@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import taps as _taps
 from ..config import Qwen3Config
-from ..errors import DumpError, InputError, Qwen3LabError
+from ..errors import InputError, Qwen3LabError
 from ..models.base import RunResult
 from .tolerances import normalize_dtype
 
@@ -357,10 +357,7 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         cfg = Qwen3Config.from_file(model_path)
     if spec.startswith("dump:"):
         path = Path(spec[5:])
-        try:
-            b = DumpBackend(path, cfg)
-        except DumpError:
-            raise
+        b = DumpBackend(path, cfg)
         cfg_file = None if model_path is None else Path(model_path) / "config.json"
         return Side(b, spec, label=f"dump {path.name} ({b.dtype})", problems=b.problems(cfg_file, dtype))
     if ":" in spec:
@@ -376,7 +373,7 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         try:
             obj = cls(str(model_path) if model_path is not None else None, **opts)
         except Qwen3LabError:
-            raise
+            raise  # already one clear line
         except Exception as e:  # the user's constructor
             raise Qwen3LabError(f"backend {spec!r}: {cls.__name__}({model_path!s}, {opts}) failed: "
                                 f"{type(e).__name__}: {e}") from None

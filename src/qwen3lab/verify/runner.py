@@ -173,6 +173,9 @@ class _PrefillRun:
     def __init__(self, report: VerifyReport, ref: Side, cand: Side, ids, names, ref_names, sel, stream, progress):
         self.report, self.ref, self.cand, self.ids = report, ref, cand, np.asarray(ids, dtype=np.int64)
         self.names, self.ref_names, self.sel, self.stream, self.progress = names, ref_names, sel, stream, progress
+        # what backends are asked for: "all" when that is the same set (their pattern matching is then free)
+        every = sel is None and not any(n.endswith(".probs") for n in names)
+        self.select, self.ref_select = ("all", "all") if every else (names, ref_names)
         self.sel_set = None if sel is None else set(sel)
         self.store = DiskStore() if stream else MemoryStore()
         self.own_routing: dict[str, np.ndarray] = {}  # reference's own expert choice when routing is pinned
@@ -193,7 +196,7 @@ class _PrefillRun:
             self.store.put(name, arr)
             self.progress.advance("reference")
 
-        res = self.ref.run(self.ids, self.ref_names, sink=keep)
+        res = self.ref.run(self.ids, self.ref_select, sink=keep)
         for k, v in res.taps.items():  # backends that returned a dict instead of streaming
             keep(k, v)
         self.report.timings["reference_s"] = time.perf_counter() - t
@@ -219,7 +222,7 @@ class _PrefillRun:
             if r.status in FAILING and not first and r.status == "fail":
                 first.append((name, np.array(arr), np.array(ref)))
 
-        self.cand.run(self.ids, self.names, graft=graft, sink=check)
+        self.cand.run(self.ids, self.select, graft=graft, sink=check)
         self.report.timings[f"{phase}_s"] = self.report.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
         if phase == "candidate":
             self.routing = comp.candidate_routing()
@@ -261,7 +264,7 @@ class _PrefillRun:
             self.store.put(name, arr)
             self.progress.advance("pinned reference")
 
-        pin = PinRouting(self.ref_names, keep, self.routing, rep.cfg)
+        pin = PinRouting(self.ref_select, keep, self.routing, rep.cfg)
         self.ref.run_in(pin, self.ids)
         self.own_routing = pin.own
         rep.timings["pinned_reference_s"] = time.perf_counter() - t
@@ -313,7 +316,7 @@ class _DecodeRun(_PrefillRun):
         rep = self.report
         t = time.perf_counter()
         self.progress.start("reference", 1)
-        r = self.ref.run_decode(self.ids, self.steps, self.ref_names)
+        r = self.ref.run_decode(self.ids, self.steps, self.ref_select)
         self.store.update(r.taps)
         self.progress.advance("reference")
         rep.timings["reference_s"] = time.perf_counter() - t
@@ -341,9 +344,7 @@ class _DecodeRun(_PrefillRun):
                 if all(r is not None for r in rows):
                     whole[name] = np.concatenate([np.asarray(r).reshape(-1, idx.shape[-1]) for r in rows])
         full: dict[str, np.ndarray] = {}
-        bare = sorted({split_name(n)[0] is None and n or n.split(".", 1)[1] for n in self.ref_names},
-                      key=dataflow_key)
-        pin = PinRouting(bare, full.__setitem__, whole, rep.cfg)
+        pin = PinRouting(self.ref_select, full.__setitem__, whole, rep.cfg)
         self.ref.run_in(pin, self.ids)
         self.store = MemoryStore(_split_steps(full, P, self.steps))
         self.own_routing = _split_steps(pin.own, P, self.steps)
@@ -356,7 +357,7 @@ class _DecodeRun(_PrefillRun):
     def _compare(self, phase: str, graft) -> dict[str, TapResult]:
         t = time.perf_counter()
         self.progress.start(phase, 1)
-        res = self.cand.run_decode(self.ids, self.steps, self.names, graft=graft)
+        res = self.cand.run_decode(self.ids, self.steps, self.select, graft=graft)
         self.progress.advance(phase)
         rep = self.report
         comp = Comparator(rep.cfg, rep.tolerance)
