@@ -137,3 +137,14 @@ def test_parse_layers():
         parse_layers("7-9", 8)
     with pytest.raises(InputError, match="'x' is not a layer index"):
         parse_layers("1,x", 8)
+
+
+def test_the_package_is_callable_as_designed():
+    import qwen3lab.verify as v
+    from qwen3lab.models.numpy_ref import NumpyBackend
+    from qwen3lab.random_init import random_weights
+
+    c = cfg()
+    b = NumpyBackend(random_weights(c, seed=1), c)
+    rep = v(b, b, [1, 2, 3])
+    assert isinstance(rep, v.VerifyReport) and rep.overall_success and v.metrics.compare_arrays
