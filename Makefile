@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/qwen3lab verify
 	$(VENV)/bin/qwen3lab generate "Hello, this is a test input" --max-steps 16
 
 lint: $(STAMP)

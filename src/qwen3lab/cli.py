@@ -176,6 +176,42 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
     run_params_command(model, config, preset, context, batch, dtype, as_json)
 
 
+
+# ---- verify ----------------------------------------------------------------------------------------
+@main.command("verify")
+@click.option("--model-path", default=None, help=MODEL_HELP)
+@click.option("--reference", default="numpy", show_default=True,
+              help="numpy | torch | hf | dump:FILE | module:Class | file.py:Class")
+@click.option("--candidate", default="torch", show_default=True, help="same choices as --reference")
+@click.option("--device", default="cpu", show_default=True, help="device of the torch/hf backend")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="candidate dtype (default float32 for torch)")
+@click.option("--test-input", default=None, help='text to tokenize [default: "Hello, this is a test input"]')
+@click.option("--ids", default=None, help="comma-separated token ids instead of --test-input")
+@click.option("--layers", default=None, help="layers to compare, e.g. 0-4 or 0,2,5-7")
+@click.option("--decode-steps", type=int, default=0, show_default=True,
+              help="prefill, then N KV-cache decode steps in the candidate, each compared")
+@click.option("--isolate/--no-isolate", default=None,
+              help="re-run the candidate on the reference's taps to label each failure op/inherited "
+                   "[default: when a tap fails and the candidate supports graft]")
+@click.option("--output", default=None, type=click.Path(dir_okay=False), help="write the JSON report here")
+@click.option("--html", default=None, type=click.Path(dir_okay=False), help="write the HTML report here")
+@click.option("--cos-min", type=float, default=None, help="override: minimum cosine similarity")
+@click.option("--mse-max", type=float, default=None, help="override: maximum MSE")
+@click.option("--rel-max", type=float, default=None, help="override: maximum relative error")
+@click.option("--preset", type=click.Choice(["simple"]), default=None, help="simple: cos 0.99, MSE 1e-4, rel 0.01")
+@click.option("--taps", type=click.Choice(["layer", "sublayer", "all"]), default="layer", show_default=True,
+              help="terminal rows: one per layer, per sublayer, or per tap")
+@click.option("--probs", is_flag=True, help="also compare attention probabilities (O(T*S) memory)")
+@click.option("--sweep", is_flag=True, help="float32, bfloat16, float16 (every device) against the oracle")
+@click.option("--self-test", is_flag=True, help="plant known bugs and show verify names each one")
+def verify_cmd(**opts):
+    """Verify an implementation layer by layer against a reference: every tap compared, the first
+    divergence named, and each failure labelled as its own op's error or inherited."""
+    from .verify.command import run_verify_command
+
+    sys.exit(run_verify_command(**opts))
+
+
 # ---- tiny ------------------------------------------------------------------------------------------
 @main.command("tiny")
 @click.option("--d", type=int, default=None, help="hidden size [default: 8]")
