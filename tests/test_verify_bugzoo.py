@@ -19,15 +19,8 @@ IDS = [7, 3, 60, 1, 42, 5, 19, 8, 33]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning OpenMP threads
-    made one bfloat16 MoE run take 18 s instead of 0.04 s."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def small_cfg(moe: bool) -> Qwen3Config:

@@ -32,6 +32,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import InputError, TokenizerError
+from .jsonio import read_json
 
 BUNDLED = "bundled Qwen3 tokenizer (qwen3lab/data/qwen3-tokenizer, Apache-2.0, Qwen)"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -47,14 +48,7 @@ def bundled_file_text(name: str) -> str:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise TokenizerError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read {what} ({e.strerror})") from None
+    d = read_json(path, TokenizerError, what)
     if not isinstance(d, dict):
         raise TokenizerError(f"{path}: expected a JSON object in {what}, got {type(d).__name__}")
     return d

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError, NumericsError, WeightsError
+from .jsonio import read_json
 from .shapes import expected_shapes
 
 SINGLE_FILE = "model.safetensors"
@@ -86,14 +87,7 @@ def _refuse_pickles(where: Path, pickles: list[Path]) -> WeightsError:
 
 def _read_index(index: Path) -> dict[str, Path]:
     """weight_map of a sharded checkpoint as {tensor name: shard path}."""
-    try:
-        d = json.loads(index.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{index}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise WeightsError(f"{index}: not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise WeightsError(f"{index}: cannot read ({e.strerror})") from None
+    d = read_json(index, WeightsError, "the checkpoint index")
     wm = d.get("weight_map") if isinstance(d, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise WeightsError(f"{index}: no 'weight_map' object mapping tensor names to shard files")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WeightsError
+from ..jsonio import read_json
 from ..shapes import expected_shapes
 
 INITS = ("random", "identity", "ones", "arange")
@@ -142,12 +143,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_json(path: Path) -> dict[str, np.ndarray]:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise WeightsError(f"{path}: not UTF-8 text ({e.reason})") from None
+    d = read_json(path, WeightsError, "the weights file")
     if not isinstance(d, dict):
         raise WeightsError(f"{path}: expected a JSON object {{tensor name: nested lists}}, got {type(d).__name__}")
     out = {}
