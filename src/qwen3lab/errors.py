@@ -27,3 +27,7 @@ class NumericsError(Qwen3LabError, FloatingPointError):
 
 class DumpError(Qwen3LabError, ValueError):
     """A tap dump file is malformed."""
+
+
+class MissingDependencyError(Qwen3LabError, ImportError):
+    """An optional dependency (transformers for the `hf` backend) is not installed."""

@@ -116,6 +116,14 @@ def tap(name: str, x):
     return s.on_tap(name, x)
 
 
+def record_only(name: str, x) -> None:
+    """Record x at `name` without offering a graft point: for values an adapter can observe but cannot feed
+    back (e.g. what transformers computes and consumes inside one call)."""
+    s = _active
+    if s is not None:
+        s.keep(s.prefix + name, x)
+
+
 def wants(name: str) -> bool:
     """Whether an optional, costly tap (attention probs) is asked for: model code then materialises it."""
     s = _active
@@ -133,7 +141,11 @@ class Recorder:
 
     def __init__(self, names: Iterable[str] | str | None = None, sink: Callable | None = None,
                  prefix: str = ""):
-        self.patterns = None if names in (None, "all") else [names] if isinstance(names, str) else list(names)
+        pats = None if names in (None, "all") else [names] if isinstance(names, str) else list(names)
+        self.patterns = pats
+        # exact names are a set lookup; only real patterns pay for fnmatch (verify asks for hundreds of names)
+        self.exact = set() if pats is None else {p for p in pats if not any(c in p for c in "*?[")}
+        self.wild = [] if pats is None else [p for p in pats if p not in self.exact]
         self.sink = sink
         self.prefix = prefix  # e.g. "step3." while a decode step runs
         self.taps: dict[str, np.ndarray] = {}
@@ -143,7 +155,9 @@ class Recorder:
         if self.patterns is None:
             return site not in OPTIONAL_SITES
         bare = name.split(".", 1)[1] if name.startswith("step") and "." in name else name
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(bare, p) for p in self.patterns)
+        if name in self.exact or bare in self.exact:
+            return True
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(bare, p) for p in self.wild)
 
     def keep(self, name: str, x) -> None:
         if not self.selects(name):

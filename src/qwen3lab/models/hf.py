@@ -32,16 +32,12 @@ import numpy as np
 
 from .. import taps as _taps
 from ..config import Qwen3Config
-from ..errors import InputError, Qwen3LabError, WeightsError
-from ..taps import dataflow_key, tap, to_numpy
+from ..errors import InputError, MissingDependencyError, WeightsError
+from ..taps import dataflow_key, record_only, tap, to_numpy
 from .base import RunResult, check_input_ids
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 NOT_GRAFTABLE = ("probs", "router_logits")
-
-
-class MissingDependencyError(Qwen3LabError, ImportError):
-    """An optional dependency (transformers for the `hf` backend) is not installed."""
 
 
 def require_transformers():
@@ -218,13 +214,6 @@ def _swap(name: str, x, heads=None):
     return None if y is view else y.reshape(x.shape)
 
 
-def _record_only(name: str, x) -> None:
-    """Record without offering a graft point (for values transformers consumes where no hook can reach)."""
-    s = _taps._active
-    if s is not None:
-        s.keep(s.prefix + name, x)
-
-
 def _out(name: str, heads=None):
     def hook(module, args, output):
         if isinstance(output, tuple):  # older decoder layers return (hidden_states, ...)
@@ -251,14 +240,14 @@ def _probs(name: str):
     def hook(module, args, output):
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is not None:  # only eager attention returns them: [1, Hq, T, S]
-            _record_only(name, weights[0])
+            record_only(name, weights[0])
     return hook
 
 
 def _router(n: str):
     def hook(module, args, output):
         logits, weights, idx = output  # [T, E], [T, K], [T, K]: batch already flattened into T
-        _record_only(f"{n}.router_logits", logits)
+        record_only(f"{n}.router_logits", logits)
         new_idx = tap(f"{n}.topk_idx", idx)
         new_w = tap(f"{n}.topk_weight", weights)
         if new_idx is idx and new_w is weights:
