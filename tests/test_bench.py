@@ -375,3 +375,14 @@ def test_benchmark_script_prints_table_then_one_json_line(tmp_path):
                          timeout=120)
     if not torch.cuda.is_available():
         assert bad.returncode == 2 and "error: --device cuda:7" in bad.stderr, bad.stderr
+
+
+def test_busy_warning_discounts_the_bench_itself():
+    rep = _report(tok_per_s=1.0)
+    rep["machine"].update(cores=2, torch_threads=2, loadavg=[2.3, 1.0, 1.0])
+    rep["settings"] = {"device": "cpu", "loadavg_start": [0.1, 0.1, 0.1]}
+    assert H.busy_warning(rep) is None  # 2 of the 2.3 are this bench's own threads
+    rep["settings"]["loadavg_start"] = [1.8, 1.0, 1.0]
+    assert "other work shared the CPU" in H.busy_warning(rep)
+    rep["settings"]["device"] = "cuda"
+    assert H.busy_warning(rep) is None

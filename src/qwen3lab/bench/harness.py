@@ -317,15 +317,22 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def busy_warning(report: dict[str, Any]) -> str | None:
-    """A sentence when other work shared the CPU during the bench (1-minute load above the core count at its
-    start or end): CPU figures are then unreliable, and a thread pool may stall on preempted threads."""
-    m = report["machine"]
+    """A sentence when other work shared the CPU during the bench: CPU figures are then unreliable (and a
+    thread pool may stall on preempted threads). Judged from the 1-minute load average at the start and at
+    the end; at the end the bench's own threads are part of it and are subtracted."""
+    m, settings = report["machine"], report.get("settings") or {}
+    if not str(settings.get("device", "cpu")).startswith("cpu"):
+        return None
     cores = m.get("cores") or 1
-    loads = [x for x in ((report.get("settings") or {}).get("loadavg_start"), m.get("loadavg")) if x]
-    worst = max((x[0] for x in loads), default=0.0)
-    if report["settings"].get("device", "cpu").startswith("cpu") and worst > cores:
-        return (f"the machine was busy (1-minute load {worst:.1f} on {cores} cores): CPU figures are unreliable; "
-                f"rerun when it is idle")
+    others = []
+    if settings.get("loadavg_start"):
+        others.append(settings["loadavg_start"][0])
+    if m.get("loadavg"):
+        others.append(m["loadavg"][0] - (m.get("torch_threads") or 1))
+    worst = max(others, default=0.0)
+    if worst > 0.5 * cores:
+        return (f"other work shared the CPU (about {worst:.1f} busy threads besides this bench on {cores} cores): "
+                f"CPU figures are unreliable; rerun when the machine is idle")
     return None
 
 
