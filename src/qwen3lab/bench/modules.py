@@ -19,9 +19,7 @@ import torch
 from ..config import Qwen3Config
 from ..errors import ConfigError, InputError
 from ..random_init import random_weights
-
-HF_ATTN_IMPLS = ("sdpa", "eager")
-HF_EXPERTS_IMPLS = ("grouped_mm", "batched_mm", "eager")
+from .choices import HF_ATTN_IMPLS, HF_EXPERTS_IMPLS
 
 
 def one_layer_config(cfg: Qwen3Config, moe: bool = False) -> Qwen3Config:

@@ -21,13 +21,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
-
 from ..config import Qwen3Config
 from ..errors import InputError
-from . import harness as H
+from .choices import BENCH_DTYPES, HF_ATTN_IMPLS, HF_EXPERTS_IMPLS, KINDS
 
-KINDS = ("attention", "moe", "generate")
+# torch (and the harness, which needs it) is imported when a bench runs, not when the CLI builds its options
 DEFAULT_PRESET = {"attention": "qwen3-0.6b", "moe": "qwen3-30b-a3b"}
 
 COMMON = {"preset": None, "config": None, "device": "cpu", "dtype": "bfloat16", "warmups": None, "runs": None,
@@ -74,6 +72,8 @@ def _config(kind: str, o: dict[str, Any]) -> tuple[Qwen3Config, str]:
 
 
 def _hf(o: dict[str, Any], quiet_log) -> bool:
+    from . import harness as H
+
     if o["no_hf"]:
         return False
     if not H.hf_available():
@@ -84,6 +84,10 @@ def _hf(o: dict[str, Any], quiet_log) -> bool:
 
 def run_bench_command(kind: str, **options: Any) -> int:
     """Run one bench with CLI-style options; print table (+ comparison) and the JSON line; return the exit code."""
+    import torch
+
+    from . import harness as H
+
     o = _options(kind, options)
     device = H.resolve_device(o["device"])
     H.resolve_dtype(o["dtype"])
@@ -146,6 +150,8 @@ def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None
     """Table, comparison, JSON line (stdout and --json), plot; the exit code."""
     from rich.console import Console
 
+    from . import harness as H
+
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # a log file or a pipe: do not squeeze the table into 80 columns
@@ -188,6 +194,8 @@ def _int_list0(text, option: str) -> list[int]:
 
 def _maybe_list(text, option: str) -> list[int]:
     """A comma list; "" or "0" means none (e.g. --decode-tokens 0 to skip the decode sizes)."""
+    from . import harness as H
+
     if text in ("", "0", None, [], ()):
         return []
     return H.parse_int_list(text, option)
@@ -198,11 +206,9 @@ def click_options(kind: str):
     """Decorator adding the options of `qwen3lab bench KIND` to a click command (keyword names as above)."""
     import click
 
-    from .modules import HF_ATTN_IMPLS, HF_EXPERTS_IMPLS
-
     common = [
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N"),
-        click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+        click.option("--dtype", type=click.Choice(BENCH_DTYPES), default="bfloat16",
                      show_default=True),
         click.option("--warmups", type=int, default=None, help="untimed runs first (bench default)"),
         click.option("--runs", type=int, default=None, help="timed runs (bench default)"),

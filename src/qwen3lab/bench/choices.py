@@ -1,0 +1,6 @@
+"""Names the bench options accept, kept free of heavy imports so `qwen3lab --help` does not load torch."""
+
+KINDS = ("attention", "moe", "generate")
+BENCH_DTYPES = ("bfloat16", "float16", "float32")
+HF_ATTN_IMPLS = ("sdpa", "eager")  # transformers attention implementations the HF peer may use
+HF_EXPERTS_IMPLS = ("grouped_mm", "batched_mm", "eager")  # transformers MoE experts implementations
