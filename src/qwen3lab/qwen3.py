@@ -30,7 +30,7 @@ from .engine.runner import batch_infer_one_round
 from .engine.sampler import SamplingParams
 from .engine.task import InferTask
 from .errors import InputError, Qwen3LabError
-from .models.torch_model import Qwen3CausalLM, _torch_dtype
+from .models.torch_model import Qwen3CausalLM, dtype_and_quant
 
 
 class MultiDeviceError(Qwen3LabError, NotImplementedError):
@@ -55,6 +55,17 @@ def _check_device(device: str | torch.device, ndev: int) -> torch.device:
     return dev
 
 
+def _speed_up(model: Qwen3CausalLM, fast: bool, quant: str | None) -> Qwen3CausalLM:
+    """qwen3lab.fast on CPU when asked; quantisation needs it (its kernels are CPU ones)."""
+    if quant is not None and (not fast or model.device.type != "cpu"):
+        raise InputError(f"quant={quant!r} needs fast=True on a CPU device (got fast={fast}, device {model.device})")
+    if fast and model.device.type == "cpu":
+        from .fast import optimize
+
+        optimize(model, quant=quant)
+    return model
+
+
 class Qwen3ForCausalLM:
     """Our torch model + tokenizer + engine. `.model` is the nn.Module (Qwen3CausalLM)."""
 
@@ -65,27 +76,34 @@ class Qwen3ForCausalLM:
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = "bfloat16", ndev: int = 1) -> Qwen3ForCausalLM:
-        """Load a HF-layout checkpoint dir (config.json, *.safetensors, tokenizer files)."""
+                        dtype: str | torch.dtype = "bfloat16", ndev: int = 1, quant: str | None = None,
+                        fast: bool = True) -> Qwen3ForCausalLM:
+        """Load a HF-layout checkpoint dir (config.json, *.safetensors, tokenizer files).
+
+        dtype "int8" means bfloat16 activations with quant="int8" weights. fast (CPU only): fused projections
+        and the streaming kernels of qwen3lab.fast; fast=False keeps the plain eager model."""
         from .api import resolve_model_path
         from .tokenizer import Tokenizer
         from .weights import load_weights
 
         dev = _check_device(device, ndev)
-        dt = _torch_dtype(dtype)
+        dt, quant = dtype_and_quant(dtype, quant)
         path = resolve_model_path(path)
         cfg = Qwen3Config.from_file(path)
         weights = load_weights(path, cfg, dtype=dt, device=dev)
         model = Qwen3CausalLM.from_weights(cfg, weights, device=dev, dtype=dt)
         del weights
-        return cls(model, Tokenizer.from_dir(path))
+        return cls(_speed_up(model, fast, quant), Tokenizer.from_dir(path))
 
     @classmethod
     def from_weights(cls, cfg: Qwen3Config, weights, tokenizer=None, device: str | torch.device = "cpu",
-                     dtype: str | torch.dtype = "float32") -> Qwen3ForCausalLM:
+                     dtype: str | torch.dtype = "float32", quant: str | None = None,
+                     fast: bool = True) -> Qwen3ForCausalLM:
         """From a {hf_name: tensor} dict (e.g. random_init.random_weights) instead of a directory."""
         dev = _check_device(device, 1)
-        return cls(Qwen3CausalLM.from_weights(cfg, weights, device=dev, dtype=dtype), tokenizer)
+        dt, quant = dtype_and_quant(dtype, quant)
+        model = Qwen3CausalLM.from_weights(cfg, weights, device=dev, dtype=dt)
+        return cls(_speed_up(model, fast, quant), tokenizer)
 
     @property
     def config(self) -> Qwen3Config:
@@ -97,7 +115,8 @@ class Qwen3ForCausalLM:
 
     @property
     def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
+        """The activation dtype, or "int8" for int8 weights (bfloat16 activations)."""
+        return getattr(self.model, "quant", None) or str(self.model.dtype).removeprefix("torch.")
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -41,6 +41,13 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def _loaded_kernels():
+    """qwen3lab.fast's C++ kernels when a fast model already loaded them (sampling never starts a build)."""
+    from ..fast.build import loaded
+
+    return loaded()
+
+
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:
@@ -80,6 +87,10 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     """One token per row of logits [B, V], each row with its own settings; greedy rows share one argmax."""
     assert logits.shape[0] == len(params) == len(generators)
     if all(p.greedy for p in params):
+        k = _loaded_kernels()
+        if k is not None and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) \
+                and logits.is_contiguous():
+            return k.argmax_rows(logits)  # one pass over the logits as they are (qwen3lab.fast kernels)
         # one host sync for the whole batch; argmax over float32 is ~2x faster on CPU than over bfloat16
         return torch.argmax(logits.float(), dim=-1).tolist()
     return [sample(logits[b], p, g) for b, (p, g) in enumerate(zip(params, generators, strict=True))]

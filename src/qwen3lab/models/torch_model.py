@@ -61,6 +61,22 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def dtype_and_quant(dtype: str | torch.dtype, quant: str | None = None,
+                    int8_dtype: bool = True) -> tuple[torch.dtype, str | None]:
+    """The activation dtype and weight quantisation: dtype "int8" (when int8_dtype) means bfloat16 activations
+    with quant "int8" weights."""
+    if isinstance(dtype, str) and dtype.lower() == "int8":
+        if not int8_dtype:
+            raise InputError("torch backend dtype 'int8' is not an activation dtype: for int8 weights give "
+                             "quant='int8' (with dtype 'bfloat16' or 'float32')")
+        if quant not in (None, "int8"):
+            raise InputError(f"dtype 'int8' means quant='int8', but quant={quant!r} was given")
+        return torch.bfloat16, "int8"
+    if quant is not None and quant != "int8":
+        raise InputError(f"quant must be 'int8' or None, got {quant!r}")
+    return _torch_dtype(dtype), quant
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of norms, softmaxes and RoPE tables: float32, or float64 for a float64 model."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -122,12 +138,20 @@ class Qwen3MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # [2I, D] fused by fast.optimize; gate/up are its row views
+
+    def _gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gate_up_proj is None:
+            return self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # one weight stream instead of two
+        return gate, up
 
     def forward(self, x: torch.Tensor, names: Mapping[str, str] | None = None) -> torch.Tensor:
+        gate, up = self._gate_up(x)  # [..., I] each
         if names is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate = tap(names["gate"], self.gate_proj(x))  # [1, N, I]
-        up = tap(names["up"], self.up_proj(x))  # [1, N, I]
+            return self.down_proj(F.silu(gate) * up)
+        gate = tap(names["gate"], gate)  # [1, N, I]
+        up = tap(names["up"], up)  # [1, N, I]
         act = tap(names["act"], F.silu(gate) * up)  # [1, N, I]
         return self.down_proj(act)
 
@@ -188,14 +212,23 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(self.Hq * self.Dh, D, bias=bias)
         self.q_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)  # per head, over head_dim
         self.k_norm = RMSNorm(self.Dh, cfg.rms_norm_eps)
+        self.qkv_proj: nn.Module | None = None  # [(Hq+2Hkv)Dh, D] fused by fast.optimize; q/k/v are its row views
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
+        q, k, v = self.qkv_proj(x).split((Hq * Dh, Hkv * Dh, Hkv * Dh), dim=-1)  # one weight stream
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[_AttnPlan],
                 names: Mapping[str, str]) -> torch.Tensor:
         _, N, D = x.shape
         Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
-        q = tap(names["q"], self.q_proj(x).view(1, N, Hq, Dh))  # [1, N, Hq, Dh]
-        k = tap(names["k"], self.k_proj(x).view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
-        v = tap(names["v"], self.v_proj(x).view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
+        q, k, v = self._qkv(x)
+        q = tap(names["q"], q.view(1, N, Hq, Dh))  # [1, N, Hq, Dh]
+        k = tap(names["k"], k.view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
+        v = tap(names["v"], v.view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
         q = tap(names["q_norm"], self.q_norm(q))
         k = tap(names["k_norm"], self.k_norm(k))
         q = tap(names["q_rot"], apply_rope(q, cos, sin))
@@ -299,6 +332,11 @@ class Qwen3CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._cos: torch.Tensor | None = None  # [P, Dh] RoPE tables, grown on demand
         self._sin: torch.Tensor | None = None
+        self.quant: str | None = None  # "int8" once fast.quantise has replaced the projection weights
+        # A fused replacement for forward (fast.forward.fused_forward, installed by fast.optimize), used only
+        # while no tap session is active: with taps on, this module tree runs op by op.
+        self.fast_forward = None
+        self._fast_plan = None  # the per-layer tensors fused_forward reads (fast.forward.build_plan)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -365,6 +403,10 @@ class Qwen3CausalLM(nn.Module):
         [len(logits_rows) or N, V] in the model dtype and advances each span's cache by its length."""
         N = input_ids.shape[0]
         assert sum(s.length for s in spans) == N, ([s.length for s in spans], N)
+        if self.fast_forward is not None and not _taps.active():
+            logits = self.fast_forward(self, input_ids, positions, spans, logits_rows)
+            if logits is not None:
+                return logits
         with torch.inference_mode():
             plans = self._plans(spans)
             end = max(s.start + s.length for s in spans)
@@ -403,25 +445,40 @@ class Qwen3CausalLM(nn.Module):
 
 # ---- the backend contract (COMMON.md) ------------------------------------------------------------------
 class TorchBackend:
-    """`.run(input_ids, taps=None, graft=None) -> RunResult` and `.run_decode(...)` over Qwen3CausalLM."""
+    """`.run(input_ids, taps=None, graft=None) -> RunResult` and `.run_decode(...)` over Qwen3CausalLM.
+
+    fast=True applies qwen3lab.fast (fused projections, streaming kernels) and quant="int8" its int8 weights
+    (activations in `dtype`; `.dtype` then reads "int8"): the fast paths as verify candidates. Taps run the
+    module tree op by op either way."""
 
     name = "torch"
 
     def __init__(self, cfg: Qwen3Config, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float32"):
+                 dtype: str | torch.dtype = "float32", fast: bool = False, quant: str | None = None):
         self.cfg = cfg
+        dtype, quant = dtype_and_quant(dtype, quant, int8_dtype=False)
+        fast = fast or quant is not None
         self.model = Qwen3CausalLM.from_weights(cfg, weights, device=device, dtype=dtype)
-        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        if fast:
+            if self.model.device.type != "cpu":
+                raise InputError(f"fast={fast}, quant={quant!r}: the fast path is CPU only (device {device})")
+            from ..fast import optimize
+
+            optimize(self.model, quant=quant)
+            self.name = "torch-fast" if quant is None else f"torch-{quant}"
+        self.dtype = quant or str(self.model.dtype).removeprefix("torch.")
         self.device = self.model.device
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = "float32") -> TorchBackend:
+                        dtype: str | torch.dtype = "float32", fast: bool = False,
+                        quant: str | None = None) -> TorchBackend:
         from ..weights import load_weights
 
-        dt = _torch_dtype(dtype)
+        dt, quant = dtype_and_quant(dtype, quant, int8_dtype=False)
         cfg = Qwen3Config.from_file(path)
-        return cls(cfg, load_weights(path, cfg, dtype=dt, device=device), device=device, dtype=dt)
+        return cls(cfg, load_weights(path, cfg, dtype=dt, device=device), device=device, dtype=dt, fast=fast,
+                   quant=quant)
 
     def _ids(self, ids: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(ids, dtype=torch.long, device=self.device)

@@ -1,0 +1,93 @@
+"""Fast CPU inference, applied to a loaded Qwen3CausalLM from outside the model file.
+
+    from qwen3lab.fast import optimize
+    optimize(model)                  # fused QKV / gate-up weights + streaming kernels, weights unchanged
+    optimize(model, quant="int8")    # the same with weight-only int8 (per-output-row scales)
+
+Notable:
+- fusion concatenates q/k/v (and gate/up) once at load into one weight [(Hq+2Hkv)Dh, D] ([2I, D]) and makes
+  the checkpoint-named Parameters row views of it: one weight stream per step instead of three (two), no extra
+  memory, the names loading and verification know are unchanged, and taps q/k/v/gate/up are exact slices.
+- every linear layer the forward runs becomes a FastLinear / Int8Linear (linear.py) over the C++ kernels
+  (kernels.cpp, built at first use by build.py; PyTorch ops when they cannot be built).
+- the MoE router (`mlp.gate`) stays in the model dtype under int8: routing decides which experts run, and
+  it is tiny.
+- numerics: float32 accumulation everywhere, one rounding to the model dtype per output, like F.linear; taps
+  and grafting work as on the plain model (verification runs this path op by op).
+- threads: torch's intra-op pool (torch.set_num_threads); see set_threads().
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .build import kernels, status
+from .forward import build_plan, can_fuse, fused_forward
+from .linear import FastLinear, Int8Linear
+from .quant import QUANT_MODES, quantise
+
+__all__ = ["optimize", "fuse_projections", "quantise", "kernels", "status", "set_threads", "FastLinear",
+           "Int8Linear", "QUANT_MODES"]
+
+
+def fuse_projections(model) -> None:
+    """Concatenate q/k/v and gate/up weights into fused modules; the HF-named weights become views of them.
+    Idempotent; projections with a bias are left unfused."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if attn.qkv_proj is None and all(p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
+            attn.qkv_proj = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlps = [layer.mlp] if not layer.is_moe else list(layer.mlp.experts)
+        for mlp in mlps:
+            if mlp.gate_up_proj is None and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
+                mlp.gate_up_proj = _fuse([mlp.gate_proj, mlp.up_proj])
+
+
+def _fuse(parts: list[nn.Linear]) -> FastLinear:
+    """One weight [sum N_i, K] (a new tensor); each part's weight re-pointed to its rows (views, no copy)."""
+    W = torch.cat([p.weight.detach() for p in parts], dim=0)  # [sum N_i, K]
+    start = 0
+    for p in parts:
+        n = p.weight.shape[0]
+        p.weight = nn.Parameter(W[start:start + n], requires_grad=False)
+        start += n
+    return FastLinear(W, fused=True)
+
+
+def _swap_linears(model) -> None:
+    """Every bias-free nn.Linear the forward runs -> FastLinear over the same Parameter (no copy)."""
+    for mod in list(model.modules()):
+        for child_name, child in list(mod.named_children()):
+            if type(child) is nn.Linear and child.bias is None:
+                setattr(mod, child_name, FastLinear(child.weight))
+
+
+def optimize(model, quant: str | None = None, fuse: bool = True):
+    """Make `model` (a Qwen3CausalLM on CPU) fast in place and return it. quant: None or "int8"."""
+    if quant is not None and quant not in QUANT_MODES:
+        from ..errors import InputError
+
+        raise InputError(f"quant must be one of {', '.join(QUANT_MODES)} or None, got {quant!r}")
+    if fuse:
+        fuse_projections(model)
+    if quant is not None:
+        quantise(model, quant)
+    _swap_linears(model)
+    kernels()  # build now (once), not inside the first timed forward
+    fused = fuse and can_fuse(model)
+    model._fast_plan = build_plan(model) if fused else None
+    model.fast_forward = fused_forward if fused else None
+    return model
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use n intra-op threads (default: every core this process may run on) and return the number.
+    OpenMP settings that help on a quiet machine are documented in the README (OMP_PROC_BIND, OMP_WAIT_POLICY);
+    they must be set before the process starts."""
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(n)))
+    return torch.get_num_threads()

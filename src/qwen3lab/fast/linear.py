@@ -1,0 +1,118 @@
+"""Linear layers for the fast path: the checkpoint's [N, K] weight, y = x @ W.T, through the C++ kernels.
+
+Notable:
+- `FastLinear` (bfloat16 / float32 weights) and `Int8Linear` (int8 weights, one float32 scale per output
+  row) are drop-in replacements for bias-free nn.Linear; `optimize` / `quantise` (fast/__init__.py,
+  fast/quant.py) swap them in from outside the model file.
+- Few rows (decode: up to SMALL_M tokens in the packed batch) go to the streaming kernel `linear_small`; more
+  rows (prefill) to `linear_large` (bf16 / int8 widened to float32 a band of rows at a time + BLAS sgemm);
+  float32 weights with many rows to F.linear (already sgemm).
+- `weight` stays a Parameter for the HF-named modules; a fused module (qkv_proj, gate_up_proj) holds its
+  weight as a non-persistent buffer instead, so `parameters()` and `state_dict()` still list each checkpoint
+  tensor exactly once (the HF modules' Parameters are row views of it).
+- Without the kernels (fast/build.py) the same modules run PyTorch ops: F.linear, and for int8 a float32
+  F.linear over the dequantised weight (the same arithmetic as the kernel, slower).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .build import kernels
+
+SMALL_M = 32  # rows up to which the streaming kernel beats widening + sgemm (benchmarks/bench_fast_kernels.py)
+BAND_BYTES = 4 << 20  # float32 band of widened weight rows for linear_large: stays in cache for the sgemm
+
+
+def _band_rows(K: int) -> int:
+    return max(16, BAND_BYTES // (4 * K))
+
+
+class FastLinear(nn.Module):
+    """Bias-free linear over a bfloat16 or float32 weight [N, K] (shared, not copied)."""
+
+    def __init__(self, weight: torch.Tensor, fused: bool = False):
+        super().__init__()
+        assert weight.dim() == 2, weight.shape
+        if fused:
+            self.register_buffer("weight", weight.detach(), persistent=False)
+        else:
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = kernels()
+        W = self.weight
+        if k is None or x.dtype != W.dtype or W.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu":
+            return F.linear(x, W)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        if M <= SMALL_M:
+            y = k.linear_small(x2, W, None)
+        elif W.dtype == torch.bfloat16:
+            y = k.linear_large(x2, W, None, _band_rows(self.in_features))
+        else:
+            y = F.linear(x2, W)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+
+
+class Int8Linear(nn.Module):
+    """Bias-free linear over int8 weights [N, K] with float32 scales [N]: y = (x @ q.T) * scale, computed in
+    float32 and returned in x's dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, fused: bool = False):
+        super().__init__()
+        assert qweight.dtype == torch.int8 and qweight.dim() == 2, (qweight.dtype, qweight.shape)
+        assert scale.dtype == torch.float32 and scale.shape == qweight.shape[:1], (scale.dtype, scale.shape)
+        if fused:
+            self.register_buffer("weight", qweight, persistent=False)
+            self.register_buffer("scale", scale, persistent=False)
+        else:
+            self.weight = nn.Parameter(qweight, requires_grad=False)
+            self.scale = nn.Parameter(scale, requires_grad=False)
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, fused: bool = False) -> Int8Linear:
+        """Symmetric per-output-row quantisation: scale = max|w| / 127, q = round(w / scale)."""
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1) / 127.0  # [N]
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [N, K]
+        return cls(q, scale, fused=fused)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        k = kernels()
+        if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+            if x2.shape[0] <= SMALL_M:
+                y = k.linear_small(x2, self.weight, self.scale)
+            else:
+                y = k.linear_large(x2, self.weight, self.scale, _band_rows(self.in_features))
+        else:
+            y = _int8_mm_fallback(x2, self.weight, self.scale)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8 (per-row scales)"
+
+
+def _int8_mm_fallback(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (q * scale).T in float32, returned in x's dtype: what the kernels compute. (torch's
+    _weight_int8pack_mm was measured and not used: it rounds the scales to x's dtype and streamed int8 at
+    12 GB/s with bfloat16 inputs, 2.3 GB/s with float32 ones, on the machine the kernels were tuned on.)"""
+    return F.linear(x.float(), q.float() * scale[:, None]).to(x.dtype)

@@ -1,0 +1,219 @@
+"""qwen3lab.fast's C++ kernels against independent references, and the PyTorch fallback.
+
+- linear_small / linear_large (bf16, f32, int8 + scales) against a float64 matmul of the same (rounded) inputs,
+  over odd shapes that exercise every tail: K not a multiple of the vector width, N not a multiple of the row
+  block, M across the input-row blocks;
+- the fused ops against the model's own eager modules (RMSNorm, apply_rope, F.silu, SDPA) on the same inputs:
+  float32 to ~1e-6, bfloat16 to one bf16 rounding step on a small fraction of elements (sum order differs);
+- argmax_rows against torch.argmax, ties and NaN included;
+- FastLinear / Int8Linear give the same numbers with the kernels and with the fallback.
+The kernels are skipped (with the reason) where they cannot be built; the fallback tests always run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen3lab.fast import build
+from qwen3lab.fast.linear import FastLinear, Int8Linear
+from qwen3lab.models.torch_model import RMSNorm, apply_rope
+
+
+@pytest.fixture(scope="module")
+def k():
+    build.reset()
+    mod = build.kernels()
+    if mod is None:
+        pytest.skip(f"kernels unavailable: {build.status()}")
+    return mod
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
+
+
+def _quant(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = W.abs().amax(1) / 127
+    return torch.round(W / s[:, None]).to(torch.int8), s
+
+
+SHAPES = [(1, 8, 3), (2, 40, 13), (3, 33, 9), (5, 1000, 64), (9, 1024, 17), (17, 64, 40)]  # (M, K, N)
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_linear_small_matches_float64(k, M, K, N):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x, W = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    ref = x.double() @ W.double().T
+    y = k.linear_small(x, W, None)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert _rel(y, ref) < 1e-6, _rel(y, ref)
+    xb, Wb = x.bfloat16(), W.bfloat16()
+    yb = k.linear_small(xb, Wb, None)
+    refb = xb.double() @ Wb.double().T  # exact products, float32 accumulation: only the final bf16 rounding
+    assert yb.dtype == torch.bfloat16 and _rel(yb, refb) < 2 ** -8, _rel(yb, refb)
+    q, s = _quant(W)
+    refq = x.double() @ (q.double() * s.double()[:, None]).T
+    assert _rel(k.linear_small(x, q, s), refq) < 1e-6
+    assert _rel(k.linear_small(xb, q, s), xb.double() @ (q.double() * s.double()[:, None]).T) < 2 ** -8
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES[1:])
+def test_linear_large_matches_float64(k, M, K, N):
+    g = torch.Generator().manual_seed(7 + M + K + N)
+    xb, Wb = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+    for band in (1, 5, 4096):  # bands smaller than, not dividing, and larger than N
+        y = k.linear_large(xb, Wb, None, band)
+        assert y.dtype == torch.bfloat16 and _rel(y, xb.double() @ Wb.double().T) < 2 ** -8
+    x = xb.float()
+    q, s = _quant(Wb.float())
+    assert _rel(k.linear_large(x, q, s, 3), x.double() @ (q.double() * s.double()[:, None]).T) < 1e-6
+
+
+def test_linear_rejects_bad_inputs(k):
+    with pytest.raises(RuntimeError, match="columns"):
+        k.linear_small(torch.randn(1, 8), torch.randn(4, 9), None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        k.linear_small(torch.randn(1, 8), torch.randn(4, 8).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="scale"):
+        k.linear_small(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8), None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        k.linear_small(torch.randn(8, 2).T, torch.randn(4, 8), None)
+
+
+def _close_in_dtype(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32: ~1e-6 relative. bfloat16: elements differ by at most one bf16 step (2^-7 relative) and only a
+    few percent of them (float32 sums in another order can land on the other side of a rounding boundary)."""
+    got, want = got.double(), want.double()
+    if dtype == torch.float32:
+        assert _rel(got, want) < 1e-5, _rel(got, want)
+        return
+    scale = want.abs().clamp_min(want.abs().max() * 1e-3)
+    err = (got - want).abs() / scale
+    assert float(err.max()) <= 2 ** -6, float(err.max())
+    assert float((err > 0).double().mean()) < 0.1, float((err > 0).double().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [8, 64, 100])
+def test_add_rmsnorm_matches_module(k, dtype, D):
+    g = torch.Generator().manual_seed(D)
+    norm = RMSNorm(D, 1e-6)
+    norm.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(D, generator=g)).to(dtype), requires_grad=False)
+    x, r = (torch.randn(3, D, generator=g).to(dtype) for _ in range(2))
+    with torch.inference_mode():
+        want_x = x + r
+        want = norm(want_x)
+        xx = x.clone()
+        got = k.add_rmsnorm(xx, r, norm.weight, 1e-6)
+        assert torch.equal(xx, want_x)  # the residual add is done in place, rounded as `x + r`
+        _close_in_dtype(got, want, dtype)
+        _close_in_dtype(k.add_rmsnorm(x.clone(), None, norm.weight, 1e-6), norm(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv,Dh", [(4, 2, 32), (2, 2, 8), (8, 2, 20)])
+def test_qk_norm_rope_matches_modules(k, dtype, Hq, Hkv, Dh):
+    g = torch.Generator().manual_seed(Hq * 100 + Dh)
+    M = 5
+    qkv = torch.randn(M, (Hq + 2 * Hkv) * Dh, generator=g).to(dtype)
+    qn, kn = RMSNorm(Dh, 1e-6), RMSNorm(Dh, 1e-6)
+    qn.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(Dh, generator=g)).to(dtype), requires_grad=False)
+    kn.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(Dh, generator=g)).to(dtype), requires_grad=False)
+    pos = torch.arange(M, dtype=torch.float32)[:, None] * (10000.0 ** (-torch.arange(Dh // 2) / (Dh // 2)))
+    ang = torch.cat((pos, pos), dim=-1)  # [M, Dh]
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    with torch.inference_mode():
+        q, kk, v = qkv.split((Hq * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
+        c4, s4 = cos.view(1, M, 1, Dh), sin.view(1, M, 1, Dh)
+        want_q = apply_rope(qn(q.reshape(1, M, Hq, Dh)), c4, s4)[0]
+        want_k = apply_rope(kn(kk.reshape(1, M, Hkv, Dh)), c4, s4)[0]
+        gq, gk, gv = k.qk_norm_rope(qkv, qn.weight, kn.weight, cos, sin, Hq, Hkv, 1e-6)
+    assert gq.shape == (M, Hq, Dh) and gk.shape == (M, Hkv, Dh) and gv.shape == (M, Hkv, Dh)
+    _close_in_dtype(gq, want_q, dtype)
+    _close_in_dtype(gk, want_k, dtype)
+    assert torch.equal(gv, v.reshape(M, Hkv, Dh))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_torch(k, dtype):
+    g = torch.Generator().manual_seed(3)
+    gu = (4 * torch.randn(3, 2 * 50, generator=g)).to(dtype)  # 50: a tail after three 16-wide chunks
+    gate, up = gu.chunk(2, dim=-1)
+    _close_in_dtype(k.silu_mul(gu), F.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv,Dh", [(4, 2, 32), (8, 2, 20), (16, 16, 8)])
+def test_attend_decode_matches_sdpa_and_writes_cache(k, dtype, Hq, Hkv, Dh):
+    g = torch.Generator().manual_seed(Hq + Dh)
+    B, cap, pos = 3, 40, [0, 7, 38]  # a first token, a few, the last slot of the cache
+    kc = [torch.randn(Hkv, cap, Dh, generator=g).to(dtype) for _ in range(B)]
+    vc = [torch.randn(Hkv, cap, Dh, generator=g).to(dtype) for _ in range(B)]
+    q = torch.randn(B, Hq, Dh, generator=g).to(dtype)
+    kn, vn = torch.randn(B, Hkv, Dh, generator=g).to(dtype), torch.randn(B, Hkv, Dh, generator=g).to(dtype)
+    scale = Dh ** -0.5
+    want = []
+    for b in range(B):
+        K, V = kc[b].clone(), vc[b].clone()
+        K[:, pos[b]], V[:, pos[b]] = kn[b], vn[b]
+        S = pos[b] + 1
+        o = F.scaled_dot_product_attention(q[b].float().view(1, Hq, 1, Dh),
+                                           K[:, :S].float().repeat_interleave(Hq // Hkv, 0)[None],
+                                           V[:, :S].float().repeat_interleave(Hq // Hkv, 0)[None], scale=scale)
+        want.append(o.view(Hq, Dh))
+    got = k.attend_decode(q, kn, vn, kc, vc, pos, scale)
+    for b in range(B):
+        assert torch.equal(kc[b][:, pos[b]], kn[b]) and torch.equal(vc[b][:, pos[b]], vn[b])
+    _close_in_dtype(got, torch.stack(want).to(dtype), dtype)
+
+
+def test_argmax_rows_matches_torch(k):
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for V in (5, 16, 17, 1000):
+            x = torch.randn(4, V, generator=g).to(dtype)
+            x[1, V // 2] = x[1].max()  # a tie: the first index wins
+            x[2, V - 1] = float("nan")  # a NaN wins, as in torch.argmax
+            x[3] = float("-inf")
+            assert k.argmax_rows(x) == torch.argmax(x.float(), dim=-1).tolist(), (dtype, V)
+
+
+@pytest.mark.parametrize("M", [1, 3, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_modules_same_with_and_without_kernels(M, dtype):
+    g = torch.Generator().manual_seed(M)
+    W = torch.randn(24, 40, generator=g)
+    x = torch.randn(2, M, 40, generator=g).to(dtype)
+    lin, q8 = FastLinear(W.to(dtype)), Int8Linear.from_float(W)
+    try:
+        build.reset(enabled=False)
+        assert build.kernels() is None and "fallback" in build.status()
+        plain, plain8 = lin(x), q8(x)
+        build.reset()
+        if build.kernels() is None:
+            pytest.skip(f"kernels unavailable: {build.status()}")
+        fast, fast8 = lin(x), q8(x)
+    finally:
+        build.reset()
+    assert fast.shape == plain.shape == (2, M, 24) and fast.dtype == plain.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+    assert _rel(fast, plain) < tol and _rel(fast8, plain8) < tol
+    deq = x.double() @ q8.dequantized(torch.float64).T
+    assert _rel(plain8, deq) < tol
+
+
+def test_int8_quantisation_round_trip():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 64, generator=g)
+    W[3] = 0  # an all-zero row keeps scale 1 and stays zero
+    q8 = Int8Linear.from_float(W)
+    assert q8.weight.dtype == torch.int8 and q8.scale.dtype == torch.float32
+    assert int(q8.weight.abs().max()) == 127 and torch.all(q8.weight[3] == 0)
+    err = (q8.dequantized() - W).abs()
+    assert float((err / q8.scale[:, None]).max()) <= 0.5 + 1e-6  # round to nearest: half a step at most
+    assert math.isclose(float(q8.scale[0]), float(W[0].abs().max()) / 127, rel_tol=1e-6)

@@ -1,0 +1,193 @@
+"""qwen3lab.fast applied to whole models: the fast path against the plain eager model.
+
+- optimize() keeps the checkpoint's parameter names (each tensor listed once), makes q/k/v and gate/up row
+  views of the fused weights, and installs the fused forward only where it can run;
+- float32: the fused forward's logits equal the plain model's to ~1e-6 (prefill, cached decode, a packed batch
+  of prefills and decodes) and greedy generation gives the same tokens; bfloat16 stays within bf16 rounding;
+- with taps on, the fast model runs op by op and its taps (q/k/v/gate/up slices of the fused outputs) equal
+  the plain model's; grafting still works;
+- everything above also holds with the kernels turned off (the PyTorch fallback).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3lab import taps as T
+from qwen3lab.config import Qwen3Config
+from qwen3lab.engine.sampler import SamplingParams
+from qwen3lab.engine.task import InferTask
+from qwen3lab.fast import FastLinear, build, optimize
+from qwen3lab.models.torch_model import Qwen3CausalLM, Span, TorchBackend
+from qwen3lab.qwen3 import Qwen3ForCausalLM
+from qwen3lab.random_init import random_weights
+
+
+def make_cfg(moe: bool = False, **kw) -> Qwen3Config:
+    d = {"model_type": "qwen3_moe" if moe else "qwen3", "hidden_size": 64, "intermediate_size": 96,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+         "vocab_size": 512, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 256,
+         "tie_word_embeddings": True}
+    if moe:
+        d.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                 tie_word_embeddings=False)
+    d.update(kw)
+    return Qwen3Config.from_dict(d, source="test config")
+
+
+CASES = {"dense": make_cfg(), "gqa4-odd": make_cfg(num_attention_heads=8, head_dim=20, hidden_size=72),
+         "moe": make_cfg(moe=True)}
+
+
+@pytest.fixture(params=["kernels", "fallback"])
+def mode(request):
+    build.reset(enabled=request.param == "kernels")
+    if request.param == "kernels" and build.kernels() is None:
+        build.reset()
+        pytest.skip(f"kernels unavailable: {build.status()}")
+    yield request.param
+    build.reset()
+
+
+def _pair(cfg, dtype):
+    w = random_weights(cfg, seed=0)
+    plain = Qwen3CausalLM.from_weights(cfg, w, dtype=dtype)
+    fast = optimize(Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype))
+    return plain, fast
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_optimize_keeps_names_and_views(mode):
+    cfg = CASES["moe"]
+    plain, fast = _pair(cfg, torch.float32)
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b), n
+    attn = fast.model.layers[0].self_attn
+    qkv = attn.qkv_proj.weight
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), qkv)
+    e = fast.model.layers[1].mlp.experts[3]
+    assert torch.equal(torch.cat([e.gate_proj.weight, e.up_proj.weight]), e.gate_up_proj.weight)
+    assert isinstance(fast.lm_head, FastLinear) and isinstance(attn.o_proj, FastLinear)
+    assert (fast.fast_forward is not None) == (mode == "kernels")
+    optimize(fast)  # idempotent
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
+
+
+def test_attention_bias_stays_unfused(mode):
+    cfg = make_cfg(attention_bias=True)
+    plain, fast = _pair(cfg, torch.float32)
+    assert fast.model.layers[0].self_attn.qkv_proj is None and fast.fast_forward is None
+    ids = torch.arange(1, 9)
+    assert _rel(fast(ids, torch.arange(8), [Span(None, 0, 8)]), plain(ids, torch.arange(8), [Span(None, 0, 8)])) < 1e-6
+
+
+def _prefill_decode(model, ids):
+    """Prefill ids[:-3] into a cache, then decode the last three one by one: logits [T-2, V] (last of the
+    prefill, then one row per decoded token)."""
+    T_ = len(ids)
+    P = T_ - 3
+    c = model.new_cache(T_)
+    t = torch.tensor(ids)
+    out = [model(t[:P], torch.arange(P), [Span(c, 0, P)], torch.tensor([P - 1]))]
+    for j in range(P, T_):
+        out.append(model(t[j:j + 1], torch.tensor([j]), [Span(c, j, 1)]))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_forward_equals_plain_float32(mode, case):
+    cfg = CASES[case]
+    plain, fast = _pair(cfg, torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    a, b = _prefill_decode(plain, ids), _prefill_decode(fast, ids)
+    assert _rel(b, a) < 1e-5, _rel(b, a)
+    full = torch.tensor(ids)
+    a2 = plain(full, torch.arange(12), [Span(None, 0, 12)])
+    b2 = fast(full, torch.arange(12), [Span(None, 0, 12)])
+    assert _rel(b2, a2) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["dense", "moe"])
+def test_fused_forward_bfloat16_within_rounding(mode, case):
+    cfg = CASES[case]
+    plain, fast = _pair(cfg, torch.bfloat16)
+    ref = Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=torch.float64)
+    ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    a, b, r = _prefill_decode(plain, ids), _prefill_decode(fast, ids), _prefill_decode(ref, ids)
+    # the fast path is no further from float64 than the plain bf16 model is (plus a rounding step's worth)
+    assert _rel(b, r) < 1.5 * _rel(a, r) + 2 ** -8, (_rel(b, r), _rel(a, r))
+
+
+def test_packed_batch_equals_each_alone(mode):
+    cfg = CASES["gqa4-odd"]
+    _, fast = _pair(cfg, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    alone = []
+    for p in prompts:
+        t = InferTask(p, SamplingParams(), max_new_tokens=4)
+        lm = Qwen3ForCausalLM(fast)
+        while not t.finished:
+            lm.batch_infer_one_round([t])
+        alone.append(t.generated)
+    tasks = [InferTask(p, SamplingParams(), max_new_tokens=4) for p in prompts]
+    live = tasks[:2]
+    Qwen3ForCausalLM(fast).batch_infer_one_round(live)  # two prefills packed
+    live.append(tasks[2])  # then a prefill packed with two decodes, then pure decode rounds of three
+    while live:
+        Qwen3ForCausalLM(fast).batch_infer_one_round(live)
+        live = [t for t in live if not t.finished]
+    assert [t.generated for t in tasks] == alone
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_float32_fast_equals_plain(mode, case):
+    cfg = CASES[case]
+    w = random_weights(cfg, seed=4)
+    plain = Qwen3ForCausalLM.from_weights(cfg, w, dtype="float32", fast=False)
+    fast = Qwen3ForCausalLM.from_weights(cfg, random_weights(cfg, seed=4), dtype="float32", fast=True)
+    prompt = torch.randint(0, cfg.vocab_size, (7,), generator=torch.Generator().manual_seed(5)).tolist()
+    a, b = plain.generate(prompt, max_steps=16), fast.generate(prompt, max_steps=16)
+    assert a.token_ids == b.token_ids
+
+
+def test_taps_on_fast_model_equal_plain(mode):
+    cfg = CASES["dense"]
+    w = random_weights(cfg, seed=0)
+    plain = TorchBackend(cfg, w)
+    fast = TorchBackend(cfg, random_weights(cfg, seed=0), fast=True)
+    assert fast.name == "torch-fast" and fast.dtype == "float32"
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    a, b = plain.run(ids, taps="all"), fast.run(ids, taps="all")
+    assert list(a.taps) == list(b.taps)
+    for name in a.taps:
+        x, y = torch.as_tensor(a.taps[name]).double(), torch.as_tensor(b.taps[name]).double()
+        assert x.shape == y.shape, name
+        assert float((x - y).abs().max()) <= 1e-5 * max(1.0, float(x.abs().max())), name
+    # grafting the plain model's taps into the fast one reproduces the plain logits
+    g = fast.run(ids, graft=a.taps)
+    assert float(abs(g.logits - a.logits).max()) < 1e-4
+    d = fast.run_decode(ids, 3, taps=["layers.1.q", "layers.0.gate"])
+    assert d.taps["step2.layers.1.q"].shape == (1, cfg.num_attention_heads, cfg.head_dim)
+    assert set(d.taps) >= {"layers.0.gate", "step0.layers.0.gate"}
+
+
+def test_taps_off_during_fused_forward_cost_nothing(mode, monkeypatch):
+    """The fused forward never calls tap(): with no session active the module tree is not entered."""
+    cfg = CASES["dense"]
+    _, fast = _pair(cfg, torch.float32)
+    calls = []
+    monkeypatch.setattr(T, "tap", lambda name, x: calls.append(name) or x)
+    import qwen3lab.models.torch_model as tm
+
+    monkeypatch.setattr(tm, "tap", lambda name, x: calls.append(name) or x)
+    fast(torch.arange(5), torch.arange(5), [Span(None, 0, 5)])
+    assert (calls == []) == (mode == "kernels")
