@@ -12,6 +12,8 @@ Notable:
   (kernels.cpp, built at first use by build.py; PyTorch ops when they cannot be built).
 - the MoE router (`mlp.gate`) stays in the model dtype under int8: routing decides which experts run, and
   it is tiny.
+- memory: the file pages of copied (fused, quantised) checkpoint tensors are given back (memory.py), so the
+  process holds each weight once.
 - numerics: float32 accumulation everywhere, one rounding to the model dtype per output, like F.linear; taps
   and grafting work as on the plain model (verification runs this path op by op).
 - threads: torch's intra-op pool (torch.set_num_threads); see set_threads().
@@ -24,6 +26,7 @@ import os
 import torch
 from torch import nn
 
+from . import memory
 from .build import kernels, status
 from .forward import build_plan, can_fuse, fused_forward
 from .linear import FastLinear, Int8Linear
@@ -33,27 +36,31 @@ __all__ = ["optimize", "fuse_projections", "quantise", "kernels", "status", "set
            "Int8Linear", "QUANT_MODES"]
 
 
-def fuse_projections(model) -> None:
+def fuse_projections(model, file_ranges=None) -> None:
     """Concatenate q/k/v and gate/up weights into fused modules; the HF-named weights become views of them.
     Idempotent; projections with a bias are left unfused."""
+    ranges = memory._file_ranges() if file_ranges is None else file_ranges
     for layer in model.model.layers:
         attn = layer.self_attn
         if attn.qkv_proj is None and all(p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
-            attn.qkv_proj = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            attn.qkv_proj = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], ranges)
         mlps = [layer.mlp] if not layer.is_moe else list(layer.mlp.experts)
         for mlp in mlps:
             if mlp.gate_up_proj is None and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
-                mlp.gate_up_proj = _fuse([mlp.gate_proj, mlp.up_proj])
+                mlp.gate_up_proj = _fuse([mlp.gate_proj, mlp.up_proj], ranges)
 
 
-def _fuse(parts: list[nn.Linear]) -> FastLinear:
-    """One weight [sum N_i, K] (a new tensor); each part's weight re-pointed to its rows (views, no copy)."""
-    W = torch.cat([p.weight.detach() for p in parts], dim=0)  # [sum N_i, K]
+def _fuse(parts: list[nn.Linear], ranges) -> FastLinear:
+    """One weight [sum N_i, K] (a new tensor); each part's weight re-pointed to its rows (views, no copy).
+    The parts' memory-mapped file pages, now copied, are given back (memory.py)."""
+    old = [p.weight.detach() for p in parts]
+    W = torch.cat(old, dim=0)  # [sum N_i, K]
     start = 0
     for p in parts:
         n = p.weight.shape[0]
         p.weight = nn.Parameter(W[start:start + n], requires_grad=False)
         start += n
+    memory.release(old, ranges)
     return FastLinear(W, fused=True)
 
 
@@ -71,10 +78,11 @@ def optimize(model, quant: str | None = None, fuse: bool = True):
         from ..errors import InputError
 
         raise InputError(f"quant must be one of {', '.join(QUANT_MODES)} or None, got {quant!r}")
+    ranges = memory._file_ranges()
     if fuse:
-        fuse_projections(model)
+        fuse_projections(model, ranges)
     if quant is not None:
-        quantise(model, quant)
+        quantise(model, quant, ranges)
     _swap_linears(model)
     kernels()  # build now (once), not inside the first timed forward
     fused = fuse and can_fuse(model)

@@ -81,12 +81,19 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, fused: bool = False) -> Int8Linear:
-        """Symmetric per-output-row quantisation: scale = max|w| / 127, q = round(w / scale)."""
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1) / 127.0  # [N]
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [N, K]
+    def from_float(cls, weight: torch.Tensor, fused: bool = False, rows: int = 2048) -> Int8Linear:
+        """Symmetric per-output-row quantisation: scale = max|w| / 127, q = round(w / scale). Done `rows` rows
+        at a time, so a large matrix (a 151936-row lm_head) never exists in float32 all at once."""
+        N, K = weight.shape
+        q = torch.empty(N, K, dtype=torch.int8, device=weight.device)  # [N, K]
+        scale = torch.empty(N, dtype=torch.float32, device=weight.device)  # [N]
+        with torch.no_grad():
+            for a in range(0, N, rows):
+                w = weight[a:a + rows].detach().float()
+                s = w.abs().amax(dim=1) / 127.0
+                s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row stays zero
+                scale[a:a + rows] = s
+                q[a:a + rows] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
         return cls(q, scale, fused=fused)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -12,18 +12,23 @@ The accuracy cost is measured against the float64 oracle by tests/test_fast_quan
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
+from . import memory
 from .linear import FastLinear, Int8Linear
 
 QUANT_MODES = ("int8",)
 
 
-def _q(mod: nn.Module, fused: bool = False) -> Int8Linear:
+def _q_mod(mod: nn.Module, ranges, fused: bool = False) -> Int8Linear:
     if isinstance(mod, Int8Linear):
         return mod
     assert isinstance(mod, (nn.Linear, FastLinear)) and getattr(mod, "bias", None) is None, mod
-    return Int8Linear.from_float(mod.weight, fused=fused)
+    q = Int8Linear.from_float(mod.weight, fused=fused)
+    memory.release([mod.weight], ranges)  # a memory-mapped original is not read again (a tied embedding
+    return q  # reads a few rows per step; they fault back in from the file)
 
 
 def _views(fused: Int8Linear, parts: list[str], owner: nn.Module) -> None:
@@ -35,9 +40,11 @@ def _views(fused: Int8Linear, parts: list[str], owner: nn.Module) -> None:
         start += n
 
 
-def quantise(model, mode: str = "int8"):
+def quantise(model, mode: str = "int8", file_ranges=None):
     """Replace the model's projection weights by int8 ones in place (see module docstring); returns model."""
     assert mode in QUANT_MODES, mode
+    ranges = memory._file_ranges() if file_ranges is None else file_ranges
+    _q = functools.partial(_q_mod, ranges=ranges)
     for layer in model.model.layers:
         attn = layer.self_attn
         if attn.qkv_proj is not None:
@@ -56,4 +63,8 @@ def quantise(model, mode: str = "int8"):
             mlp.down_proj = _q(mlp.down_proj)
     model.lm_head = _q(model.lm_head)
     model.quant = mode
+    if getattr(model, "_fast_plan", None) is not None:  # an optimized model: its fused step reads the new weights
+        from .forward import build_plan
+
+        model._fast_plan = build_plan(model)
     return model
