@@ -41,6 +41,10 @@ def _quant(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(W / s[:, None]).to(torch.int8), s
 
 
+# int8 weights: with AVX512-VNNI each input row is quantised to int16 (relative error <= 1.5e-5 of its largest
+# element) before the exact integer dot products; far below the weights' own int8 error (~4e-3).
+INT8_X_REL = 2e-4
+
 SHAPES = [(1, 8, 3), (2, 40, 13), (3, 33, 9), (5, 1000, 64), (9, 1024, 17), (17, 64, 40)]  # (M, K, N)
 
 
@@ -58,8 +62,10 @@ def test_linear_small_matches_float64(k, M, K, N):
     assert yb.dtype == torch.bfloat16 and _rel(yb, refb) < 2 ** -8, _rel(yb, refb)
     q, s = _quant(W)
     refq = x.double() @ (q.double() * s.double()[:, None]).T
-    assert _rel(k.linear_small(x, q, s), refq) < 1e-6
+    assert _rel(k.linear_small(x, q, s), refq) < INT8_X_REL
     assert _rel(k.linear_small(xb, q, s), xb.double() @ (q.double() * s.double()[:, None]).T) < 2 ** -8
+    x[0, 0] = float("inf")  # a non-finite input propagates (the int16 path cannot carry it)
+    assert not torch.isfinite(k.linear_small(x, q, s)[0]).any()
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES[1:])
@@ -202,7 +208,7 @@ def test_linear_modules_same_with_and_without_kernels(M, dtype):
         build.reset()
     assert fast.shape == plain.shape == (2, M, 24) and fast.dtype == plain.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 2 ** -7
-    assert _rel(fast, plain) < tol and _rel(fast8, plain8) < tol
+    assert _rel(fast, plain) < tol and _rel(fast8, plain8) < max(tol, INT8_X_REL)
     deq = x.double() @ q8.dequantized(torch.float64).T
     assert _rel(plain8, deq) < tol
 

@@ -51,11 +51,17 @@ def _unavailable_reason() -> str | None:
     return None
 
 
+def _cflags() -> list[str]:
+    """CFLAGS plus the optional instruction sets this CPU has (the int8 kernel uses VNNI when present)."""
+    return CFLAGS + (["-mavx512vnni"] if "avx512_vnni" in _cpu_flags() else [])
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    return load(name=f"qwen3lab_fast_{digest}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+    flags = _cflags()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    return load(name=f"qwen3lab_fast_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
                 extra_ldflags=LDFLAGS, verbose=False)
 
 
