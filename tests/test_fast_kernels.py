@@ -154,7 +154,8 @@ def test_silu_mul_matches_torch(k, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("Hq,Hkv,Dh", [(4, 2, 32), (8, 2, 20), (16, 16, 8)])
+# head sizes 128 and 64 take the register-blocked passes (heads per group even and odd), others the generic one
+@pytest.mark.parametrize("Hq,Hkv,Dh", [(4, 2, 32), (8, 2, 20), (16, 16, 8), (16, 8, 128), (6, 2, 128), (20, 4, 64)])
 def test_attend_decode_matches_sdpa_and_writes_cache(k, dtype, Hq, Hkv, Dh):
     g = torch.Generator().manual_seed(Hq + Dh)
     B, cap, pos = 3, 40, [0, 7, 38]  # a first token, a few, the last slot of the cache

@@ -629,6 +629,90 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
   });
 }
 
+// scores[r, s] = q[r] . K[s] for 4 keys at a time and NR heads (q rows float32, already scaled), Dh = 16 * NCH.
+template <class D, int NCH, int NR>
+inline void qk_rows(const typename D::T* K, int64_t S, const float* q, float* sc, int64_t lds) {
+  constexpr int64_t Dh = 16 * NCH;
+  __m512 qv[NR][NCH];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NCH; ++c) qv[r][c] = _mm512_loadu_ps(q + r * Dh + c * 16);
+  int64_t s = 0;
+  for (; s + 4 <= S; s += 4) {
+    for (int l = 0; l < 4 * NCH / 2; ++l) _mm_prefetch((const char*)(K + (s + 16) * Dh) + 64 * l, _MM_HINT_T0);
+    __m512 acc[4][NR];
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < NR; ++r) acc[j][r] = _mm512_setzero_ps();
+    for (int c = 0; c < NCH; ++c)
+      for (int j = 0; j < 4; ++j) {
+        const __m512 kv = D::ld(K + (s + j) * Dh + c * 16, 0xffff);
+        for (int r = 0; r < NR; ++r) acc[j][r] = _mm512_fmadd_ps(qv[r][c], kv, acc[j][r]);
+      }
+    for (int r = 0; r < NR; ++r) _mm_storeu_ps(sc + r * lds + s, hsum4(acc[0][r], acc[1][r], acc[2][r], acc[3][r]));
+  }
+  for (; s < S; ++s)
+    for (int r = 0; r < NR; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < NCH; ++c) acc = _mm512_fmadd_ps(qv[r][c], D::ld(K + s * Dh + c * 16, 0xffff), acc);
+      sc[r * lds + s] = _mm512_reduce_add_ps(acc);
+    }
+}
+
+// out[r, :] = sum_s p[r, s] * V[s, :] for NR heads, Dh = 16 * NCH: one sequential pass over V with every
+// accumulator in registers (NR * NCH <= 16), summed over s in order (the same float32 sums as pv_generic).
+template <class D, int NCH, int NR>
+inline void pv_rows(const typename D::T* V, int64_t S, const float* p, int64_t ldp, typename D::T* o) {
+  constexpr int64_t Dh = 16 * NCH;
+  __m512 a[NR][NCH];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NCH; ++c) a[r][c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    for (int l = 0; l < NCH / 2; ++l) _mm_prefetch((const char*)(V + (s + 16) * Dh) + 64 * l, _MM_HINT_T0);
+    __m512 vv[NCH];
+    for (int c = 0; c < NCH; ++c) vv[c] = D::ld(V + s * Dh + c * 16, 0xffff);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * ldp + s]);
+      for (int c = 0; c < NCH; ++c) a[r][c] = _mm512_fmadd_ps(pr, vv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NCH; ++c) D::st(o + r * Dh + c * 16, a[r][c], 0xffff);
+}
+
+template <class D, int NCH, int RB>
+inline void pv_heads(const typename D::T* V, int64_t S, const float* p, int64_t R, typename D::T* o) {
+  constexpr int64_t Dh = 16 * NCH;
+  int64_t r = 0;
+  for (; r + RB <= R; r += RB) pv_rows<D, NCH, RB>(V, S, p + r * S, S, o + r * Dh);
+  for (; r < R; ++r) pv_rows<D, NCH, 1>(V, S, p + r * S, S, o + r * Dh);
+}
+
+// The register-blocked pass for the usual head sizes (Qwen3: 128); false for others.
+template <class D>
+inline bool pv_fast(const typename D::T* V, int64_t S, int64_t Dh, const float* p, int64_t R, typename D::T* o) {
+  if (Dh == 128) pv_heads<D, 8, 2>(V, S, p, R, o);
+  else if (Dh == 64) pv_heads<D, 4, 4>(V, S, p, R, o);
+  else return false;
+  return true;
+}
+
+// Any head size: chunk by chunk of 16 columns, up to 8 heads' accumulators at a time (V re-read per chunk).
+template <class D>
+inline void pv_generic(const typename D::T* V, int64_t S, int64_t Dh, const float* p, int64_t R, typename D::T* o) {
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const int64_t nr = std::min<int64_t>(8, R - r0);
+    for (int64_t j = 0; j < Dh; j += 16) {
+      const __mmask16 k = tail_mask(Dh - j);
+      __m512 a[8];
+      for (int64_t r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) {
+        const __m512 vv = D::ld(V + s * Dh + j, k);
+        for (int64_t r = 0; r < nr; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[(r0 + r) * S + s]), vv, a[r]);
+      }
+      for (int64_t r = 0; r < nr; ++r) D::st(o + (r0 + r) * Dh + j, a[r], k);
+    }
+  }
+}
+
 // Single-query attention for B sequences: k_new/v_new [B, Hkv, Dh] are written at position pos[b] of each
 // sequence's cache [Hkv, cap, Dh] (this layer's view), then q [B, Hq, Dh] attends over positions 0..pos[b].
 // Scores and softmax in float32, output accumulated in float32 and rounded once (as SDPA's CPU kernel).
@@ -656,6 +740,16 @@ void attend_decode_impl(const at::Tensor& q, const at::Tensor& kn, const at::Ten
       const T* K = (const T*)kc[b].data_ptr() + g * cap * Dh;
       const T* V = (const T*)vc[b].data_ptr() + g * cap * Dh;
       sc.resize(R * S);
+      if (Dh == 128) {  // the usual head size: a register-blocked pass over K (q rows float32, unsplit)
+        qf.resize(R * Dh);
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = 0; j < Dh; ++j)
+            qf[r * Dh + j] = float(scale) * (b16 ? bf(((const uint16_t*)qp)[(b * Hq + g * R + r) * Dh + j])
+                                                 : ((const float*)qp)[(b * Hq + g * R + r) * Dh + j]);
+        int64_t r = 0;
+        for (; r + 2 <= R; r += 2) qk_rows<D, 8, 2>(K, S, qf.data() + r * Dh, sc.data() + r * S, S);
+        for (; r < R; ++r) qk_rows<D, 8, 1>(K, S, qf.data() + r * Dh, sc.data() + r * S, S);
+      } else {
       // this group's R query heads as fp32 rows in the linear kernels' layout (bf16: even/odd split)
       qf.assign(R * ldq, 0.f);
       for (int64_t r = 0; r < R; ++r)
@@ -669,6 +763,7 @@ void attend_decode_impl(const at::Tensor& q, const at::Tensor& kn, const at::Ten
       int64_t s = 0;
       for (; s + 4 <= S; s += 4) rows_all_m<Kern, 4>(K + s * Dh, Dh, qf.data(), ldq, R, nullptr, sc.data() + s, S);
       for (; s < S; ++s) rows_all_m<Kern, 1>(K + s * Dh, Dh, qf.data(), ldq, R, nullptr, sc.data() + s, S);
+      }
       for (int64_t r = 0; r < R; ++r) {  // softmax in float32
         float* x = sc.data() + r * S;
         __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -685,19 +780,8 @@ void attend_decode_impl(const at::Tensor& q, const at::Tensor& kn, const at::Ten
         for (int64_t s = 0; s < S; s += 16)
           _mm512_mask_storeu_ps(x + s, tail_mask(S - s), _mm512_mul_ps(_mm512_maskz_loadu_ps(tail_mask(S - s), x + s), inv));
       }
-      for (int64_t r0 = 0; r0 < R; r0 += 8) {  // out = probs @ V, up to 8 heads' accumulators in registers
-        const int64_t nr = std::min<int64_t>(8, R - r0);
-        for (int64_t j = 0; j < Dh; j += 16) {
-          const __mmask16 k = tail_mask(Dh - j);
-          __m512 a[8];
-          for (int64_t r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
-          for (int64_t s = 0; s < S; ++s) {
-            const __m512 vv = D::ld(V + s * Dh + j, k);
-            for (int64_t r = 0; r < nr; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(sc[(r0 + r) * S + s]), vv, a[r]);
-          }
-          for (int64_t r = 0; r < nr; ++r) D::st(op + (b * Hq + g * R + r0 + r) * Dh + j, a[r], k);
-        }
-      }
+      T* o = op + (b * Hq + g * R) * Dh;
+      if (!pv_fast<D>(V, S, Dh, sc.data(), R, o)) pv_generic<D>(V, S, Dh, sc.data(), R, o);
     }
   });
 }
