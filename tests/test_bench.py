@@ -98,7 +98,108 @@ def test_generate_bench_end_to_end(tmp_path, capsys):
         if r["phase"] == "decode":
             assert 0 < r["roofline_fraction"] and r["roofline_tok_per_s"] > 0
     assert report["settings"]["bandwidth"]["read_gbs"] > 0
-    assert report["settings"]["weight_bytes"]["qwen3lab"] == report["settings"]["weight_bytes"]["hf"]
+    wb = report["settings"]["weight_bytes"]["float32"]
+    assert wb["qwen3lab"] == wb["hf"]
+    assert report["settings"]["fast"] is True and report["settings"]["ours_path"].startswith("fast (")
+
+
+def tiny_int8_weight_bytes() -> int:
+    """What one decode step of the tiny config reads in weights under int8, by hand (D 64, I 128, 2 layers,
+    Hq 4, Hkv 2, Dh 32, V 151936, tied): projections 1 byte per weight + a 4-byte scale per output row; the
+    norms bfloat16; lm_head (its own int8 copy of the tied embedding) read in full; the embedding is a gather."""
+    def q(rows, cols):
+        return rows * cols + 4 * rows
+
+    per_layer = q(128, 64) + q(64, 64) + q(64, 64) + q(64, 128)  # q, k, v, o
+    per_layer += q(128, 64) + q(128, 64) + q(64, 128)  # gate, up, down
+    per_layer += 2 * (32 + 32 + 64 + 64)  # q_norm, k_norm, input / post-attention norms, bf16
+    return 2 * per_layer + 2 * 64 + q(151936, 64)  # + final norm + lm_head
+
+
+def test_generate_bench_several_dtypes_in_one_run(tmp_path, capsys):
+    from qwen3lab.make_model import make_model
+
+    model = make_model(tmp_path / "tiny", preset="tiny", dtype="float32")
+    rc = run_bench_command("generate", model=str(model), dtype="bfloat16,int8", prompt_lens="8", batch="1",
+                           new_tokens=4, warmups=0, runs=1, quiet=True)
+    assert rc == 0
+    captured = capsys.readouterr()
+    report = last_json_line(captured.out)
+    assert report["settings"]["dtypes"] == ["bfloat16", "int8"] and report["settings"]["dtype"] == "bfloat16,int8"
+    got = {(r["impl"], r["phase"], r["dtype"]) for r in report["results"]}
+    for dt in ("bfloat16", "int8"):
+        for phase in ("load", "prefill", "decode"):
+            assert ("qwen3lab", phase, dt) in got, (phase, dt)
+    # HF has no CPU int8 path: its rows are bfloat16 only, the int8 rows have no ratio, and a note says so
+    assert {dt for impl, _, dt in got if impl == "hf"} == {"bfloat16"}
+    assert "HF transformers has no CPU int8 path" in captured.err and report["settings"]["notes"]
+    for r in report["results"]:
+        if r["impl"] == "qwen3lab" and r["phase"] != "load":
+            assert ("speedup_vs_hf" in r) == (r["dtype"] == "bfloat16"), r
+    # the int8 roofline counts int8 weights + float32 row scales (bandwidth.py), by hand
+    dec = {r["dtype"]: r for r in report["results"] if r["phase"] == "decode" and r["impl"] == "qwen3lab"}
+    kv, embed = 2 * 2 * 2 * 32 * (8 + 4 // 2) * 2, 64 * 2  # (k, v) * layers * Hkv * Dh * context * bf16; one row
+    per_layer = 128 * 64 + 64 * 64 + 64 * 64 + 64 * 128 + 32 + 32 + 64 + 64 + 3 * 128 * 64
+    bf16_bytes = 2 * (2 * per_layer + 64 + 151936 * 64) + kv + embed
+    int8_bytes = tiny_int8_weight_bytes() + kv + embed
+    # same bandwidth for both: the rooflines' ratio is the ratio of bytes per step
+    assert dec["int8"]["roofline_tok_per_s"] / dec["bfloat16"]["roofline_tok_per_s"] == pytest.approx(
+        bf16_bytes / int8_bytes, rel=1e-12)
+    bw = report["settings"]["bandwidth"]["read_gbs"]  # rounded to 0.01 GB/s in the report
+    assert abs(dec["int8"]["roofline_tok_per_s"] * int8_bytes / 1e9 - bw) <= 0.005 + 1e-9
+    wb = report["settings"]["weight_bytes"]
+    assert wb["bfloat16"]["qwen3lab"] == wb["bfloat16"]["hf"] and set(wb["int8"]) == {"qwen3lab"}
+    # ours' int8 model holds the bf16 embedding plus exactly the int8 weights, scales and norms the roofline counts
+    assert wb["int8"]["qwen3lab"] == 151936 * 64 * 2 + tiny_int8_weight_bytes()
+
+
+def test_generate_bench_no_fast_runs_the_plain_model(tmp_path, capsys, monkeypatch):
+    from qwen3lab.bench import generate as G
+    from qwen3lab.fast import FastLinear
+    from qwen3lab.make_model import make_model
+
+    model = make_model(tmp_path / "tiny", preset="tiny", dtype="float32")
+    linears = []
+    close = G.OursGenerate.close
+
+    def spy(self):
+        linears.append({type(m).__name__ for m in self.lm.model.modules()})
+        close(self)
+
+    monkeypatch.setattr(G.OursGenerate, "close", spy)
+    common = dict(model=str(model), dtype="float32", prompt_lens="8", batch="1", new_tokens=3, warmups=0, runs=1,
+                  quiet=True, no_hf=True, no_roofline=True)
+    assert run_bench_command("generate", no_fast=True, **common) == 0
+    plain = last_json_line(capsys.readouterr().out)
+    assert run_bench_command("generate", **common) == 0
+    fast = last_json_line(capsys.readouterr().out)
+    assert "FastLinear" not in linears[0] and FastLinear.__name__ in linears[1], linears
+    assert plain["settings"]["fast"] is False and plain["settings"]["ours_path"] == "plain eager (--no-fast)"
+    assert fast["settings"]["fast"] is True
+    # --compare of the fast run against the plain one says which paths it compares
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    run_bench_command("generate", compare=str(tmp_path / "plain.json"), tolerance="1000", **common)
+    out = capsys.readouterr().out
+    assert "the old report ran ours on the plain eager path (--no-fast), this run on the fast path" in out
+
+
+def test_dtype_lists_are_checked():
+    from qwen3lab.bench.run import parse_dtypes
+
+    assert parse_dtypes("bfloat16, float32,int8,bfloat16", "generate") == ["bfloat16", "float32", "int8"]
+    assert parse_dtypes("float16", "attention") == ["float16"]
+    with pytest.raises(InputError, match="--dtype 'int4' in --dtype bfloat16,int4: not one of"):
+        parse_dtypes("bfloat16,int4", "generate")
+    with pytest.raises(InputError, match="bench attention takes one dtype"):
+        run_bench_command("attention", **{**TINY_ATTN, "dtype": "bfloat16,float32"})
+    with pytest.raises(InputError, match="bench moe takes one dtype"):
+        run_bench_command("moe", preset="tiny-moe", dtype="float32,bfloat16", warmups=0, runs=1, quiet=True)
+    with pytest.raises(InputError, match="int8 is for bench generate"):
+        run_bench_command("attention", **{**TINY_ATTN, "dtype": "int8"})
+    with pytest.raises(InputError, match="int8 weights need the fast path"):
+        run_bench_command("generate", dtype="bfloat16,int8", no_fast=True, warmups=0, runs=1, quiet=True)
+    with pytest.raises(InputError, match="--dtype ''"):
+        run_bench_command("generate", dtype="", warmups=0, runs=1, quiet=True)
 
 
 def test_cuda_asked_for_without_cuda_is_a_clear_error():
@@ -218,6 +319,25 @@ def test_compare_knows_which_way_is_better():
     # faster is never a regression, however large the change
     new = _report(tok_per_s=1000.0, ttft_ms=1.0, peak_mem_bytes=1)
     assert not H.regressions(H.compare_reports(old, new, 0.10)[0])
+
+
+def test_compare_and_ratios_match_records_by_dtype():
+    dev = torch.device("cpu")
+
+    def rep(bf16: float, int8: float) -> dict:
+        recs = [H.make_record("generate", "qwen3lab", "decode", "batch=1", dev, "bfloat16", tok_per_s=bf16),
+                H.make_record("generate", "hf", "decode", "batch=1", dev, "bfloat16", tok_per_s=10.0),
+                H.make_record("generate", "qwen3lab", "decode", "batch=1", dev, "int8", tok_per_s=int8)]
+        return H.make_report("generate", dev, {}, recs)
+
+    old, new = rep(20.0, 40.0), rep(20.0, 30.0)  # int8 got 25% slower, bf16 unchanged
+    assert old["results"][0]["speedup_vs_hf"]["tok_per_s"] == 2.0
+    assert "speedup_vs_hf" not in old["results"][2]  # no HF int8 record: no ratio across dtypes
+    changes, missing = H.compare_reports(old, new, 0.10)
+    assert not missing
+    by = {(c.record[1], c.record[5]): c for c in changes}
+    assert by[("qwen3lab", "bfloat16")].status == "same" and by[("qwen3lab", "int8")].status == "REGRESSION"
+    assert [c.record[5] for c in H.regressions(changes)] == ["int8"]
 
 
 def test_compare_fails_only_on_our_regressions():
@@ -341,6 +461,29 @@ def test_decode_bytes_by_hand():
     assert decode_bytes(cfg, "bfloat16", 10)["weights_bytes"] == 2 * weights
     r = roofline_tok_per_s(cfg, "float32", 10.0, context=10, batch=3)
     assert r == pytest.approx(3 * 10e9 / (4 * weights + b["kv_bytes"] + b["embed_bytes"]))
+
+
+def test_int8_decode_bytes_by_hand():
+    cfg = preset_config("tiny")
+    b = decode_bytes(cfg, "int8", context=10, batch=3)
+    assert b["weights_bytes"] == tiny_int8_weight_bytes()
+    assert b["kv_bytes"] == decode_bytes(cfg, "bfloat16", context=10, batch=3)["kv_bytes"]  # KV stays bf16
+    assert b["embed_bytes"] == 3 * 64 * 2
+    # tiny-moe (untied, 8 experts of I 32, top-2): the router [8, 64] stays bfloat16, the experts are int8 and
+    # counted at the fraction hit (2 of 8 for one token)
+    moe = preset_config("tiny-moe")
+
+    def q(rows, cols):
+        return rows * cols + 4 * rows
+
+    attn = q(128, 64) + q(64, 64) + q(64, 64) + q(64, 128)
+    norms = 2 * (32 + 32 + 64 + 64)
+    router = 8 * 64 * 2
+    experts = 8 * (q(32, 64) + q(32, 64) + q(64, 32)) * 2 / 8
+    want = 2 * (attn + norms + router + experts) + 2 * 64 + q(151936, 64)
+    assert decode_bytes(moe, "int8", context=1, batch=1)["weights_bytes"] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="int4"):
+        decode_bytes(cfg, "int4", context=1)
 
 
 def test_moe_decode_reads_only_the_experts_hit():

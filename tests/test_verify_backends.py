@@ -264,3 +264,25 @@ def test_decode_dump_and_dump_as_reference(model_dir, torch32, tmp_path):
                          input_ids=IDS, config_sha256=sha(model_dir / "config.json"))
     rep = verify(f"dump:{dump}", f"dump:{dump2}", model_path=model_dir, decode_steps=2)
     assert rep.first_divergence.name == "step1.layers.1.v" and rep.reference.startswith("dump dec.safetensors")
+
+
+# ---- the fast path as a spec ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(None, "float32"), ("bfloat16", "bfloat16"), ("int8", "bfloat16")])
+def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
+    from qwen3lab.verify.backends import BUILTIN, resolve
+
+    assert "torch-fast" in BUILTIN
+    side = resolve("torch-fast", model_dir, device="cpu", dtype=dtype)
+    assert side.label == f"torch-fast ({dtype or 'float32'}, cpu)" and side.backend.model.fast_forward is not None
+    rep = verify(oracle, "torch-fast", IDS, model_path=model_dir, dtype=dtype)
+    assert rep.candidate == side.label and rep.tolerance.name == tol and rep.overall_success, rep.summary
+
+
+def test_int8_gets_the_bfloat16_tolerance_and_other_backends_refuse_it(model_dir):
+    from qwen3lab.verify.tolerances import DTYPE_DEFAULTS, tolerance_for
+
+    assert tolerance_for("int8") == DTYPE_DEFAULTS["bfloat16"]
+    assert tolerance_for("int8", "float32") == DTYPE_DEFAULTS["bfloat16"]
+    for spec in ("numpy", "torch", "hf"):
+        with pytest.raises(InputError, match=f"backend '{spec}' has no int8 dtype"):
+            verify("numpy", spec, IDS, model_path=model_dir, dtype="int8")

@@ -2,6 +2,10 @@
 
 Every user-facing error is a Qwen3LabError; the command prints it as one line naming the file, tensor,
 field or value and exits 2, instead of a traceback.
+
+generate / chat run the fast CPU path (qwen3lab.fast: fused projections, C++ streaming kernels) by default;
+--no-fast runs the plain eager model instead, --dtype int8 (or --quant int8 with float32 / bfloat16) int8
+weights on the fast path, --threads N sets torch's intra-op threads. The "loading ..." line says which path runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import click
 from .errors import Qwen3LabError
 
 DTYPES = ["float32", "bfloat16", "float16", "float64"]
+RUN_DTYPES = DTYPES + ["int8"]  # int8: bfloat16 activations + int8 weights (the fast CPU path)
 MODEL_HELP = "checkpoint dir (config.json + safetensors + tokenizer.json); default: the embedded default model"
 
 
@@ -66,7 +71,13 @@ def _sampling_options(fn):
     for opt in reversed([
         click.option("--model", "model", default=None, help=MODEL_HELP),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
-        click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True),
+        click.option("--dtype", type=click.Choice(RUN_DTYPES), default="bfloat16", show_default=True,
+                     help="int8: bfloat16 activations + int8 weights (CPU fast path)"),
+        click.option("--quant", type=click.Choice(["int8"]), default=None,
+                     help="int8 weights (per-row scales) with --dtype float32 or bfloat16 activations (CPU)"),
+        click.option("--no-fast", is_flag=True, help="run the plain eager model instead of the fast CPU path"),
+        click.option("--threads", type=int, default=None,
+                     help="torch intra-op threads [default: torch's, one per core]"),
         click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most"),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
@@ -77,14 +88,52 @@ def _sampling_options(fn):
     return fn
 
 
-def _load_model(model, device, dtype):
+def _check_run_options(device: str, dtype: str, quant: str | None, no_fast: bool, threads: int | None) -> None:
+    """Refuse the combinations that cannot run, each in one line naming the options (exit 2)."""
+    from .errors import InputError
+
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    if quant is not None and dtype not in ("float32", "bfloat16", "int8"):
+        raise InputError(f"--quant {quant} needs --dtype float32 or bfloat16 activations, got --dtype {dtype}")
+    int8 = "--dtype int8" if dtype == "int8" else f"--quant {quant}" if quant else None
+    if int8 and not device.startswith("cpu"):
+        raise InputError(f"{int8}: int8 weights run on the CPU fast path only, got --device {device}")
+    if int8 and no_fast:
+        raise InputError(f"{int8}: int8 weights need the fast path; drop --no-fast")
+
+
+def _path_line(device: str, fast: bool) -> str:
+    """Which forward runs: the fast path and its kernels (qwen3lab.fast.status()), or the plain eager model."""
+    if not fast:
+        return "plain eager path (--no-fast)"
+    if not device.startswith("cpu"):
+        return f"plain eager path (the fast path is CPU only; {device})"
+    from .fast import status
+
+    return f"fast kernels: {status()}"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
+def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None):
     from .api import resolve_model_path
+
+    _check_run_options(device, dtype, quant, no_fast, threads)
+    import torch
+
     from .qwen3 import Qwen3ForCausalLM
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     path = resolve_model_path(model)
-    click.echo(f"loading {path} ({dtype}, {device})", err=True)
-    return Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype)
-
+    what = "int8 weights, bfloat16 activations" if dtype == "int8" else (
+        f"{dtype} activations, {quant} weights" if quant else dtype)
+    click.echo(f"loading {path} ({what}, {device}, {_threads(torch.get_num_threads())}, "
+               f"{_path_line(device, not no_fast)})", err=True)
+    return Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, quant=quant, fast=not no_fast)
 
 
 def _print_stats(res) -> None:
@@ -107,9 +156,10 @@ def _stream_text(_tok: int, delta: str) -> None:
 @click.option("--no-think", is_flag=True, help="with --chat: enable_thinking=False")
 @click.option("--stop", multiple=True, help="extra stop string (repeatable); eos ids always stop")
 @friendly_errors
-def generate_cmd(prompt, model, device, dtype, max_steps, temperature, top_k, top_p, seed, as_chat, no_think, stop):
+def generate_cmd(prompt, model, device, dtype, quant, no_fast, threads, max_steps, temperature, top_k, top_p, seed,
+                 as_chat, no_think, stop):
     """Continue PROMPT with the model, streaming tokens as they come; tokens/s at the end."""
-    lm = _load_model(model, device, dtype)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads)
     if as_chat:
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                   add_generation_prompt=True, enable_thinking=not no_think)
@@ -124,9 +174,10 @@ def generate_cmd(prompt, model, device, dtype, max_steps, temperature, top_k, to
 @click.option("--system", default=None, help="system prompt")
 @click.option("--no-think", is_flag=True, help="enable_thinking=False (Qwen3's /no_think mode)")
 @friendly_errors
-def chat_cmd(model, device, dtype, max_steps, temperature, top_k, top_p, seed, system, no_think):
+def chat_cmd(model, device, dtype, quant, no_fast, threads, max_steps, temperature, top_k, top_p, seed, system,
+             no_think):
     """Interactive chat with the chat template; replies stream. /exit quits, /reset clears the history."""
-    lm = _load_model(model, device, dtype)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     click.echo("chat: /exit to quit, /reset to clear the history, /think or /no_think to switch thinking", err=True)
     think = not no_think
@@ -181,10 +232,12 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
 @main.command("verify")
 @click.option("--model-path", default=None, help=MODEL_HELP)
 @click.option("--reference", default="numpy", show_default=True,
-              help="numpy | torch | hf | dump:FILE | module:Class | file.py:Class")
+              help="numpy | torch | torch-fast | hf | dump:FILE | module:Class | file.py:Class "
+                   "(torch-fast: the fast CPU path, fused projections + kernels)")
 @click.option("--candidate", default="torch", show_default=True, help="same choices as --reference")
 @click.option("--device", default="cpu", show_default=True, help="device of the torch/hf backend")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="candidate dtype (default float32 for torch)")
+@click.option("--dtype", type=click.Choice(RUN_DTYPES), default=None,
+              help="candidate dtype (default float32 for torch/torch-fast); int8: torch-fast only")
 @click.option("--test-input", default=None, help='text to tokenize [default: "Hello, this is a test input"]')
 @click.option("--ids", default=None, help="comma-separated token ids instead of --test-input")
 @click.option("--layers", default=None, help="layers to compare, e.g. 0-4 or 0,2,5-7")
@@ -202,7 +255,8 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
 @click.option("--taps", type=click.Choice(["layer", "sublayer", "all"]), default="layer", show_default=True,
               help="terminal rows: one per layer, per sublayer, or per tap")
 @click.option("--probs", is_flag=True, help="also compare attention probabilities (O(T*S) memory)")
-@click.option("--sweep", is_flag=True, help="float32, bfloat16, float16 (every device) against the oracle")
+@click.option("--sweep", is_flag=True, help="torch in float32, bfloat16, float16 (every device) and torch-fast in "
+                                          "float32, bfloat16, int8 (CPU) against the oracle")
 @click.option("--self-test", is_flag=True, help="plant known bugs and show verify names each one")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first

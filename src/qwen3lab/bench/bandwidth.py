@@ -8,6 +8,9 @@ Notable:
   bandwidth: every decode step reads every weight once (embedding rows aside: one row per token), the
   lm_head fully, the KV cache of each sequence, and for MoE only the experts the step's tokens hit
   (expected distinct experts for a batch of B tokens: E * (1 - (1 - K/E)^B)).
+- int8 (weight-only, what `--dtype int8` runs: qwen3lab.fast.quant): every projection matrix (q/k/v, o,
+  gate/up, down, experts, lm_head) is read as 1 byte per weight plus one float32 scale per output row; the
+  norms and the MoE router stay bfloat16, as do the KV cache and the embedding rows (a gather).
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from ..shapes import expected_shapes
 from .harness import clock
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+# weight-only formats: (activation / KV / unquantised-tensor dtype, bytes per weight, bytes per output-row scale)
+QUANT_FORMATS = {"int8": ("bfloat16", 1, 4)}
+
+
+def _quantised(name: str, shape) -> bool:
+    """Whether qwen3lab.fast.quant makes this checkpoint tensor int8: the 2-D projections, not the
+    embedding (a gather), not the MoE router (`mlp.gate`, it decides which experts run), not the norms."""
+    return len(shape) == 2 and name != "model.embed_tokens.weight" and not name.endswith(".mlp.gate.weight")
 
 
 @dataclass
@@ -68,11 +79,15 @@ def decode_bytes(cfg, dtype: str, context: int, batch: int = 1,
                  bytes_per_param: float | None = None) -> dict[str, float]:
     """Bytes one decode step of `batch` sequences at `context` positions reads from memory.
 
-    Returns weights_bytes (shared by the batch), kv_bytes (all sequences), embed_bytes (rows gathered).
-    `bytes_per_param` overrides the weight element size (e.g. 1 for int8 weights); the KV cache stays
-    at `dtype`.
+    Returns weights_bytes (shared by the batch; int8 scales included), kv_bytes (all sequences), embed_bytes
+    (rows gathered). dtype: a float dtype, or "int8" (QUANT_FORMATS: int8 projections with float32 row
+    scales, bfloat16 for the rest). `bytes_per_param` overrides a float dtype's weight element size; the KV
+    cache stays at `dtype`.
     """
-    esize = DTYPE_BYTES[dtype]
+    act, qbytes, sbytes = QUANT_FORMATS.get(dtype, (dtype, None, 0))
+    if act not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join([*DTYPE_BYTES, *QUANT_FORMATS])}")
+    esize = DTYPE_BYTES[act]
     wsize = esize if bytes_per_param is None else bytes_per_param
     shapes = expected_shapes(cfg, include_lm_head=True)
     weights = 0.0
@@ -82,12 +97,16 @@ def decode_bytes(cfg, dtype: str, context: int, batch: int = 1,
             n *= s
         if name == "model.embed_tokens.weight":
             continue  # a gather: one row per token, counted below
+        if qbytes is not None and _quantised(name, shape):
+            nbytes = n * qbytes + shape[0] * sbytes  # int8 weights + one scale per output row
+        else:
+            nbytes = n * (esize if qbytes is not None else wsize)
         if ".mlp.experts." in name:
             # every expert tensor of a layer has the same size: scale by the fraction of experts hit
             hit = expected_experts_hit(cfg.num_experts, cfg.num_experts_per_tok, batch)
-            weights += n * wsize * hit / cfg.num_experts
+            weights += nbytes * hit / cfg.num_experts
         else:
-            weights += n * wsize
+            weights += nbytes
     embed = batch * cfg.hidden_size * esize
     kv = batch * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * esize
     return {"weights_bytes": weights, "kv_bytes": float(kv), "embed_bytes": float(embed)}

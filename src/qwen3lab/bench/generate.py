@@ -13,11 +13,21 @@ Notable:
   given as a fraction of bandwidth / (weights + KV cache + embedding rows read per step), the KV cache at
   the mean context of the decode (prompt + N/2).
 - ours and HF are loaded one after the other, the first freed before the second, so each peak is its own.
+- several dtypes (`--dtype bfloat16,float32,int8`): each in turn, ours then HF, every model freed before the
+  next; records carry their dtype, so the ours-vs-HF ratio only ever pairs records of the same dtype.
+- int8 (ours: bfloat16 activations + int8 weights on the fast CPU path): HF transformers has no CPU int8 path,
+  so HF is skipped for int8, with a one-line note; the int8 rows have no ratio (read them against HF's
+  bfloat16 rows). The int8 roofline counts 1 byte per projection weight plus its float32 row scales
+  (bandwidth.py).
+- ours runs the fast CPU path (qwen3lab.fast) unless fast=False (`--no-fast`): the plain eager model, so the
+  fast path's gain can be measured (run both, or `--compare` one report with the other).
 """
 
 from __future__ import annotations
 
 import gc
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +37,15 @@ from ..config import Qwen3Config
 from ..errors import InputError
 from . import harness as H
 from .bandwidth import measure_bandwidth, roofline_tok_per_s
+from .choices import GENERATE_DTYPES
 
 DEFAULT_PROMPT_LENS = (128, 512)
 DEFAULT_BATCHES = (1, 8)
 DEFAULT_NEW_TOKENS = 64
 DEFAULT_WARMUPS, DEFAULT_RUNS = 1, 3
 FIRST_SPECIAL_ID = 151643  # Qwen3's special tokens start here: random prompts stay below it
+HF_SKIPPED = {"int8": "HF transformers has no CPU int8 path: the int8 rows are ours only, with no ours-vs-HF "
+                      "ratio (read them against HF's bfloat16 rows)"}
 
 
 def random_prompts(cfg: Qwen3Config, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -45,10 +58,11 @@ def random_prompts(cfg: Qwen3Config, batch: int, length: int, seed: int) -> list
 class OursGenerate:
     impl = "qwen3lab"
 
-    def __init__(self, path: Path, device: torch.device, dtype: str):
+    def __init__(self, path: Path, device: torch.device, dtype: str, fast: bool = True):
         from ..qwen3 import Qwen3ForCausalLM
 
-        self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype)
+        # dtype "int8": bfloat16 activations + int8 weights (fast path); fast=False: the plain eager model
+        self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, fast=fast)
         self.cfg = self.lm.config
 
     def weight_bytes(self) -> int:
@@ -180,15 +194,23 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
     return recs, greedy_tokens
 
 
-def run(path: str | Path | None, device: torch.device, dtype: str, warmups: int = DEFAULT_WARMUPS,
+def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str], warmups: int = DEFAULT_WARMUPS,
         runs: int = DEFAULT_RUNS, prompt_lens=DEFAULT_PROMPT_LENS, batches=DEFAULT_BATCHES,
         new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
-        hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True,
-        progress: H.Progress | None = None) -> tuple[list[dict], dict[str, Any]]:
+        hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: H.Progress | None = None,
+        fast: bool = True, log: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
+    HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
     from ..api import resolve_model_path
 
+    dtypes = [dtype] if isinstance(dtype, str) else list(dtype)
+    for dt in dtypes:
+        if dt not in GENERATE_DTYPES:
+            raise InputError(f"--dtype {dt!r}: not one of {', '.join(GENERATE_DTYPES)}")
+    if not dtypes:
+        raise InputError("--dtype: no dtype given")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     H.check_counts(warmups, runs)
-    H.resolve_dtype(dtype)
     if new_tokens < 2:
         raise InputError(f"--new-tokens must be >= 2 (decode rate needs two tokens), got {new_tokens}")
     path = resolve_model_path(path)
@@ -199,29 +221,42 @@ def run(path: str | Path | None, device: torch.device, dtype: str, warmups: int 
         raise InputError(f"{longest} positions exceed the model's context {cfg.max_position_embeddings}")
     bw = measure_bandwidth(device) if roofline else None
     records: list[dict] = []
-    greedy: dict[str, Any] = {}
-    weight_bytes: dict[str, int] = {}
-    makers = [("qwen3lab", lambda: OursGenerate(path, device, dtype))]
-    if hf:
-        makers.append(("hf", lambda: HFGenerate(path, device, dtype, hf_attn)))
-    for name, make in makers:
-        gc.collect()
-        with H.PeakMemory(device) as pm:
-            t0 = H.clock(device)
-            impl = make()
-            load_s = H.clock(device) - t0
-        weight_bytes[name] = impl.weight_bytes()
-        records.append(H.make_record("generate", name, "load", "from_pretrained", device, dtype,
-                                     latency_ms=1e3 * load_s, peak_mem_bytes=pm.peak_bytes))
-        recs, toks = _bench_impl(impl, cfg, device, dtype, prompt_lens, batches, new_tokens, decode_prompt_len,
-                                 warmups, runs, seed, bw.read_gbs if bw else None, progress)
-        records += recs
-        greedy[name] = toks
-        impl.close()
-        del impl
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    weight_bytes: dict[str, dict[str, int]] = {}
+    agreement: dict[str, str] = {}
+    notes: list[str] = []
+    for dt in dtypes:
+        makers: list[tuple[str, Callable]] = [("qwen3lab", lambda dt=dt: OursGenerate(path, device, dt, fast))]
+        if hf and dt in HF_SKIPPED:
+            log(f"note: {HF_SKIPPED[dt]}")
+            notes.append(HF_SKIPPED[dt])
+        elif hf:
+            makers.append(("hf", lambda dt=dt: HFGenerate(path, device, dt, hf_attn)))
+        greedy: dict[str, Any] = {}
+        weight_bytes[dt] = {}
+        for name, make in makers:
+            gc.collect()
+            with H.PeakMemory(device) as pm:
+                t0 = H.clock(device)
+                impl = make()
+                load_s = H.clock(device) - t0
+            weight_bytes[dt][name] = impl.weight_bytes()
+            records.append(H.make_record("generate", name, "load", "from_pretrained", device, dt,
+                                         latency_ms=1e3 * load_s, peak_mem_bytes=pm.peak_bytes,
+                                         weight_bytes=weight_bytes[dt][name]))
+            recs, toks = _bench_impl(impl, cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len,
+                                     warmups, runs, seed, bw.read_gbs if bw else None, progress)
+            records += recs
+            greedy[name] = toks
+            impl.close()
+            del impl
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if greedy.get("qwen3lab") and greedy.get("hf"):
+            a, b = greedy["qwen3lab"][0], greedy["hf"][0]
+            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            # information, not a check: random weights make near-ties, and bf16 rounding may break them differently
+            agreement[dt] = f"{same}/{min(len(a), len(b))}"
     extra: dict[str, Any] = {
         "model": str(path), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size, "prompt_lens": list(prompt_lens), "batches": list(batches),
@@ -229,9 +264,8 @@ def run(path: str | Path | None, device: torch.device, dtype: str, warmups: int 
         "bandwidth": bw.as_dict() if bw else None, "hf_attn_implementation": hf_attn if hf else None,
         "baseline_rss_bytes": H.rss_bytes(),
     }
-    if greedy.get("qwen3lab") and greedy.get("hf"):
-        a, b = greedy["qwen3lab"][0], greedy["hf"][0]
-        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        # information, not a check: random weights make near-ties, and bf16 rounding may break them differently
-        extra["greedy_agreement_tokens"] = f"{same}/{min(len(a), len(b))}"
+    if agreement:
+        extra["greedy_agreement_tokens"] = agreement
+    if notes:
+        extra["notes"] = notes
     return records, extra

@@ -7,7 +7,8 @@ Notable:
   `/proc/self/clear_refs` before each measured phase (tracemalloc does not see torch's allocator);
   on CUDA it is `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`;
 - a report is one JSON object {bench, machine, settings, results}; each result is a record with
-  `bench`, `impl`, `phase`, `case`, `device`, `dtype` and figures. Figures know their direction
+  `bench`, `impl`, `phase`, `case`, `device`, `dtype` and figures (a report may hold several dtypes: the
+  ours-vs-HF ratio and --compare match records on all six, dtype included). Figures know their direction
   (FIGURE_DIRECTION) so `compare` can tell a regression from an improvement.
 """
 
@@ -412,9 +413,12 @@ def print_table(report: dict[str, Any], console=None) -> None:
     shared = [c for c in ("device", "dtype") if len({r[c] for r in results}) == 1]
     title = " · ".join([f"qwen3lab bench {report['bench']}", *(str(results[0][c]) for c in shared), m["cpu"],
                         f"{m['torch_threads']} threads", *([m["gpu"]] if m.get("gpu") else []), f"torch {m['torch']}"])
-    bw = (report.get("settings") or {}).get("bandwidth")
+    settings = report.get("settings") or {}
+    bw = settings.get("bandwidth")
     if bw:
         title += f" · bandwidth {bw['read_gbs']} GB/s"
+    if settings.get("ours_path"):
+        title += f" · ours: {settings['ours_path']}"
     table = Table(title=title, title_justify="left")
     cols = ["impl", "phase", "case"] + [c for c in ("device", "dtype") if c not in shared]
     for col in cols:
@@ -529,13 +533,13 @@ def print_comparison(changes: list[Change], missing: list[tuple], tolerance: flo
 
     console = console or Console()
     table = Table(title=f"compared with {old_path} (tolerance {100 * tolerance:g}%)", title_justify="left")
-    for col in ("impl", "phase", "case", "figure", "old", "new", "change", ""):
+    for col in ("impl", "phase", "case", "dtype", "figure", "old", "new", "change", ""):
         table.add_column(col, justify="right" if col in ("old", "new", "change") else "left")
     colors = {"REGRESSION": "bold red", "worse": "yellow", "better": "green", "same": ""}
     for c in changes:
-        _, impl, phase, case, _, _ = c.record
+        _, impl, phase, case, _, dtype = c.record
         style = colors[c.status]
-        table.add_row(impl, phase, case, c.figure, _fmt(c.old, c.figure), _fmt(c.new, c.figure),
+        table.add_row(impl, phase, case, str(dtype), c.figure, _fmt(c.old, c.figure), _fmt(c.new, c.figure),
                       f"{100 * c.change:+.1f}%", f"[{style}]{c.status}[/]" if style else c.status)
     console.print(table)
     for ident in missing:
@@ -561,22 +565,24 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         raise InputError(f"--plot {path}: the report has no figures to draw")
     fig, axes = plt.subplots(len(figures), 1, figsize=(10, 2.8 * len(figures)), squeeze=False)
     colors = {"qwen3lab": "tab:blue", "hf": "tab:orange"}
+    several = len({r["dtype"] for r in results}) > 1  # a multi-dtype report: one group per (phase, case, dtype)
     for ax, k in zip(axes[:, 0], figures, strict=True):
         cases = []
         for r in results:
-            if k in r and (r["phase"], r["case"]) not in cases:
-                cases.append((r["phase"], r["case"]))
+            if k in r and (r["phase"], r["case"], r["dtype"]) not in cases:
+                cases.append((r["phase"], r["case"], r["dtype"]))
         width = 0.8 / len(IMPLS)
         for j, impl in enumerate(IMPLS):
             vals = []
-            for ph, cs in cases:
-                rec = next((r for r in results if r["impl"] == impl and r["phase"] == ph and r["case"] == cs), None)
+            for ph, cs, dt in cases:
+                rec = next((r for r in results if r["impl"] == impl and r["phase"] == ph and r["case"] == cs
+                            and r["dtype"] == dt), None)
                 v = rec.get(k) if rec else None
                 vals.append(float("nan") if v is None else (v / 2**20 if k == "peak_mem_bytes" else v))
             xs = [i + (j - (len(IMPLS) - 1) / 2) * width for i in range(len(cases))]
             ax.bar(xs, vals, width, label=impl, color=colors[impl])
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"{ph}\n{cs}" for ph, cs in cases], fontsize=7)
+        ax.set_xticklabels([f"{ph}\n{cs}" + (f"\n{dt}" if several else "") for ph, cs, dt in cases], fontsize=7)
         ax.set_ylabel("peak MiB" if k == "peak_mem_bytes" else k)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)

@@ -2,14 +2,17 @@
 and of the scripts in benchmarks/.
 
 Options (keyword names; CLI spelling with dashes):
-  common     preset, config, device="cpu", dtype="bfloat16", warmups, runs (bench defaults when None),
+  common     preset, config, device="cpu", dtype="bfloat16" (one of BENCH_DTYPES; for generate a comma list
+             of GENERATE_DTYPES, e.g. "bfloat16,float32,int8", run one after the other), warmups, runs (bench
+             defaults when None),
              json (FILE), compare (OLD.json), tolerance (percent, default 10), plot (FILE.png), no_hf,
              threads, seed=0, quiet (no progress bars)
   attention  seqlens="64,128,256,256", past="512,0,0,256", decode_past="50,100,200,400", decode_repeat=4,
              hf_attn="sdpa"
   moe        prefill_tokens="512", decode_tokens="1,8", hf_experts="grouped_mm"
   generate   model (checkpoint dir; default the embedded model), prompt_lens="128,512", batch="1,8",
-             new_tokens=64, decode_prompt_len (default the first prompt length), hf_attn="sdpa", no_roofline
+             new_tokens=64, decode_prompt_len (default the first prompt length), hf_attn="sdpa", no_roofline,
+             no_fast (ours on the plain eager model instead of the fast CPU path, to show the fast path's gain)
 
 Output: the table, the comparison (with --compare), then ONE JSON line on stdout. Exit code 0, or 1 when
 --compare finds a qwen3lab figure worse than the tolerance. Bad options raise Qwen3LabError subclasses.
@@ -23,7 +26,7 @@ from typing import Any
 
 from ..config import Qwen3Config
 from ..errors import InputError
-from .choices import BENCH_DTYPES, HF_ATTN_IMPLS, HF_EXPERTS_IMPLS, KINDS
+from .choices import BENCH_DTYPES, GENERATE_DTYPES, HF_ATTN_IMPLS, HF_EXPERTS_IMPLS, KINDS
 
 # torch (and the harness, which needs it) is imported when a bench runs, not when the CLI builds its options
 DEFAULT_PRESET = {"attention": "qwen3-0.6b", "moe": "qwen3-30b-a3b"}
@@ -36,7 +39,7 @@ PER_KIND: dict[str, dict[str, Any]] = {
                   "decode_repeat": 4, "hf_attn": "sdpa"},
     "moe": {"prefill_tokens": "512", "decode_tokens": "1,8", "hf_experts": "grouped_mm"},
     "generate": {"model": None, "prompt_lens": "128,512", "batch": "1,8", "new_tokens": 64,
-                 "decode_prompt_len": None, "hf_attn": "sdpa", "no_roofline": False},
+                 "decode_prompt_len": None, "hf_attn": "sdpa", "no_roofline": False, "no_fast": False},
 }
 # spellings a caller may use for the same option
 ALIASES = {"json_path": "json", "json_file": "json", "compare_path": "compare", "plot_path": "plot",
@@ -82,6 +85,44 @@ def _hf(o: dict[str, Any], quiet_log) -> bool:
     return True
 
 
+def parse_dtypes(text, kind: str) -> list[str]:
+    """--dtype: one of BENCH_DTYPES for attention / moe; for generate a comma list of GENERATE_DTYPES (order
+    kept, repeats dropped). A bad item is named."""
+    items = [str(x) for x in text] if isinstance(text, (list, tuple)) else [
+        x for x in str(text).replace(" ", "").split(",") if x]
+    if kind != "generate" and len(items) > 1:
+        raise InputError(f"--dtype {','.join(items)}: bench {kind} takes one dtype ({', '.join(BENCH_DTYPES)}); "
+                         f"a comma list is for bench generate")
+    allowed = GENERATE_DTYPES if kind == "generate" else BENCH_DTYPES
+    if not items:
+        raise InputError(f"--dtype {text!r}: expected {'a comma list of ' if kind == 'generate' else ''}"
+                         f"{', '.join(allowed)}")
+    for x in items:
+        if x not in allowed:
+            where = f" in --dtype {','.join(items)}" if len(items) > 1 else ""
+            raise InputError(f"--dtype {x!r}{where}: not one of {', '.join(allowed)}"
+                             + (" (int8 is for bench generate)" if x == "int8" else ""))
+    return list(dict.fromkeys(items))
+
+
+def _check_generate(dtypes: list[str], device, no_fast: bool) -> None:
+    if "int8" in dtypes and device.type != "cpu":
+        raise InputError(f"--dtype int8: int8 weights run on the CPU fast path only, got --device {device}")
+    if "int8" in dtypes and no_fast:
+        raise InputError("--dtype int8: int8 weights need the fast path; drop --no-fast (or int8 from --dtype)")
+
+
+def ours_path(device, fast: bool) -> str:
+    """Which forward ours runs: the fast CPU path and its kernels (qwen3lab.fast.status()), or plain eager."""
+    if not fast:
+        return "plain eager (--no-fast)"
+    if device.type != "cpu":
+        return f"plain eager (the fast path is CPU only; {device})"
+    from ..fast import status
+
+    return f"fast ({status()})"
+
+
 def run_bench_command(kind: str, **options: Any) -> int:
     """Run one bench with CLI-style options; print table (+ comparison) and the JSON line; return the exit code."""
     import torch
@@ -90,7 +131,9 @@ def run_bench_command(kind: str, **options: Any) -> int:
 
     o = _options(kind, options)
     device = H.resolve_device(o["device"])
-    H.resolve_dtype(o["dtype"])
+    dtypes = parse_dtypes(o["dtype"], kind)
+    if kind == "generate":
+        _check_generate(dtypes, device, o["no_fast"])
     tolerance = H.parse_tolerance(o["tolerance"])
     old = H.load_report(o["compare"]) if o["compare"] else None  # fail early, before minutes of timing
 
@@ -98,8 +141,10 @@ def run_bench_command(kind: str, **options: Any) -> int:
         print(msg, file=sys.stderr)
 
     hf = _hf(o, log)
-    settings: dict[str, Any] = {"device": str(device), "dtype": o["dtype"], "seed": o["seed"], "hf": hf,
+    settings: dict[str, Any] = {"device": str(device), "dtype": ",".join(dtypes), "seed": o["seed"], "hf": hf,
                                 "loadavg_start": H.machine_info(device)["loadavg"]}
+    if kind == "generate":
+        settings.update(dtypes=dtypes, fast=not o["no_fast"], ours_path=ours_path(device, not o["no_fast"]))
     with H.torch_threads(o["threads"]), H.Progress(enabled=not o["quiet"]) as progress:
         settings["threads"] = torch.get_num_threads()
         if kind == "attention":
@@ -114,7 +159,7 @@ def run_bench_command(kind: str, **options: Any) -> int:
                 raise InputError(f"--decode-repeat must be >= 1, got {repeat}")
             shape = A.AttentionShape(H.parse_int_list(o["seqlens"], "--seqlens"), _int_list0(o["past"], "--past"),
                                      [p for p in decode_past for _ in range(repeat)])
-            records, extra = A.run(cfg, device, o["dtype"], warmups, runs, shape, hf=hf, hf_attn=o["hf_attn"],
+            records, extra = A.run(cfg, device, dtypes[0], warmups, runs, shape, hf=hf, hf_attn=o["hf_attn"],
                                    seed=o["seed"], progress=progress)
         elif kind == "moe":
             from . import moe as M
@@ -122,7 +167,7 @@ def run_bench_command(kind: str, **options: Any) -> int:
             cfg, source = _config(kind, o)
             warmups = M.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
             runs = M.DEFAULT_RUNS if o["runs"] is None else o["runs"]
-            records, extra = M.run(cfg, device, o["dtype"], warmups, runs,
+            records, extra = M.run(cfg, device, dtypes[0], warmups, runs,
                                    prefill_tokens=_maybe_list(o["prefill_tokens"], "--prefill-tokens"),
                                    decode_tokens=_maybe_list(o["decode_tokens"], "--decode-tokens"),
                                    hf=hf, hf_experts=o["hf_experts"], seed=o["seed"], progress=progress)
@@ -135,12 +180,12 @@ def run_bench_command(kind: str, **options: Any) -> int:
             source = o["model"] or "default"
             warmups = G.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
             runs = G.DEFAULT_RUNS if o["runs"] is None else o["runs"]
-            records, extra = G.run(o["model"], device, o["dtype"], warmups, runs,
+            records, extra = G.run(o["model"], device, dtypes, warmups, runs,
                                    prompt_lens=H.parse_int_list(o["prompt_lens"], "--prompt-lens"),
                                    batches=H.parse_int_list(o["batch"], "--batch"),
                                    new_tokens=int(o["new_tokens"]), decode_prompt_len=o["decode_prompt_len"],
                                    hf=hf, hf_attn=o["hf_attn"], seed=o["seed"], roofline=not o["no_roofline"],
-                                   progress=progress)
+                                   progress=progress, fast=not o["no_fast"], log=log)
     settings.update({"source": source, "warmups": warmups, "runs": runs, **extra})
     report = H.make_report(kind, device, settings, records)
     return finish(report, o, old, tolerance)
@@ -158,13 +203,17 @@ def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None
     H.print_table(report, console)
     rc = 0
     if old is not None:
+        note = _path_change(old, report)
+        if note:
+            console.print(f"[yellow]note: {note}[/]")
         changes, missing = H.compare_reports(old, report, tolerance)
         H.print_comparison(changes, missing, tolerance, str(o["compare"]), console)
         bad = H.regressions(changes)
         report["comparison"] = {
             "against": str(o["compare"]), "tolerance": tolerance,
-            "regressions": [{"impl": c.record[1], "phase": c.record[2], "case": c.record[3], "figure": c.figure,
-                             "old": c.old, "new": c.new, "change": round(c.change, 4)} for c in bad]}
+            "regressions": [{"impl": c.record[1], "phase": c.record[2], "case": c.record[3], "dtype": c.record[5],
+                             "figure": c.figure, "old": c.old, "new": c.new, "change": round(c.change, 4)}
+                            for c in bad]}
         if bad:
             console.print(f"[bold red]{len(bad)} regression(s) past {100 * tolerance:g}%[/]")
             rc = 1
@@ -178,6 +227,16 @@ def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None
         H.plot_report(report, o["plot"])
         print(f"wrote {o['plot']}", file=sys.stderr)
     return rc
+
+
+def _path_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """A sentence when OLD ran ours on another path (fast / plain) than this run: the qwen3lab changes are
+    then the fast path's gain (or loss), not a regression of the same code."""
+    a, b = (r.get("settings", {}).get("fast") for r in (old, new))
+    if a is None or b is None or a == b:
+        return None
+    name = {True: "the fast path", False: "the plain eager path (--no-fast)"}
+    return f"the old report ran ours on {name[a]}, this run on {name[b]}: the qwen3lab changes below compare the two"
 
 
 def _int_list0(text, option: str) -> list[int]:
@@ -206,10 +265,12 @@ def click_options(kind: str):
     """Decorator adding the options of `qwen3lab bench KIND` to a click command (keyword names as above)."""
     import click
 
+    dtype_help = (f"one or more, comma-separated, run one after the other: {', '.join(GENERATE_DTYPES)} (int8: "
+                  f"bfloat16 activations + int8 weights, ours only)" if kind == "generate"
+                  else f"one of {', '.join(BENCH_DTYPES)}")
     common = [
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N"),
-        click.option("--dtype", type=click.Choice(BENCH_DTYPES), default="bfloat16",
-                     show_default=True),
+        click.option("--dtype", default="bfloat16", show_default=True, help=dtype_help),
         click.option("--warmups", type=int, default=None, help="untimed runs first (bench default)"),
         click.option("--runs", type=int, default=None, help="timed runs (bench default)"),
         click.option("--json", "json", type=click.Path(dir_okay=False), default=None,
@@ -253,6 +314,8 @@ def click_options(kind: str):
                          help="decode prompt length (default: the first prompt length)"),
             click.option("--hf-attn", type=click.Choice(HF_ATTN_IMPLS), default="sdpa", show_default=True),
             click.option("--no-roofline", is_flag=True, help="skip the bandwidth measurement"),
+            click.option("--no-fast", is_flag=True,
+                         help="ours on the plain eager model, not the fast CPU path (to show the fast path's gain)"),
         ],
     }[kind]
     opts = (shape if kind != "generate" else []) + per + common
@@ -283,4 +346,4 @@ def script_main(kind: str) -> None:
     cmd()
 
 
-__all__ = ["run_bench_command", "click_options", "script_main", "KINDS"]
+__all__ = ["run_bench_command", "click_options", "script_main", "parse_dtypes", "KINDS"]

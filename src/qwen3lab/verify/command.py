@@ -4,7 +4,8 @@ Exit codes: 0 everything compared passes (self-test: every planted bug named); 1
 (self-test: a bug missed or a false alarm); 2 usage or input error (printed as one line, no traceback).
 
 Options (the CLI flag is the option name with dashes): model_path, reference ("numpy"), candidate
-("torch"), device ("cpu"), dtype (candidate's; None = its default, float32 for torch), test_input, ids
+("torch"; "torch-fast" is the fast CPU path), device ("cpu"), dtype (candidate's; None = its default, float32
+for torch and torch-fast; "int8" = int8 weights, torch-fast only), test_input, ids
 ("1,2,3"), layers ("0-4"), decode_steps, isolate (None = automatic, True/False), output (JSON path),
 html (HTML path), cos_min, mse_max, rel_max, preset ("simple"), taps ("layer" | "sublayer" | "all": rows of
 the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test.
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import Qwen3LabError
+from .backends import BUILTIN
 from .report_terminal import ROWS, RichProgress, render
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
@@ -54,7 +56,7 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     if self_test:
         return _self_test(console, model_path)
     needs_model = model_path is not None or any(
-        s in ("numpy", "torch", "hf") for s in (reference, candidate) if isinstance(s, str))
+        s in BUILTIN for s in (reference, candidate) if isinstance(s, str))
     path = resolve_model_path(model_path) if needs_model else None
     tol_kw = dict(preset=preset, cos_min=cos_min, mse_max=mse_max, rel_max=rel_max)
     if sweep:
