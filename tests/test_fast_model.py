@@ -191,3 +191,33 @@ def test_taps_off_during_fused_forward_cost_nothing(mode, monkeypatch):
     monkeypatch.setattr(tm, "tap", lambda name, x: calls.append(name) or x)
     fast(torch.arange(5), torch.arange(5), [Span(None, 0, 5)])
     assert (calls == []) == (mode == "kernels")
+
+
+def test_optimize_aligns_streamed_weights():
+    """A weight that does not start on a 64-byte boundary (as memory-mapped safetensors tensors may not) is
+    moved to an aligned copy with the same values; a tied embedding moves with lm_head, still one tensor."""
+    cfg = make_cfg()
+    w = random_weights(cfg, seed=0)
+
+    def misaligned(t: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(t.numel() + 8, dtype=t.dtype)
+        off = next(i for i in range(1, 8) if (buf.data_ptr() + i * t.element_size()) % 64)
+        out = buf[off:off + t.numel()].view(t.shape)
+        out.copy_(t)
+        return out
+
+    names = ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight",
+             "model.embed_tokens.weight"]
+    for n in names:
+        w[n] = misaligned(w[n])
+    want = {n: w[n].clone() for n in names}
+    model = Qwen3CausalLM.from_weights(cfg, w, dtype=torch.float32)
+    assert model.model.layers[0].self_attn.o_proj.weight.data_ptr() % 64  # the test really starts misaligned
+    optimize(model)
+    streamed = [m for m in model.modules() if isinstance(m, FastLinear)]
+    assert streamed and all(m.weight.data_ptr() % 64 == 0 for m in streamed), \
+        [(type(m).__name__, m.weight.data_ptr() % 64) for m in streamed]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    for n in names:
+        assert torch.equal(params[n], want[n]), n
