@@ -3,6 +3,7 @@ anonymous memory is never touched. And an optimized model loaded from a checkpoi
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
@@ -42,3 +43,43 @@ def test_release_never_touches_anonymous_memory():
     assert memory.release([t]) == 0
     assert memory.release([t[:, :10]]) == 0  # not contiguous: skipped
     assert torch.equal(t, keep)
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_load_weights_release_pages(tmp_path, dtype):
+    """The scanned (bf16, mapped) or converted (float32 from a bf16 file) checkpoint's pages leave the RSS
+    with release_pages=True and stay without it; the loaded values are the same either way."""
+    from qwen3lab.config import Qwen3Config
+    from qwen3lab.make_model import make_model
+    from qwen3lab.weights import load_weights
+
+    make_model(tmp_path, "qwen3-0.6b", layers=1, dtype="bfloat16", seed=0, vocab_size=8192)
+    cfg = Qwen3Config.from_file(tmp_path)
+    file = tmp_path / "model.safetensors"
+    size_kb = file.stat().st_size >> 10
+    kept = load_weights(tmp_path, cfg, dtype=dtype)
+    resident_kept = _mapped_rss_kb(file)
+    want = {n: t.clone() for n, t in kept.items()}
+    del kept  # its mapping goes with its tensors
+    gc.collect()
+    assert _mapped_rss_kb(file) == 0
+    given = load_weights(tmp_path, cfg, dtype=dtype, release_pages=True)
+    resident_given = _mapped_rss_kb(file)
+    assert resident_given < size_kb // 8, (resident_given, size_kb)
+    if dtype == torch.bfloat16:  # mapped, scanned: the file stays resident unless released
+        assert resident_kept > size_kb // 2, (resident_kept, size_kb)
+    for name, t in want.items():
+        assert torch.equal(given[name], t), name

@@ -90,7 +90,7 @@ class Qwen3ForCausalLM:
         dt, quant = dtype_and_quant(dtype, quant)
         path = resolve_model_path(path)
         cfg = Qwen3Config.from_file(path)
-        weights = load_weights(path, cfg, dtype=dt, device=dev)
+        weights = load_weights(path, cfg, dtype=dt, device=dev, release_pages=fast and dev.type == "cpu")
         model = Qwen3CausalLM.from_weights(cfg, weights, device=dev, dtype=dt)
         del weights
         return cls(_speed_up(model, fast, quant), Tokenizer.from_dir(path))

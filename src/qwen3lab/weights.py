@@ -170,11 +170,15 @@ def load_weights(
     device: str | torch.device = "cpu",
     strict: bool = True,
     check_finite: bool = True,
+    release_pages: bool = False,
 ) -> dict[str, torch.Tensor]:
     """{hf_name: tensor} in `dtype` on `device`, checked against cfg; `lm_head.weight` always present.
 
     strict=False tolerates tensors the config does not know (they are skipped); missing or mis-shaped ones
-    are always errors. check_finite scans every tensor for NaN/Inf (one cheap pass)."""
+    are always errors. check_finite scans every tensor for NaN/Inf (one cheap pass). release_pages gives back
+    each memory-mapped tensor's file pages once scanned (fast.optimize copies every weight it streams, so
+    the scan would otherwise leave the whole file resident next to the copies: an int8 load peaked at 1.5x
+    its weight bytes); a later read of such a tensor faults its pages back in from the page cache."""
     dtype = torch_dtype(dtype)
     where, weight_map, files = resolve_files(path)
     want = expected_shapes(cfg, include_lm_head=False if cfg.tie_word_embeddings else True)
@@ -256,9 +260,18 @@ def load_weights(
         if got != shape:
             raise WeightsError(f"{f}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
 
+    from .fast.memory import _file_ranges, release
+
+    ranges = _file_ranges()  # the checkpoint files are mapped by now
+
     def convert(t: torch.Tensor) -> torch.Tensor:
-        # One conversion per tensor; when nothing changes the mmapped tensor itself is kept.
-        return t.to(device=device, dtype=dtype)
+        # One conversion per tensor; when nothing changes the mmapped tensor itself is kept. When a copy is
+        # made (another dtype or device), the file pages just read are given back at once: otherwise they stay
+        # resident in the mapping, and a float32 load of a bf16 checkpoint peaked at 1.5x its weight bytes.
+        out = t.to(device=device, dtype=dtype)
+        if out.data_ptr() != t.data_ptr():
+            release([t], ranges)
+        return out
 
     out: dict[str, torch.Tensor] = {}
     for name in want:
@@ -279,7 +292,9 @@ def load_weights(
     out = {n: out[n] for n in want}
     out["lm_head.weight"] = out["model.embed_tokens.weight"] if cfg.tie_word_embeddings else out["lm_head.weight"]
     if check_finite:
-        _assert_finite(out, source=str(where))
+        _assert_finite(out, source=str(where), ranges=ranges if release_pages else None)
+    elif release_pages:
+        release(list(out.values()), ranges)
     return out
 
 
@@ -288,7 +303,7 @@ def check_finite(weights: Mapping[str, torch.Tensor], source: str = "weights") -
     _assert_finite(weights, source)
 
 
-def _assert_finite(weights: Mapping[str, torch.Tensor], source: str) -> None:
+def _assert_finite(weights: Mapping[str, torch.Tensor], source: str, ranges=None) -> None:
     # A sum is one fast reduction (about 20x quicker than an elementwise isfinite pass on CPU) and any NaN/Inf
     # makes it non-finite. Only then is the exact elementwise scan run; it also clears the rare false alarm of a
     # sum that overflowed (possible in float16) while every element is finite.
@@ -297,7 +312,12 @@ def _assert_finite(weights: Mapping[str, torch.Tensor], source: str) -> None:
         if id(t) in seen or not t.is_floating_point():
             continue
         seen.add(id(t))
-        if bool(torch.isfinite(t.sum())):
+        finite = bool(torch.isfinite(t.sum()))
+        if ranges is not None:
+            from .fast.memory import release
+
+            release([t], ranges)  # file pages only (anonymous copies are never touched)
+        if finite:
             continue
         flat = t.reshape(-1)
         bad = ~torch.isfinite(flat)

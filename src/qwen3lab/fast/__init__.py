@@ -88,9 +88,13 @@ def align_weights(model, file_ranges=None, align: int = 64) -> int:
         if not isinstance(mod, FastLinear) or mod.weight.data_ptr() % align == 0:
             continue
         old = mod.weight
-        new = torch.empty_like(old, memory_format=torch.contiguous_format).copy_(old.detach())
+        new = torch.empty_like(old, memory_format=torch.contiguous_format)
         if new.data_ptr() % align:  # the allocator gives 64-byte blocks; check rather than assume
             continue
+        rows = max(1, (16 << 20) // max(1, old[0].numel() * old.element_size()))
+        for a in range(0, old.shape[0], rows):  # ~16 MB at a time, each block's file pages given back as
+            new[a:a + rows].copy_(old[a:a + rows].detach())  # copied: a 311 MB embedding never exists twice
+            memory.release([old[a:a + rows].detach()], ranges)
         param = nn.Parameter(new, requires_grad=False)
         if isinstance(old, nn.Parameter) and embed.weight is old:
             embed.weight = param
@@ -98,7 +102,6 @@ def align_weights(model, file_ranges=None, align: int = 64) -> int:
             mod._buffers["weight"] = new
         else:
             mod.weight = param
-        memory.release([old.detach()], ranges)
         moved += 1
     return moved
 

@@ -477,7 +477,8 @@ class TorchBackend:
 
         dt, quant = dtype_and_quant(dtype, quant, int8_dtype=False)
         cfg = Qwen3Config.from_file(path)
-        return cls(cfg, load_weights(path, cfg, dtype=dt, device=device), device=device, dtype=dt, fast=fast,
+        weights = load_weights(path, cfg, dtype=dt, device=device, release_pages=fast or quant is not None)
+        return cls(cfg, weights, device=device, dtype=dt, fast=fast,
                    quant=quant)
 
     def _ids(self, ids: np.ndarray) -> torch.Tensor:
