@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -529,3 +530,17 @@ def test_busy_warning_discounts_the_bench_itself():
     assert "other work shared the CPU" in H.busy_warning(rep)
     rep["settings"]["device"] = "cuda"
     assert H.busy_warning(rep) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_peak_memory_growth_counts_what_the_phase_allocated():
+    import torch
+
+    from qwen3lab.bench.harness import PeakMemory
+
+    n = 64 << 20
+    with PeakMemory(torch.device("cpu")) as pm:
+        t = torch.ones(n, dtype=torch.uint8)  # touched: resident
+        del t
+    assert pm.reset_ok and pm.growth_over(n) is not None
+    assert 0.95 <= pm.growth_over(n) <= 1.3, (pm.peak_bytes, pm.start_bytes)

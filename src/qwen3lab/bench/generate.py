@@ -242,7 +242,8 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
             weight_bytes[dt][name] = impl.weight_bytes()
             records.append(H.make_record("generate", name, "load", "from_pretrained", device, dt,
                                          latency_ms=1e3 * load_s, peak_mem_bytes=pm.peak_bytes,
-                                         weight_bytes=weight_bytes[dt][name]))
+                                         weight_bytes=weight_bytes[dt][name],
+                                         peak_growth_x_weights=pm.growth_over(weight_bytes[dt][name])))
             recs, toks = _bench_impl(impl, cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len,
                                      warmups, runs, seed, bw.read_gbs if bw else None, progress)
             records += recs

@@ -42,6 +42,7 @@ FIGURE_DIRECTION = {
     "latency_ms": -1,
     "latency_p90_ms": -1,
     "peak_mem_bytes": -1,
+    "peak_growth_x_weights": -1,  # a load's peak memory growth / the weight bytes it loaded
 }
 # The figure a speedup column is computed from, in order of preference.
 PRIMARY_FIGURES = ("tok_per_s", "ttft_ms", "latency_ms")
@@ -232,13 +233,22 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_bytes: int | None = None
+        self.start_bytes: int | None = None  # resident (CPU) / allocated (CUDA) bytes on entry
         self.reset_ok = True
+
+    def growth_over(self, nbytes: int) -> float | None:
+        """(peak - bytes on entry) / nbytes: e.g. a load's peak memory in units of the weights it loaded."""
+        if self.peak_bytes is None or self.start_bytes is None or not nbytes or not self.reset_ok:
+            return None
+        return (self.peak_bytes - self.start_bytes) / nbytes
 
     def __enter__(self) -> PeakMemory:
         sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
         else:
+            self.start_bytes = rss_bytes()
             try:
                 # "5" resets the peak RSS counter of this process (Linux >= 4.0).
                 Path("/proc/self/clear_refs").write_text("5")
@@ -424,7 +434,8 @@ def print_table(report: dict[str, Any], console=None) -> None:
     for col in cols:
         table.add_column(col)
     units = {"tok_per_s": "tok/s", "ttft_ms": "TTFT ms", "latency_ms": "latency ms", "latency_p90_ms": "p90 ms",
-             "peak_mem_bytes": "peak mem", "roofline_fraction": "roofline", "bandwidth_gbs": "GB/s"}
+             "peak_mem_bytes": "peak mem", "roofline_fraction": "roofline", "bandwidth_gbs": "GB/s",
+             "peak_growth_x_weights": "load peak ×W"}
     for k in figures:
         table.add_column(units.get(k, k), justify="right")
     table.add_column("ours vs HF (×, >1 = ours better)", justify="right")

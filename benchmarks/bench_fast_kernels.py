@@ -1,0 +1,132 @@
+"""The fast path's kernels alone, against what torch offers, on a model's real projection shapes.
+
+    python benchmarks/bench_fast_kernels.py [--preset qwen3-0.6b] [--dtype bfloat16] [--rows 1,8,32,64]
+                                            [--layers 28] [--context 544] [--threads N]
+
+- linear: one decode step's projections (fused qkv, o, fused gate/up, down for `--layers` layers, then
+  lm_head), each layer its own weights so they stream from memory as in a real step, not from cache. For
+  each row count M (tokens in the step) it times our `linear_small` (the streaming kernel), our
+  `linear_large` (bands of weights widened to float32 + sgemm; bf16 / int8 only) and torch's F.linear, and
+  prints ms per step, weight GB/s and GFLOP/s: the crossover row count is what fast/linear.py's SMALL_M
+  encodes.
+- attention: one decode step of `attend_decode` for batch 1 and 8 at `--context` positions, against
+  F.scaled_dot_product_attention over the same caches, with the KV bytes read per second.
+Medians of `--runs` after `--warmups`; the machine's other load moves these figures, so compare columns of one
+run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen3lab.fast.build import kernels, status
+from qwen3lab.fast.linear import _band_rows
+from qwen3lab.presets import preset_config
+
+
+def _median_ms(fn, warmups: int, runs: int) -> float:
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def step_weights(cfg, layers: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """[N, K] weights of one decode step: per layer fused qkv, o, fused gate/up, down; then lm_head."""
+    D, Dh, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    shapes = [((Hq + 2 * Hkv) * Dh, D), (D, Hq * Dh), (2 * I, D), (D, I)] * layers + [(cfg.vocab_size, D)]
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(s, generator=g) * 0.02).to(dtype) for s in shapes]
+
+
+def _step(f, xs: dict[int, torch.Tensor], Ws: list[torch.Tensor]):
+    """One decode step's projections through f(x, W)."""
+    return lambda: [f(xs[W.shape[1]], W) for W in Ws]
+
+
+def bench_linear(k, Ws, rows: list[int], warmups: int, runs: int) -> None:
+    nbytes = sum(W.numel() * W.element_size() for W in Ws)
+    flops_per_row = 2 * sum(W.numel() for W in Ws)
+    print(f"linear: {len(Ws)} weights, {nbytes / 1e9:.2f} GB per step, {Ws[0].dtype}")
+    print(f"{'M':>4} {'impl':>12} {'ms/step':>9} {'GB/s':>7} {'GFLOP/s':>8}")
+    impls = {"linear_small": lambda x, W: k.linear_small(x, W, None), "F.linear": F.linear}
+    if Ws[0].dtype == torch.bfloat16:
+        impls["linear_large"] = lambda x, W: k.linear_large(x, W, None, _band_rows(W.shape[1]))
+    for M in rows:
+        xs = {W.shape[1]: torch.randn(M, W.shape[1]).to(Ws[0].dtype) for W in Ws}
+        for name, f in impls.items():
+            ms = _median_ms(_step(f, xs, Ws), warmups, runs)
+            print(f"{M:>4} {name:>12} {ms:9.2f} {nbytes / ms / 1e6:7.1f} {M * flops_per_row / ms / 1e6:8.1f}")
+
+
+def _ours(k, q, kn, vn, kc, vc, pos, scale):
+    def run():
+        for i in range(len(kc)):
+            k.attend_decode(q, kn, vn, kc[i], vc[i], pos, scale)
+    return run
+
+
+def _sdpa(q, kc, vc, context, scale):
+    def run():  # per sequence, [1, H, 1, Dh] queries over [1, Hkv, S, Dh] keys/values
+        for i in range(len(kc)):
+            for b in range(q.shape[0]):
+                F.scaled_dot_product_attention(q[b, :, None][None], kc[i][b][None, :, :context],
+                                               vc[i][b][None, :, :context], scale=scale, enable_gqa=True)
+    return run
+
+
+def bench_attention(k, cfg, context: int, dtype: torch.dtype, layers: int, warmups: int, runs: int) -> None:
+    Hq, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    print(f"attention: decode at {context} positions, {layers} layers, {dtype}")
+    print(f"{'batch':>5} {'impl':>14} {'ms/step':>9} {'KV GB/s':>8}")
+    for B in (1, 8):
+        cap = context + 16
+        kc = [[torch.randn(Hkv, cap, Dh).to(dtype) for _ in range(B)] for _ in range(layers)]  # [Hkv, cap, Dh]
+        vc = [[torch.randn(Hkv, cap, Dh).to(dtype) for _ in range(B)] for _ in range(layers)]
+        q = torch.randn(B, Hq, Dh).to(dtype)
+        kn, vn = torch.randn(B, Hkv, Dh).to(dtype), torch.randn(B, Hkv, Dh).to(dtype)
+        kv_bytes = 2 * layers * B * Hkv * context * Dh * q.element_size()
+        scale = Dh ** -0.5
+        for name, fn in (("attend_decode", _ours(k, q, kn, vn, kc, vc, [context - 1] * B, scale)),
+                         ("SDPA", _sdpa(q, kc, vc, context, scale))):
+            ms = _median_ms(fn, warmups, runs)
+            print(f"{B:>5} {name:>14} {ms:9.2f} {kv_bytes / ms / 1e6:8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="qwen3-0.6b")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--rows", default="1,8,32,64", help="tokens per step (M) to time")
+    ap.add_argument("--layers", type=int, default=None, help="layers of weights (default: the model's)")
+    ap.add_argument("--context", type=int, default=544)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--warmups", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    k = kernels()
+    if k is None:
+        raise SystemExit(f"no kernels to time: {status()}")
+    cfg = preset_config(a.preset)
+    layers = a.layers or cfg.num_hidden_layers
+    dtype = getattr(torch, a.dtype)
+    print(f"{a.preset}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    with torch.inference_mode():
+        bench_linear(k, step_weights(cfg, layers, dtype), [int(r) for r in a.rows.split(",")], a.warmups, a.runs)
+        bench_attention(k, cfg, a.context, dtype, layers, a.warmups, a.runs)
+
+
+if __name__ == "__main__":
+    main()
