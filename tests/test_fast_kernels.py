@@ -224,3 +224,9 @@ def test_int8_quantisation_round_trip():
     err = (q8.dequantized() - W).abs()
     assert float((err / q8.scale[:, None]).max()) <= 0.5 + 1e-6  # round to nearest: half a step at most
     assert math.isclose(float(q8.scale[0]), float(W[0].abs().max()) / 127, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64 * 4097 + 5])
+def test_stream_read_reads_every_byte(k, n):
+    t = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert k.stream_read(t) == float(t.long().sum())

@@ -896,7 +896,36 @@ std::vector<int64_t> argmax_rows(const at::Tensor& logits) {
   return out;
 }
 
+// Read every byte of a CPU tensor once, as the decode kernels stream weights (each thread a contiguous band,
+// 512-bit loads, software prefetch), and return the sum of its bytes (as unsigned 8-bit values), so the reads
+// cannot be skipped and a test can check them. The bench's bandwidth probe: a torch sum streams more slowly
+// than the linear kernels do.
+double stream_read(const at::Tensor& t) {
+  check_c(t, "stream_read input");
+  const int64_t nbytes = t.numel() * t.element_size(), lines = nbytes / 64;
+  const uint8_t* base = (const uint8_t*)t.data_ptr();
+  std::vector<int64_t> part(at::get_num_threads() + 1, 0);
+  at::parallel_for(0, lines, 4096, [&](int64_t b, int64_t e) {
+    const __m512i z = _mm512_setzero_si512();
+    __m512i a0 = z, a1 = z;
+    int64_t i = b;
+    for (; i + 2 <= e; i += 2) {
+      _mm_prefetch((const char*)base + (i + 32) * 64, _MM_HINT_T0);
+      _mm_prefetch((const char*)base + (i + 33) * 64, _MM_HINT_T0);
+      a0 = _mm512_add_epi64(a0, _mm512_sad_epu8(_mm512_loadu_si512((const void*)(base + i * 64)), z));
+      a1 = _mm512_add_epi64(a1, _mm512_sad_epu8(_mm512_loadu_si512((const void*)(base + (i + 1) * 64)), z));
+    }
+    if (i < e) a0 = _mm512_add_epi64(a0, _mm512_sad_epu8(_mm512_loadu_si512((const void*)(base + i * 64)), z));
+    part[at::get_thread_num()] += _mm512_reduce_add_epi64(_mm512_add_epi64(a0, a1));
+  });
+  int64_t total = 0;
+  for (int64_t v : part) total += v;
+  for (int64_t i = lines * 64; i < nbytes; ++i) total += base[i];
+  return double(total);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stream_read", &stream_read, "read a tensor's bytes once (bandwidth probe)");
   m.def("argmax_rows", &argmax_rows, "first argmax of each row (NaN wins), as a list");
   m.def("add_rmsnorm", &add_rmsnorm, "x += r (optional, in place); return RMSNorm(x) * w");
   m.def("qk_norm_rope", &qk_norm_rope, "fused qkv row -> q, k (per-head RMSNorm + RoPE), v");
