@@ -56,8 +56,23 @@ def _cflags() -> list[str]:
     return CFLAGS + (["-mavx512vnni"] if "avx512_vnni" in _cpu_flags() else [])
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH; the pip-installed ninja (a dependency) lives in the
+    environment's bin directory, which is not on PATH when the venv is not activated (`.venv/bin/qwen3lab`)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    path = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
+
+
 def _build():
     from torch.utils.cpp_extension import load
+
+    _ninja_on_path()
 
     flags = _cflags()
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
