@@ -17,25 +17,13 @@ import torch
 
 import hf_utils
 from qwen3lab import taps as T
-from qwen3lab.config import Qwen3Config
 from qwen3lab.errors import InputError, WeightsError
 from qwen3lab.models.numpy_ref import NumpyBackend
 from qwen3lab.models.torch_model import Qwen3CausalLM, Span, TorchBackend
 from qwen3lab.random_init import random_weights
+from small_configs import small_cfg as make_cfg
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
-
-
-def make_cfg(moe: bool = False, **kw) -> Qwen3Config:
-    d = {"model_type": "qwen3_moe" if moe else "qwen3", "hidden_size": 64, "intermediate_size": 96,
-         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-         "vocab_size": 512, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 256,
-         "tie_word_embeddings": True}
-    if moe:
-        d.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-                 tie_word_embeddings=False)
-    d.update(kw)
-    return Qwen3Config.from_dict(d, source="test config")
 
 
 # A spread of shapes: GQA ratios 1/2/4, head_dim != hidden/heads, tied and untied, bias, YaRN, MoE variants.
