@@ -19,10 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models.torch_model import _SDPA_GQA
 from .build import kernels
 from .linear import SMALL_M, FastLinear, Int8Linear
 
@@ -85,25 +83,6 @@ def build_plan(model) -> list[LayerPlan]:
     return plans
 
 
-def _attend_span(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, layer: int) -> torch.Tensor:
-    """One span of a prefill: q [T, Hq, Dh], new k/v [T, Hkv, Dh] -> [T, Hq, Dh]. Keys/values go into the
-    cache as the model does; SDPA runs in float32 for a bfloat16 model (its CPU kernel took 14.7 ms for
-    512 tokens of Qwen3-0.6B in bfloat16, 9.0 in float32, measured), the output rounded once to bfloat16."""
-    kh, vh = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, T, Dh]
-    if plan.cache is not None:
-        kh, vh = plan.cache.write(layer, plan.start, kh, vh)  # [Hkv, S, Dh] views of the cache
-    qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, Dh]
-    kh, vh = kh.unsqueeze(0), vh.unsqueeze(0)  # [1, Hkv, S, Dh]
-    dt = q.dtype
-    if dt == torch.bfloat16:
-        qh, kh, vh = qh.float(), kh.float(), vh.float()
-    if attn.n_rep > 1 and not _SDPA_GQA:
-        kh, vh = kh.repeat_interleave(attn.n_rep, 1), vh.repeat_interleave(attn.n_rep, 1)
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=plan.mask, is_causal=plan.is_causal, scale=attn.scaling,
-                                       **({"enable_gqa": attn.n_rep > 1} if _SDPA_GQA else {}))  # [1, Hq, T, Dh]
-    return o[0].transpose(0, 1).to(dt).contiguous()
-
-
 def fused_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, spans: Sequence,
                   logits_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Qwen3CausalLM.forward without taps: logits [len(logits_rows) or N, V]; advances each span's cache.
@@ -133,8 +112,10 @@ def fused_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, spans
                 o = k.attend_decode(q, kk, v, [c.k[i] for c in caches], [c.v[i] for c in caches], starts,
                                     scaling)  # [N, Hq, Dh]
             else:
-                o = torch.cat([_attend_span(p.layer.self_attn, q[a.offset:a.offset + a.T], kk[a.offset:a.offset + a.T],
-                                            v[a.offset:a.offset + a.T], a, i) for a in plans])  # [N, Hq, Dh]
+                attn, q4, k4, v4 = p.layer.self_attn, q.unsqueeze(0), kk.unsqueeze(0), v.unsqueeze(0)  # [1, N, H, Dh]
+                o = torch.cat([attn._attend(q4[:, a.offset:a.offset + a.T], k4[:, a.offset:a.offset + a.T],
+                                            v4[:, a.offset:a.offset + a.T], a, p.layer.names, torch.float32)
+                               for a in plans], dim=1)[0]  # [N, Hq, Dh]; SDPA in float32 (see _attend)
             h = k.add_rmsnorm(x, p.o(k, o.view(N, Hq * Dh)), p.post_norm, eps)  # x += attention output
             if p.gate_up is None:
                 m = p.layer.mlp(h.unsqueeze(0), p.layer.names)[0]  # MoE block [N, D]
