@@ -86,8 +86,8 @@ class Side:
         if self._accepts(b.run, "sink"):
             return b.run(input_ids, taps=names, graft=graft, sink=sink)
         if self._tap_site_model():
-            session = (_SetGrafter(graft, names, sink=_unbatched(sink)) if graft is not None
-                       else _SetRecorder(names, sink=_unbatched(sink)))
+            session = (_taps.graft(graft, names, sink=_unbatched(sink)) if graft is not None
+                       else _taps.record(names, sink=_unbatched(sink)))
             with session:
                 res = b.run(input_ids)
             return RunResult(res.logits, {})
@@ -112,33 +112,6 @@ class Side:
         if self.supports_decode:
             return self.backend.run_decode(input_ids, decode_steps, taps=names, graft=graft)
         return decode_by_recompute(self, input_ids, decode_steps, names)
-
-
-class _ExactNames:
-    """Tap selection by exact name in O(1) (a set) instead of one fnmatch per name: verify asks for
-    hundreds of explicit names, and matching each tap against all of them costs more than the forward."""
-
-    def _init_set(self, names) -> None:
-        self._set = None if names in (None, "all") or isinstance(names, str) else set(names)
-
-    def selects(self, name: str, optional: bool = False) -> bool:
-        if self._set is None:
-            return super().selects(name, optional)
-        if name in self._set:
-            return True
-        return name.startswith("step") and "." in name and name.split(".", 1)[1] in self._set
-
-
-class _SetRecorder(_ExactNames, _taps.Recorder):
-    def __init__(self, names, sink=None):
-        super().__init__(names, sink)
-        self._init_set(names)
-
-
-class _SetGrafter(_ExactNames, _taps.Grafter):
-    def __init__(self, reference, names, sink=None):
-        super().__init__(reference, names, sink)
-        self._init_set(names)
 
 
 def _unbatched(sink: Callable) -> Callable:

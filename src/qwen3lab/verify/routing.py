@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import taps as _taps
-from .backends import _ExactNames, _unbatched
+from .backends import _unbatched
 
 
 def _like(value: np.ndarray, x):
@@ -29,7 +29,7 @@ def _like(value: np.ndarray, x):
     return torch.from_numpy(np.ascontiguousarray(value)).reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
 
-class PinRouting(_ExactNames, _taps.Recorder):
+class PinRouting(_taps.Recorder):
     """Records the reference's taps while replacing its expert choice with `routing` ({topk_idx tap: [T, K]})
     and its top-k weights with softmax(own router logits) at those experts. What is recorded is what flowed
     on (the pinned values, so a graft from this run is consistent); the reference's own choice at each
@@ -37,7 +37,6 @@ class PinRouting(_ExactNames, _taps.Recorder):
 
     def __init__(self, names, sink, routing: Mapping[str, np.ndarray], cfg):
         super().__init__(names, _unbatched(sink))
-        self._init_set(names)
         self.routing, self.cfg = routing, cfg
         self._logits: np.ndarray | None = None
         self._idx: np.ndarray | None = None
