@@ -34,12 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import taps as _taps
+from ..api import BACKENDS as BUILTIN  # the backends qwen3lab.load knows by name
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
 from ..models.base import RunResult
 from .tolerances import normalize_dtype
-
-BUILTIN = ("numpy", "torch", "torch-fast", "hf")
 
 
 class Side:
