@@ -23,7 +23,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 ENV = "QWEN3LAB_KERNELS"  # "0" turns the kernels off (pure PyTorch), e.g. to compare or to test the fallback
 # -fopenmp: at::parallel_for is a header template that only runs in parallel when compiled with OpenMP; the
 # libgomp it links is the one torch already loaded (same soname), so there is one thread pool, torch's.
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()

@@ -7,7 +7,7 @@ in the model dtype (a row gather reads one row per token); a tied lm_head gets i
 router stays in the model dtype (it decides which experts run). Fused q/k/v (gate/up) are quantised as the
 fused tensor and the HF-named modules become row views of it, as for float weights.
 
-The accuracy cost is measured against the float64 oracle by tests/test_fast_quant.py and stated in the README.
+The accuracy cost is measured against the float64 oracle by tests/test_fast_verify.py and stated in the README.
 """
 
 from __future__ import annotations
