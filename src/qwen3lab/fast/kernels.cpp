@@ -71,94 +71,91 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // ---- per-dtype inner loops: acc[r][m] += W[r, chunk] . x[m, chunk] -------------------------------------
 // x rows are fp32, zero-padded to a multiple of the chunk. bf16 x rows are "split": each 32-wide chunk holds
 // the 16 even elements then the 16 odd ones, matching how a 32 x bf16 weight vector widens in place.
+// Each weight type gives its chunk width CH, its prefetch and one `step` over a chunk; TAIL (the last,
+// partial chunk of n < CH columns) loads under a mask, the full chunks without one.
+template <int CH, bool TAIL>
+inline auto chunk_mask(int64_t n) {
+  if constexpr (CH == 32) return TAIL ? (__mmask32)((1ull << n) - 1) : (__mmask32)0xffffffffu;
+  else return TAIL ? (__mmask16)((1u << n) - 1) : (__mmask16)0xffff;
+}
+
 struct Bf16W {
   static constexpr int CH = 32;
-  template <int NR, int NM>
-  static inline void block(const uint16_t* W, int64_t K, const float* x, int64_t ldx, __m512 (&acc)[MAXR][MB]) {
+  template <int NR>
+  static inline void prefetch(const uint16_t* W, int64_t K, int64_t k) { prefetch_rows<NR>(W + k, K * 2); }
+  template <int NR, int NM, bool TAIL>
+  static inline void step(const uint16_t* W, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
+                          __m512 (&acc)[MAXR][MB]) {
     const __m512i hi = _mm512_set1_epi32(int32_t(0xffff0000u));
-    int64_t k = 0;
-    for (; k + CH <= K; k += CH) {
-      prefetch_rows<NR>(W + k, K * 2);
-      __m512 we[NR], wo[NR];
-      for (int r = 0; r < NR; ++r) {
-        __m512i w = _mm512_loadu_si512((const void*)(W + r * K + k));
-        we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-        wo[r] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
-      }
-      for (int m = 0; m < NM; ++m) {
-        __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wo[r], xo, _mm512_fmadd_ps(we[r], xe, acc[r][m]));
-      }
+    __m512 we[NR], wo[NR];
+    for (int r = 0; r < NR; ++r) {
+      const __m512i w = TAIL ? _mm512_maskz_loadu_epi16(chunk_mask<CH, TAIL>(n), W + r * K + k)
+                             : _mm512_loadu_si512((const void*)(W + r * K + k));
+      we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+      wo[r] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
     }
-    if (k < K) {
-      __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1);
-      __m512 we[NR], wo[NR];
-      for (int r = 0; r < NR; ++r) {
-        __m512i w = _mm512_maskz_loadu_epi16(mk, W + r * K + k);
-        we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-        wo[r] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
-      }
-      for (int m = 0; m < NM; ++m) {
-        __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wo[r], xo, _mm512_fmadd_ps(we[r], xe, acc[r][m]));
-      }
+    for (int m = 0; m < NM; ++m) {
+      __m512 xe = _mm512_loadu_ps(x + m * ldx + k), xo = _mm512_loadu_ps(x + m * ldx + k + 16);
+      for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(wo[r], xo, _mm512_fmadd_ps(we[r], xe, acc[r][m]));
     }
   }
 };
 
+// float32 and int8 weights: 16 per chunk, widened to float32 by Wd::ld, one FMA per input row.
+template <class Wd, int NR, int NM, bool TAIL, class WT>
+inline void fma16_step(const WT* W, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
+                       __m512 (&acc)[MAXR][MB]) {
+  __m512 w[NR];
+  for (int r = 0; r < NR; ++r) w[r] = Wd::template ld<TAIL>(W + r * K + k, chunk_mask<16, TAIL>(n));
+  for (int m = 0; m < NM; ++m) {
+    __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
+    for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
+  }
+}
+
 struct F32W {
   static constexpr int CH = 16;
-  template <int NR, int NM>
-  static inline void block(const float* W, int64_t K, const float* x, int64_t ldx, __m512 (&acc)[MAXR][MB]) {
-    int64_t k = 0;
-    for (; k + CH <= K; k += CH) {
-      prefetch_rows<NR>(W + k, K * 4);
-      __m512 w[NR];
-      for (int r = 0; r < NR; ++r) w[r] = _mm512_loadu_ps(W + r * K + k);
-      for (int m = 0; m < NM; ++m) {
-        __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
-      }
-    }
-    if (k < K) {
-      __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
-      __m512 w[NR];
-      for (int r = 0; r < NR; ++r) w[r] = _mm512_maskz_loadu_ps(mk, W + r * K + k);
-      for (int m = 0; m < NM; ++m) {
-        __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
-      }
-    }
+  template <bool TAIL>
+  static inline __m512 ld(const float* p, __mmask16 mk) {
+    return TAIL ? _mm512_maskz_loadu_ps(mk, p) : _mm512_loadu_ps(p);
+  }
+  template <int NR>
+  static inline void prefetch(const float* W, int64_t K, int64_t k) { prefetch_rows<NR>(W + k, K * 4); }
+  template <int NR, int NM, bool TAIL>
+  static inline void step(const float* W, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
+                          __m512 (&acc)[MAXR][MB]) {
+    fma16_step<F32W, NR, NM, TAIL>(W, K, k, n, x, ldx, acc);
   }
 };
 
 struct I8W {
   static constexpr int CH = 16;
-  template <int NR, int NM>
-  static inline void block(const int8_t* W, int64_t K, const float* x, int64_t ldx, __m512 (&acc)[MAXR][MB]) {
-    int64_t k = 0;
-    for (; k + CH <= K; k += CH) {
-      if ((k & 63) == 0) prefetch_rows<NR>(W + k, K);  // one cache line is four 16-wide chunks
-      __m512 w[NR];
-      for (int r = 0; r < NR; ++r)
-        w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(W + r * K + k))));
-      for (int m = 0; m < NM; ++m) {
-        __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
-      }
-    }
-    if (k < K) {
-      __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
-      __m512 w[NR];
-      for (int r = 0; r < NR; ++r)
-        w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, W + r * K + k)));
-      for (int m = 0; m < NM; ++m) {
-        __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
-        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
-      }
-    }
+  template <bool TAIL>
+  static inline __m512 ld(const int8_t* p, __mmask16 mk) {
+    const __m128i b = TAIL ? _mm_maskz_loadu_epi8(mk, p) : _mm_loadu_si128((const __m128i*)p);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+  template <int NR>
+  static inline void prefetch(const int8_t* W, int64_t K, int64_t k) {
+    if ((k & 63) == 0) prefetch_rows<NR>(W + k, K);  // one cache line is four 16-wide chunks
+  }
+  template <int NR, int NM, bool TAIL>
+  static inline void step(const int8_t* W, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
+                          __m512 (&acc)[MAXR][MB]) {
+    fma16_step<I8W, NR, NM, TAIL>(W, K, k, n, x, ldx, acc);
   }
 };
+
+// The loop all weight types share: full chunks (each with the type's prefetch), then the masked tail.
+template <class Kern, int NR, int NM, class WT>
+inline void stream_rows(const WT* W, int64_t K, const float* x, int64_t ldx, __m512 (&acc)[MAXR][MB]) {
+  int64_t k = 0;
+  for (; k + Kern::CH <= K; k += Kern::CH) {
+    Kern::template prefetch<NR>(W, K, k);
+    Kern::template step<NR, NM, false>(W, K, k, 0, x, ldx, acc);
+  }
+  if (k < K) Kern::template step<NR, NM, true>(W, K, k, K - k, x, ldx, acc);
+}
 
 // One block of NR weight rows x NM input rows: sums (times scale) written to y (fp32 or bf16, row stride N).
 template <class Kern, int NR, int NM, class WT, class OT>
@@ -166,7 +163,7 @@ inline void run_block(const WT* W, int64_t K, const float* x, int64_t ldx, const
   __m512 acc[MAXR][MB];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < NM; ++m) acc[r][m] = _mm512_setzero_ps();
-  Kern::template block<NR, NM>(W, K, x, ldx, acc);
+  stream_rows<Kern, NR, NM>(W, K, x, ldx, acc);
   for (int m = 0; m < NM; ++m) {
     float s[MAXR];
     if (NR % 4 == 0) {
