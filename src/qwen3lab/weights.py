@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError, NumericsError, WeightsError
 from .jsonio import read_json
+from .pages import file_ranges, release
 from .shapes import expected_shapes
 
 SINGLE_FILE = "model.safetensors"
@@ -260,9 +261,7 @@ def load_weights(
         if got != shape:
             raise WeightsError(f"{f}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
 
-    from .fast.memory import _file_ranges, release
-
-    ranges = _file_ranges()  # the checkpoint files are mapped by now
+    ranges = file_ranges()  # the checkpoint files are mapped by now
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         # One conversion per tensor; when nothing changes the mmapped tensor itself is kept. When a copy is
@@ -314,8 +313,6 @@ def _assert_finite(weights: Mapping[str, torch.Tensor], source: str, ranges=None
         seen.add(id(t))
         finite = bool(torch.isfinite(t.sum()))
         if ranges is not None:
-            from .fast.memory import release
-
             release([t], ranges)  # file pages only (anonymous copies are never touched)
         if finite:
             continue

@@ -12,7 +12,7 @@ Notable:
   (kernels.cpp, built at first use by build.py; PyTorch ops when they cannot be built).
 - the MoE router (`mlp.gate`) stays in the model dtype under int8: routing decides which experts run, and
   it is tiny.
-- memory: the file pages of copied (fused, quantised, aligned) checkpoint tensors are given back (memory.py),
+- memory: the file pages of copied (fused, quantised, aligned) checkpoint tensors are given back (qwen3lab/pages.py),
   so the process holds each weight once.
 - alignment: every weight the kernels stream starts on a 64-byte boundary (align_weights).
 - numerics: float32 accumulation everywhere, one rounding to the model dtype per output, like F.linear; taps
@@ -27,7 +27,7 @@ import os
 import torch
 from torch import nn
 
-from . import memory
+from .. import pages
 from .build import kernels, status
 from .forward import build_plan, can_fuse, fused_forward
 from .linear import FastLinear, Int8Linear
@@ -40,7 +40,7 @@ __all__ = ["optimize", "fuse_projections", "align_weights", "quantise", "kernels
 def fuse_projections(model, file_ranges=None) -> None:
     """Concatenate q/k/v and gate/up weights into fused modules; the HF-named weights become views of them.
     Idempotent; projections with a bias are left unfused."""
-    ranges = memory._file_ranges() if file_ranges is None else file_ranges
+    ranges = pages.file_ranges() if file_ranges is None else file_ranges
     for layer in model.model.layers:
         attn = layer.self_attn
         if attn.qkv_proj is None and all(p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj)):
@@ -53,7 +53,7 @@ def fuse_projections(model, file_ranges=None) -> None:
 
 def _fuse(parts: list[nn.Linear], ranges) -> FastLinear:
     """One weight [sum N_i, K] (a new tensor); each part's weight re-pointed to its rows (views, no copy).
-    The parts' memory-mapped file pages, now copied, are given back (memory.py)."""
+    The parts' memory-mapped file pages, now copied, are given back (qwen3lab/pages.py)."""
     old = [p.weight.detach() for p in parts]
     W = torch.cat(old, dim=0)  # [sum N_i, K]
     start = 0
@@ -61,7 +61,7 @@ def _fuse(parts: list[nn.Linear], ranges) -> FastLinear:
         n = p.weight.shape[0]
         p.weight = nn.Parameter(W[start:start + n], requires_grad=False)
         start += n
-    memory.release(old, ranges)
+    pages.release(old, ranges)
     return FastLinear(W, fused=True)
 
 
@@ -79,9 +79,9 @@ def align_weights(model, file_ranges=None, align: int = 64) -> int:
     Weights memory-mapped from a safetensors file start wherever the file puts them (Qwen3-0.6B: o_proj,
     down_proj and the tied embedding at 56 mod 64), so every 512-bit load of a row straddles two cache lines:
     a decode batch of 8 ran these projections at ~14 GB/s against ~18 for the aligned (fused) ones. A moved
-    weight is copied once into fresh (aligned) memory and its file pages are given back (memory.py); a tied
+    weight is copied once into fresh (aligned) memory and its file pages are given back (qwen3lab/pages.py); a tied
     embedding moves with its lm_head so the two stay one tensor."""
-    ranges = memory._file_ranges() if file_ranges is None else file_ranges
+    ranges = pages.file_ranges() if file_ranges is None else file_ranges
     embed = model.model.embed_tokens
     moved = 0
     for mod in list(model.modules()):
@@ -94,7 +94,7 @@ def align_weights(model, file_ranges=None, align: int = 64) -> int:
         rows = max(1, (16 << 20) // max(1, old[0].numel() * old.element_size()))
         for a in range(0, old.shape[0], rows):  # ~16 MB at a time, each block's file pages given back as
             new[a:a + rows].copy_(old[a:a + rows].detach())  # copied: a 311 MB embedding never exists twice
-            memory.release([old[a:a + rows].detach()], ranges)
+            pages.release([old[a:a + rows].detach()], ranges)
         param = nn.Parameter(new, requires_grad=False)
         if isinstance(old, nn.Parameter) and embed.weight is old:
             embed.weight = param
@@ -112,7 +112,7 @@ def optimize(model, quant: str | None = None, fuse: bool = True):
         from ..errors import InputError
 
         raise InputError(f"quant must be one of {', '.join(QUANT_MODES)} or None, got {quant!r}")
-    ranges = memory._file_ranges()
+    ranges = pages.file_ranges()
     if fuse:
         fuse_projections(model, ranges)
     if quant is not None:

@@ -16,7 +16,7 @@ import functools
 
 from torch import nn
 
-from . import memory
+from .. import pages
 from .linear import FastLinear, Int8Linear
 
 QUANT_MODES = ("int8",)
@@ -27,7 +27,7 @@ def _q_mod(mod: nn.Module, ranges, fused: bool = False) -> Int8Linear:
         return mod
     assert isinstance(mod, (nn.Linear, FastLinear)) and getattr(mod, "bias", None) is None, mod
     q = Int8Linear.from_float(mod.weight, fused=fused)
-    memory.release([mod.weight], ranges)  # a memory-mapped original is not read again (a tied embedding
+    pages.release([mod.weight], ranges)  # a memory-mapped original is not read again (a tied embedding
     return q  # reads a few rows per step; they fault back in from the file)
 
 
@@ -43,7 +43,7 @@ def _views(fused: Int8Linear, parts: list[str], owner: nn.Module) -> None:
 def quantise(model, mode: str = "int8", file_ranges=None):
     """Replace the model's projection weights by int8 ones in place (see module docstring); returns model."""
     assert mode in QUANT_MODES, mode
-    ranges = memory._file_ranges() if file_ranges is None else file_ranges
+    ranges = pages.file_ranges() if file_ranges is None else file_ranges
     _q = functools.partial(_q_mod, ranges=ranges)
     for layer in model.model.layers:
         attn = layer.self_attn

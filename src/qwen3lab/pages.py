@@ -1,4 +1,4 @@
-"""Give back the resident pages of memory-mapped checkpoint tensors that the fast path has copied.
+"""Give back the resident pages of memory-mapped checkpoint tensors once they have been copied or read.
 
 Weights load as views of the memory-mapped safetensors file (weights.py). Fusing q/k/v (gate/up) or
 quantising copies them; the copies are what the model reads from then on, but the file pages already read
@@ -22,7 +22,7 @@ MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
 
 
-def _file_ranges() -> list[tuple[int, int]]:
+def file_ranges() -> list[tuple[int, int]]:
     """(start, end) of this process's file-backed mappings, from /proc/self/maps."""
     out = []
     try:
@@ -54,7 +54,7 @@ def release(tensors, ranges: list[tuple[int, int]] | None = None) -> int:
     libc = _libc()
     if libc is None:
         return 0
-    ranges = _file_ranges() if ranges is None else ranges
+    ranges = file_ranges() if ranges is None else ranges
     done = 0
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():

@@ -1,4 +1,4 @@
-"""fast.memory.release: file pages of memory-mapped tensors are given back, contents stay readable and equal;
+"""pages.release: file pages of memory-mapped tensors are given back, contents stay readable and equal;
 anonymous memory is never touched. And an optimized model loaded from a checkpoint holds its weights once."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen3lab.fast import memory
+from qwen3lab import pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise / /proc/self/maps: Linux")
 
@@ -31,7 +31,7 @@ def test_release_file_pages_keeps_contents(tmp_path):
         t = f.get_tensor("w")
     assert torch.equal(t, src)  # every page read: resident
     before = _rss_kb()
-    freed = memory.release([t])
+    freed = pages.release([t])
     assert freed >= 15 << 20, freed
     assert _rss_kb() <= before - (12 << 10), (before, _rss_kb())  # at least 12 MiB left the RSS
     assert torch.equal(t, src)  # read again: the same bytes, from the file
@@ -40,8 +40,8 @@ def test_release_file_pages_keeps_contents(tmp_path):
 def test_release_never_touches_anonymous_memory():
     t = torch.randn(4096, 1024)
     keep = t.clone()
-    assert memory.release([t]) == 0
-    assert memory.release([t[:, :10]]) == 0  # not contiguous: skipped
+    assert pages.release([t]) == 0
+    assert pages.release([t[:, :10]]) == 0  # not contiguous: skipped
     assert torch.equal(t, keep)
 
 
