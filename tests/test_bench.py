@@ -517,7 +517,7 @@ def test_benchmark_script_prints_table_then_one_json_line(tmp_path):
     assert {r["impl"] for r in report["results"]} == {"qwen3lab"} and report["settings"]["hf"] is False
     bad = subprocess.run([sys.executable, str(script), *args, "--device", "cuda:7"], capture_output=True, text=True,
                          timeout=120)
-    if not torch.cuda.is_available():
+    if torch.cuda.device_count() <= 7:  # no such device here
         assert bad.returncode == 2 and "error: --device cuda:7" in bad.stderr, bad.stderr
 
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import qwen3lab
@@ -19,8 +18,7 @@ from qwen3lab.weights import load_weights
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    torch.set_num_threads(1)
+def tiny_dir(tmp_path_factory, one_torch_thread):
     return make_model(tmp_path_factory.mktemp("m") / "tiny", preset="tiny", dtype="float32", seed=3)
 
 

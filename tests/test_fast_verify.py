@@ -19,18 +19,14 @@ from qwen3lab.fast import build
 from qwen3lab.models.numpy_ref import NumpyBackend
 from qwen3lab.models.torch_model import TorchBackend
 from qwen3lab.random_init import random_weights
+from small_configs import small_cfg
 
 IDS = [9707, 11, 419, 374, 264, 1273, 1946, 13, 576, 3974, 13876, 3835]
 
 
 def make_cfg(moe: bool) -> Qwen3Config:
-    d = {"model_type": "qwen3_moe" if moe else "qwen3", "hidden_size": 64, "intermediate_size": 128,
-         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-         "vocab_size": 16384, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 256,
-         "tie_word_embeddings": not moe}
-    if moe:
-        d.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
-    return Qwen3Config.from_dict(d, source="test config")
+    """Three layers and a 16384-token vocabulary: enough for logit cosine and top-1 to mean something."""
+    return small_cfg(moe, intermediate_size=128, num_hidden_layers=3, vocab_size=16384)
 
 
 @pytest.fixture(scope="module", autouse=True)

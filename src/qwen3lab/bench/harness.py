@@ -294,11 +294,16 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the OS has none)."""
     try:
-        load = [round(x, 2) for x in os.getloadavg()]
+        return [round(x, 2) for x in os.getloadavg()]
     except OSError:
-        load = None
+        return None
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    load = loadavg()
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_flags(),

@@ -142,7 +142,7 @@ def run_bench_command(kind: str, **options: Any) -> int:
 
     hf = _hf(o, log)
     settings: dict[str, Any] = {"device": str(device), "dtype": ",".join(dtypes), "seed": o["seed"], "hf": hf,
-                                "loadavg_start": H.machine_info(device)["loadavg"]}
+                                "loadavg_start": H.loadavg()}
     if kind == "generate":
         settings.update(dtypes=dtypes, fast=not o["no_fast"], ours_path=ours_path(device, not o["no_fast"]))
     with H.torch_threads(o["threads"]), H.Progress(enabled=not o["quiet"]) as progress:
