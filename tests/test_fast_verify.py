@@ -91,6 +91,8 @@ def test_quant_options_are_checked():
         TorchBackend(cfg, w, quant="int4")
     with pytest.raises(InputError, match="dtype 'int8'"):
         TorchBackend(cfg, w, dtype="int8")
+    with pytest.raises(InputError, match="needs float32 or bfloat16 activations"):  # the int8 kernels take no others
+        TorchBackend(cfg, w, dtype="float16", quant="int8")
     b = TorchBackend(cfg, w, quant="int8")
     assert b.name == "torch-int8" and b.dtype == "int8" and b.model.quant == "int8"
     with torch.inference_mode():

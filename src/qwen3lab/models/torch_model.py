@@ -74,7 +74,10 @@ def dtype_and_quant(dtype: str | torch.dtype, quant: str | None = None,
         return torch.bfloat16, "int8"
     if quant is not None and quant != "int8":
         raise InputError(f"quant must be 'int8' or None, got {quant!r}")
-    return _torch_dtype(dtype), quant
+    dt = _torch_dtype(dtype)
+    if quant is not None and dt not in (torch.float32, torch.bfloat16):  # what the int8 kernels take
+        raise InputError(f"quant={quant!r} needs float32 or bfloat16 activations, got dtype {dtype!r}")
+    return dt, quant
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
