@@ -97,7 +97,7 @@ def fused_forward(model, input_ids: torch.Tensor, positions: torch.Tensor, spans
     N = input_ids.shape[0]
     with torch.inference_mode():
         decode = all(s.length == 1 and s.cache is not None for s in spans)
-        plans = None if decode else model._plans(spans)
+        plans = model._plans(spans)  # also checks every span against its cache (attend_decode writes it directly)
         end = max(s.start + s.length for s in spans)
         cos_t, sin_t = model.rope_tables(end)
         cos, sin = cos_t[positions], sin_t[positions]  # [N, Dh]
