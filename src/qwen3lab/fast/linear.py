@@ -111,15 +111,11 @@ class Int8Linear(nn.Module):
             else:
                 y = k.linear_large(x2, self.weight, self.scale, _band_rows(self.in_features))
         else:
-            y = _int8_mm_fallback(x2, self.weight, self.scale)
+            # what the kernels compute, in float32 over the dequantised weight. (torch's _weight_int8pack_mm was
+            # measured and not used: it rounds the scales to x's dtype and streamed int8 at 12 GB/s with bf16
+            # inputs, 2.3 GB/s with float32 ones, on the machine the kernels were tuned on.)
+            y = F.linear(x2.float(), self.dequantized()).to(x.dtype)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8 (per-row scales)"
-
-
-def _int8_mm_fallback(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (q * scale).T in float32, returned in x's dtype: what the kernels compute. (torch's
-    _weight_int8pack_mm was measured and not used: it rounds the scales to x's dtype and streamed int8 at
-    12 GB/s with bfloat16 inputs, 2.3 GB/s with float32 ones, on the machine the kernels were tuned on.)"""
-    return F.linear(x.float(), q.float() * scale[:, None]).to(x.dtype)
