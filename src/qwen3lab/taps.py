@@ -302,3 +302,16 @@ def dataflow_key(name: str) -> tuple:
         return (s, 1, layer, _SITE_ORDER.get(site, 99), site)
     head = {"embed": 0, "final_norm": 2, "logits": 3}.get(site, 4)
     return (s, head, 0, 0, site)
+
+
+def split_steps(full: Mapping[str, np.ndarray], P: int, steps: int, keep=None) -> dict[str, np.ndarray]:
+    """Whole-sequence taps (a full recompute of P + steps tokens) -> what a KV-cache decode run records:
+    rows 0..P-1 under each name, row P+j under `step{j}.name`; probs [Hq, T, T] keep only the keys a cache
+    holds at that point (0..P-1, then 0..P+j). keep(name): which of those names to return. Dataflow order."""
+    out: dict[str, np.ndarray] = {}
+    for j, (t0, t1) in enumerate([(0, P)] + [(P + i, P + i + 1) for i in range(steps)]):
+        for name, arr in full.items():
+            key = name if j == 0 else f"step{j - 1}.{name}"
+            if keep is None or keep(key):
+                out[key] = arr[:, t0:t1, :t1].copy() if split_name(name)[2] == "probs" else arr[t0:t1].copy()
+    return dict(sorted(out.items(), key=lambda kv: dataflow_key(kv[0])))

@@ -271,16 +271,7 @@ class NumpyBackend:
         # Record with the same selection, applied to the per-step names afterwards.
         wanted = _taps.record(names)
         full = self.run(ids, taps=_unstepped(names), graft=whole_graft)
-        out: dict[str, np.ndarray] = {}
-        for name, arr in full.taps.items():
-            if wanted.selects(name):
-                out[name] = _slice(name, arr, 0, P)
-        for j in range(decode_steps):
-            for name, arr in full.taps.items():
-                step_name = f"step{j}.{name}"
-                if wanted.selects(step_name):
-                    out[step_name] = _slice(name, arr, P + j, P + j + 1)
-        return RunResult(full.logits, out)
+        return RunResult(full.logits, _taps.split_steps(full.taps, P, decode_steps, keep=wanted.selects))
 
 
 def _unstepped(names):
@@ -289,13 +280,6 @@ def _unstepped(names):
         return names
     names = [names] if isinstance(names, str) else list(names)
     return [re.sub(r"^step[^.]*\.", "", n) for n in names]
-
-
-def _slice(name: str, arr: np.ndarray, t0: int, t1: int) -> np.ndarray:
-    """Rows t0:t1 of a whole-sequence tap; probs [Hq, T, T] keep only the keys a cache would hold (0:t1)."""
-    if _taps.split_name(name)[2] == "probs":
-        return arr[:, t0:t1, :t1].copy()
-    return arr[t0:t1].copy()
 
 
 def _stitch(graft: Mapping[str, np.ndarray], P: int, steps: int) -> dict[str, np.ndarray]:

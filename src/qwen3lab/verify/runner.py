@@ -23,7 +23,7 @@ import numpy as np
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
 from ..models.base import check_input_ids
-from ..taps import canonical_shape, dataflow_key, split_name, tap_sites
+from ..taps import canonical_shape, dataflow_key, split_name, split_steps, tap_sites
 from .backends import Side, resolve
 from .compare import FAILING, Comparator, TapResult, layer_selected
 from .isolate import attach_isolated, label_origins
@@ -346,8 +346,8 @@ class _DecodeRun(_PrefillRun):
         full: dict[str, np.ndarray] = {}
         pin = PinRouting(self.ref_select, full.__setitem__, whole, rep.cfg)
         self.ref.run_in(pin, self.ids)
-        self.store = MemoryStore(_split_steps(full, P, self.steps))
-        self.own_routing = _split_steps(pin.own, P, self.steps)
+        self.store = MemoryStore(split_steps(full, P, self.steps))
+        self.own_routing = split_steps(pin.own, P, self.steps)
         rep.timings["pinned_reference_s"] = time.perf_counter() - t
         where = ", ".join(f"{n.rsplit('.', 1)[0]}: {k}" for n, k in ties.items())
         rep.notes.append(f"MoE routing: some tokens chose other experts than the reference at near ties (router "
@@ -384,15 +384,3 @@ class _DecodeRun(_PrefillRun):
         return self._compare("isolation", graft)
 
 
-def _split_steps(full: dict[str, np.ndarray], P: int, steps: int) -> dict[str, np.ndarray]:
-    """Whole-sequence taps -> prefill taps (rows 0..P-1) and `step{j}.` taps (row P+j); probs [Hq, T, S]
-    keep the keys a cache holds at that point (0..P-1, then 0..P+j)."""
-    out: dict[str, np.ndarray] = {}
-    for name, arr in full.items():
-        probs = split_name(name)[2] == "probs"
-        out[name] = arr[:, :P, :P] if probs else arr[:P]
-    for j in range(steps):
-        t = P + j
-        for name, arr in full.items():
-            out[f"step{j}.{name}"] = arr[:, t:t + 1, :t + 1] if split_name(name)[2] == "probs" else arr[t:t + 1]
-    return dict(sorted(out.items(), key=lambda kv: dataflow_key(kv[0])))
