@@ -213,14 +213,9 @@ class _PrefillRun:
             self.progress.advance(phase)
             if not layer_selected(name, self.sel_set):
                 return
-            own = self.own_routing.get(name)
-            ref = self.store.get(name) if own is None else own
-            r = comp.compare(name, arr, None if ref is None else np.asarray(ref))
-            if own is not None and name in self.store:
-                comp.align_weights_to(name, self.store[name])
-            out[name] = r
-            if r.status in FAILING and not first and r.status == "fail":
-                first.append((name, np.array(arr), np.array(ref)))
+            r = out[name] = self._compare_tap(comp, name, arr)
+            if r.status == "fail" and not first:
+                first.append((name, np.array(arr), np.array(self.own_routing.get(name, self.store.get(name)))))
 
         self.cand.run(self.ids, self.select, graft=graft, sink=check)
         self.report.timings[f"{phase}_s"] = self.report.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
@@ -233,12 +228,21 @@ class _PrefillRun:
                 self.report.culprit_arrays = first[0]
         return out
 
+    def _compare_tap(self, comp: Comparator, name: str, arr) -> TapResult:
+        """One candidate tap against the reference. At a layer whose routing was pinned (routing.py), topk_idx
+        is compared with the reference's own choice and the later topk_weight aligned to the pinned run."""
+        own = self.own_routing.get(name)
+        ref = self.store.get(name) if own is None else own
+        r = comp.compare(name, arr, None if ref is None else np.asarray(ref))
+        if own is not None and name in self.store:
+            comp.align_weights_to(name, self.store[name])
+        return r
+
     def _go(self, isolate: bool | None) -> None:
         rep = self.report
         self._reference()
         plain = self._compare_run("candidate")
-        ties = {n: r.metrics.near_tie_tokens for n, r in plain.items()
-                if r.site == "topk_idx" and r.metrics is not None and r.metrics.near_tie_tokens}
+        ties = _near_ties(plain)
         if ties and self.ref.can_host_session:
             self._pin_routing(ties)
             plain = self._compare_run("candidate")
@@ -268,10 +272,7 @@ class _PrefillRun:
         self.ref.run_in(pin, self.ids)
         self.own_routing = pin.own
         rep.timings["pinned_reference_s"] = time.perf_counter() - t
-        where = ", ".join(f"{n.rsplit('.', 1)[0]}: {k}" for n, k in ties.items())
-        rep.notes.append(f"MoE routing: some tokens chose other experts than the reference at near ties (router "
-                         f"logits within their own error; tokens per layer: {where}); the reference was re-run "
-                         f"routed as the candidate was, and the taps are compared with that run")
+        rep.notes.append(_pinned_note(ties, "tokens per layer", "re-run"))
 
     def _isolate(self, isolate: bool | None, plain: dict[str, TapResult]) -> None:
         rep = self.report
@@ -304,6 +305,19 @@ class _PrefillRun:
         return self._compare_run("isolation", graft=graft)
 
 
+def _near_ties(results: dict[str, TapResult]) -> dict[str, int]:
+    """topk_idx taps whose differing tokens all chose at near ties: {tap: tokens}."""
+    return {n: r.metrics.near_tie_tokens for n, r in results.items()
+            if r.site == "topk_idx" and r.metrics is not None and r.metrics.near_tie_tokens}
+
+
+def _pinned_note(ties: dict[str, int], per: str, how: str) -> str:
+    where = ", ".join(f"{n.rsplit('.', 1)[0]}: {k}" for n, k in ties.items())
+    return (f"MoE routing: some tokens chose other experts than the reference at near ties (router logits within "
+            f"their own error; {per}: {where}); the reference was {how} routed as the candidate was, and the taps "
+            f"are compared with that run")
+
+
 class _DecodeRun(_PrefillRun):
     """Prefill + decode steps: whole dicts (decode taps are one row each; nothing large to stream)."""
 
@@ -321,8 +335,7 @@ class _DecodeRun(_PrefillRun):
         self.progress.advance("reference")
         rep.timings["reference_s"] = time.perf_counter() - t
         plain = self._compare("candidate", None)
-        ties = {n: r.metrics.near_tie_tokens for n, r in plain.items()
-                if r.site == "topk_idx" and r.metrics is not None and r.metrics.near_tie_tokens}
+        ties = _near_ties(plain)
         if ties and self.ref.can_host_session:
             self._pin_routing_decode(ties)
             plain = self._compare("candidate", None)
@@ -349,10 +362,7 @@ class _DecodeRun(_PrefillRun):
         self.store = MemoryStore(split_steps(full, P, self.steps))
         self.own_routing = split_steps(pin.own, P, self.steps)
         rep.timings["pinned_reference_s"] = time.perf_counter() - t
-        where = ", ".join(f"{n.rsplit('.', 1)[0]}: {k}" for n, k in ties.items())
-        rep.notes.append(f"MoE routing: some tokens chose other experts than the reference at near ties (router "
-                         f"logits within their own error; tokens per tap: {where}); the reference was recomputed "
-                         f"routed as the candidate was, and the taps are compared with that run")
+        rep.notes.append(_pinned_note(ties, "tokens per tap", "recomputed"))
 
     def _compare(self, phase: str, graft) -> dict[str, TapResult]:
         t = time.perf_counter()
@@ -367,10 +377,7 @@ class _DecodeRun(_PrefillRun):
         for n in names:
             if n not in want and n not in res.taps:
                 continue
-            own = self.own_routing.get(n)
-            out[n] = comp.compare(n, res.taps.get(n), self.store.get(n) if own is None else own)
-            if own is not None and n in self.store:
-                comp.align_weights_to(n, self.store[n])
+            out[n] = self._compare_tap(comp, n, res.taps.get(n))
             if out[n].status == "fail":
                 key = "divergence_arrays" if phase == "candidate" else "culprit_arrays"
                 if getattr(rep, key) is None:
