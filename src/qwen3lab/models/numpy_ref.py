@@ -56,6 +56,13 @@ def softmax64(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def topk_weights(probs: np.ndarray, idx, cfg: Qwen3Config) -> np.ndarray:
+    """Router probabilities [T, E] at the chosen experts idx [T, K], renormalised to sum 1 when
+    cfg.norm_topk_prob (Qwen3-MoE's default): the MoE block's expert weights [T, K]."""
+    w = np.take_along_axis(probs, np.asarray(idx, dtype=np.int64), axis=-1)  # [T, K]
+    return w / np.sum(w, axis=-1, keepdims=True) if cfg.norm_topk_prob else w
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
@@ -112,10 +119,7 @@ def moe(x: np.ndarray, w: Mapping[str, np.ndarray], p: str, cfg: Qwen3Config, na
     idx = np.argsort(-probs, axis=-1, kind="stable")[:, :K]  # [T, K]
     # Weights are gathered at the (possibly grafted) chosen experts, so grafting topk_idx alone stays consistent.
     idx = _t(name, "topk_idx", idx)
-    topw = np.take_along_axis(probs, np.asarray(idx, dtype=np.int64), axis=-1)  # [T, K]
-    if cfg.norm_topk_prob:
-        topw = topw / np.sum(topw, axis=-1, keepdims=True)
-    topw = _t(name, "topk_weight", topw.astype(x.dtype))
+    topw = _t(name, "topk_weight", topk_weights(probs, idx, cfg).astype(x.dtype))
     out = np.zeros_like(x)  # [T, D]
     for e in range(E):
         rows, slot = np.nonzero(idx == e)  # tokens routed to expert e, and where e sits in their top-k

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import taps as _taps
+from ..models.numpy_ref import softmax64, topk_weights
 from .backends import _unbatched
 
 
@@ -53,12 +54,8 @@ class PinRouting(_taps.Recorder):
             self._idx = np.asarray(self.routing[full]).astype(np.int64).reshape(-1, self.cfg.num_experts_per_tok)
             x = _like(self._idx, x)
         elif site == "topk_weight" and self._idx is not None and self._logits is not None:
-            p = np.exp(self._logits - self._logits.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)  # [T, E] router probabilities
-            w = np.take_along_axis(p, self._idx, axis=-1)  # [T, K] at the candidate's experts
-            if self.cfg.norm_topk_prob:
-                w = w / w.sum(-1, keepdims=True)
-            x = _like(w, x)
+            # the block's expert weights at the candidate's experts, as the oracle computes them
+            x = _like(topk_weights(softmax64(self._logits), self._idx, self.cfg), x)
             self._idx = None
         self.keep(full, x)
         return x
