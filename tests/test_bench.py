@@ -534,13 +534,24 @@ def test_busy_warning_discounts_the_bench_itself():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
 def test_peak_memory_growth_counts_what_the_phase_allocated():
+    import mmap
+
+    import numpy as np
     import torch
 
     from qwen3lab.bench.harness import PeakMemory
 
+    # An anonymous mapping gets fresh pages from the kernel. A malloc'd buffer (torch.ones) may instead
+    # reuse memory an earlier test freed but the allocator kept resident: then RSS does not grow at all
+    # (seen in CI: peak == start after a 64 MiB torch.ones).
     n = 64 << 20
     with PeakMemory(torch.device("cpu")) as pm:
-        t = torch.ones(n, dtype=torch.uint8)  # touched: resident
-        del t
+        buf = mmap.mmap(-1, n)
+        np.frombuffer(buf, dtype=np.uint8)[:] = 1  # touch every page: resident
+        buf.close()  # unmapped before the phase ends: only the high-water mark still sees it
     assert pm.reset_ok and pm.growth_over(n) is not None
     assert 0.95 <= pm.growth_over(n) <= 1.3, (pm.peak_bytes, pm.start_bytes)
+
+    with PeakMemory(torch.device("cpu")) as quiet:  # the reset forgets the previous phase's peak
+        pass
+    assert quiet.growth_over(n) < 0.05, (quiet.peak_bytes, quiet.start_bytes)
