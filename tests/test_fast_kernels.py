@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3lab.fast import build
-from qwen3lab.fast.linear import FastLinear, Int8Linear
+from qwen3lab.fast.linear import FastLinear, Int8Linear, int8_gemm_bf16
 from qwen3lab.models.torch_model import RMSNorm, apply_rope
 
 
@@ -233,3 +233,69 @@ def test_int8_quantisation_round_trip():
 def test_stream_read_reads_every_byte(k, n):
     t = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
     assert k.stream_read(t) == float(t.long().sum())
+
+
+# ---- the prefill GEMM choice (fast/tune.py) ----------------------------------------------------------------
+@pytest.mark.parametrize("M,K,N", [(40, 64, 24), (33, 1000, 4100)])
+def test_int8_gemm_bf16_matches_float64(M, K, N):
+    g = torch.Generator().manual_seed(M + N)
+    xb = torch.randn(M, K, generator=g).bfloat16()
+    q, s = _quant(torch.randn(N, K, generator=g))
+    want = xb.double() @ (q.double() * s.double()[:, None]).T
+    for band in (7, 2048):  # bands not dividing N, and (N = 4100) more than one of the default size
+        got = int8_gemm_bf16(xb, q, s, band)
+        assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+        assert _rel(got, want) < 2 ** -7, _rel(got, want)  # two bf16 roundings: the product, then the scaled one
+
+
+@pytest.fixture
+def fresh_tune(monkeypatch):
+    from qwen3lab.fast import tune
+
+    monkeypatch.delenv(tune.ENV, raising=False)
+    tune.reset()
+    yield tune
+    tune.reset()
+
+
+@pytest.mark.parametrize("timings,want", [({"ours": 3.0, "torch": 9.0}, "ours"),
+                                          ({"ours": 9.0, "torch": 3.0}, "torch")])
+def test_tune_keeps_the_faster_gemm_once_per_process(fresh_tune, monkeypatch, timings, want):
+    if build.kernels() is None:
+        pytest.skip(f"kernels unavailable: {build.status()}")
+    calls = []
+    monkeypatch.setattr(fresh_tune, "_measure", lambda kind, k: calls.append(kind) or dict(timings))
+    assert fresh_tune.choose("bfloat16") == want and fresh_tune.choose("bfloat16") == want
+    assert calls == ["bfloat16"]  # measured once, then remembered
+    assert f"{timings['ours']:.1f} vs {timings['torch']:.1f} ms" in fresh_tune.status()
+
+
+def test_tune_measures_both_gemms_for_real(fresh_tune):
+    if build.kernels() is None:
+        pytest.skip(f"kernels unavailable: {build.status()}")
+    for kind in fresh_tune.KINDS:
+        assert fresh_tune.choose(kind) in fresh_tune.CHOICES
+        ms = fresh_tune._timings[kind]
+        assert set(ms) == set(fresh_tune.CHOICES) and all(0 < v < 10_000 for v in ms.values()), ms
+        assert fresh_tune.choose(kind) == min(ms, key=ms.get)
+
+
+def test_tune_env_forces_the_choice_and_rejects_bad_values(fresh_tune, monkeypatch):
+    from qwen3lab.errors import InputError
+
+    monkeypatch.setenv(fresh_tune.ENV, "ours")
+    assert fresh_tune.choose("int8") == "ours" and "set by QWEN3LAB_GEMM" in fresh_tune.status()
+    fresh_tune.reset()
+    monkeypatch.setenv(fresh_tune.ENV, "fastest")
+    with pytest.raises(InputError, match="QWEN3LAB_GEMM must be one of ours, torch, got 'fastest'"):
+        fresh_tune.choose("bfloat16")
+
+
+@pytest.mark.parametrize("choice", ["ours", "torch"])
+def test_many_row_linears_agree_with_float64_either_way(k, fresh_tune, monkeypatch, choice):
+    monkeypatch.setenv(fresh_tune.ENV, choice)
+    g = torch.Generator().manual_seed(3)
+    W, x = torch.randn(300, 96, generator=g), torch.randn(70, 96, generator=g).bfloat16()  # 70 rows > SMALL_M
+    lin, q8 = FastLinear(W.bfloat16()), Int8Linear.from_float(W)
+    assert _rel(lin(x), x.double() @ W.bfloat16().double().T) < 2 ** -8
+    assert _rel(q8(x), x.double() @ (q8.weight.double() * q8.scale.double()[:, None]).T) < 2 ** -7

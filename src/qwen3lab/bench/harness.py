@@ -434,6 +434,8 @@ def print_table(report: dict[str, Any], console=None) -> None:
         title += f" · bandwidth {bw['read_gbs']} GB/s"
     if settings.get("ours_path"):
         title += f" · ours: {settings['ours_path']}"
+    if settings.get("prefill_gemm"):
+        title += f" · {settings['prefill_gemm']}"
     table = Table(title=title, title_justify="left")
     cols = ["impl", "phase", "case"] + [c for c in ("device", "dtype") if c not in shared]
     for col in cols:

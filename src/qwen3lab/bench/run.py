@@ -186,6 +186,10 @@ def run_bench_command(kind: str, **options: Any) -> int:
                                    new_tokens=int(o["new_tokens"]), decode_prompt_len=o["decode_prompt_len"],
                                    hf=hf, hf_attn=o["hf_attn"], seed=o["seed"], roofline=not o["no_roofline"],
                                    progress=progress, fast=not o["no_fast"], log=log)
+            if settings["fast"] and device.type == "cpu":
+                from ..fast import tune
+
+                settings["prefill_gemm"] = tune.status()  # decided while loading (fast/tune.py)
     settings.update({"source": source, "warmups": warmups, "runs": runs, **extra})
     report = H.make_report(kind, device, settings, records)
     return finish(report, o, old, tolerance)

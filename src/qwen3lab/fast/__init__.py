@@ -18,6 +18,8 @@ Notable:
 - numerics: float32 accumulation everywhere, one rounding to the model dtype per output, like F.linear; taps
   and grafting work as on the plain model (verification runs this path op by op).
 - threads: torch's intra-op pool (torch.set_num_threads); see set_threads().
+- prefill GEMM: many-row bf16 / int8 linears take whichever of two GEMMs measured faster on this CPU
+  (tune.py), decided at optimize() so the first timed forward does not pay for the measurement.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ import torch
 from torch import nn
 
 from .. import pages
+from . import tune
 from .build import kernels, status
 from .forward import build_plan, can_fuse, fused_forward
 from .linear import FastLinear, Int8Linear
 from .quant import QUANT_MODES, quantise
 
-__all__ = ["optimize", "fuse_projections", "align_weights", "quantise", "kernels", "status", "set_threads",
+__all__ = ["optimize", "fuse_projections", "align_weights", "quantise", "kernels", "status", "set_threads", "tune",
            "FastLinear", "Int8Linear", "QUANT_MODES"]
 
 
@@ -120,6 +123,8 @@ def optimize(model, quant: str | None = None, fuse: bool = True):
     _swap_linears(model)
     align_weights(model, ranges)
     kernels()  # build now (once), not inside the first timed forward
+    if model.dtype == torch.bfloat16:  # measure the prefill GEMM choice now too (tune.py)
+        tune.choose("int8" if quant is not None else "bfloat16")
     fused = fuse and can_fuse(model)
     model._fast_plan = build_plan(model) if fused else None
     model.fast_forward = fused_forward if fused else None

@@ -5,8 +5,9 @@ Notable:
   row) are drop-in replacements for bias-free nn.Linear; `optimize` / `quantise` (fast/__init__.py,
   fast/quant.py) swap them in from outside the model file.
 - Few rows (decode: up to SMALL_M tokens in the packed batch) go to the streaming kernel `linear_small`; more
-  rows (prefill) to `linear_large` (bf16 / int8 widened to float32 a band of rows at a time + BLAS sgemm);
-  float32 weights with many rows to F.linear (already sgemm).
+  rows (prefill) with bfloat16 activations to whichever GEMM measured faster on this CPU (fast/tune.py):
+  `linear_large` (bf16 / int8 widened to float32 a band of rows at a time + BLAS sgemm) or torch's bf16 matmul
+  (int8: `int8_gemm_bf16`); float32 activations with many rows to sgemm (F.linear, or `linear_large` for int8).
 - `weight` stays a Parameter for the HF-named modules; a fused module (qkv_proj, gate_up_proj) holds its
   weight as a non-persistent buffer instead, so `parameters()` and `state_dict()` still list each checkpoint
   tensor exactly once (the HF modules' Parameters are row views of it).
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import tune
 from .build import kernels
 
 SMALL_M = 32  # rows up to which the streaming kernel beats widening + sgemm (benchmarks/bench_fast_kernels.py)
@@ -28,6 +30,18 @@ BAND_BYTES = 8 << 20  # float32 band of widened weight rows for linear_large (20
 
 def _band_rows(K: int) -> int:
     return max(16, BAND_BYTES // (4 * K))
+
+
+def int8_gemm_bf16(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, band_rows: int = 2048) -> torch.Tensor:
+    """y = (x @ q.T) * scale for bfloat16 x [M, K] and int8 q [N, K] through torch's bfloat16 matmul: q widened to
+    bfloat16 a band of rows at a time (exact: |q| <= 127), the product rounded to bf16, scaled in float32, rounded
+    again. The band (4 MB at K = 1024) bounds the extra memory; a 151936-row lm_head is never bf16 all at once."""
+    M, N = x.shape[0], q.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
+    for a in range(0, N, band_rows):
+        yb = F.linear(x, q[a:a + band_rows].to(x.dtype))  # [M, band]
+        y[:, a:a + band_rows] = yb.float().mul_(scale[a:a + band_rows])
+    return y
 
 
 class FastLinear(nn.Module):
@@ -54,7 +68,7 @@ class FastLinear(nn.Module):
         M = x2.shape[0]
         if M <= SMALL_M:
             y = k.linear_small(x2, W, None)
-        elif W.dtype == torch.bfloat16:
+        elif W.dtype == torch.bfloat16 and tune.choose("bfloat16") == "ours":
             y = k.linear_large(x2, W, None, _band_rows(self.in_features))
         else:
             y = F.linear(x2, W)
@@ -108,6 +122,8 @@ class Int8Linear(nn.Module):
         if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
             if x2.shape[0] <= SMALL_M:
                 y = k.linear_small(x2, self.weight, self.scale)
+            elif x2.dtype == torch.bfloat16 and tune.choose("int8") == "torch":
+                y = int8_gemm_bf16(x2, self.weight, self.scale)
             else:
                 y = k.linear_large(x2, self.weight, self.scale, _band_rows(self.in_features))
         else:
