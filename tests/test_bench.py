@@ -555,3 +555,23 @@ def test_peak_memory_growth_counts_what_the_phase_allocated():
     with PeakMemory(torch.device("cpu")) as quiet:  # the reset forgets the previous phase's peak
         pass
     assert quiet.growth_over(n) < 0.05, (quiet.peak_bytes, quiet.start_bytes)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_peak_memory_counts_heap_memory_an_earlier_phase_freed():
+    import torch
+
+    from qwen3lab.bench.harness import PeakMemory, trim_heap
+
+    if not trim_heap():
+        pytest.skip("no glibc malloc_trim here")
+    # 100 kB blocks live on the C heap (below glibc's mmap threshold); freed, they stay resident in the heap
+    # unless trimmed, and a phase that allocates them again would not grow RSS at all (growth read as 0).
+    b, count = 100_000, 2000
+    blocks = [torch.ones(b, dtype=torch.uint8) for _ in range(count)]
+    pin = torch.ones(b, dtype=torch.uint8)  # noqa: F841  (keeps the heap top from shrinking by itself)
+    del blocks
+    with PeakMemory(torch.device("cpu")) as pm:
+        again = [torch.ones(b, dtype=torch.uint8) for _ in range(count)]
+        del again
+    assert 0.95 <= pm.growth_over(b * count) <= 1.3, (pm.peak_bytes, pm.start_bytes)
