@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import pages
 from . import tune
 from .build import kernels
 
@@ -95,19 +96,25 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, fused: bool = False, rows: int = 2048) -> Int8Linear:
+    def from_float(cls, weight: torch.Tensor, fused: bool = False, rows: int = 2048,
+                   file_ranges: list[tuple[int, int]] | None = None) -> Int8Linear:
         """Symmetric per-output-row quantisation: scale = max|w| / 127, q = round(w / scale). Done `rows` rows
-        at a time, so a large matrix (a 151936-row lm_head) never exists in float32 all at once."""
+        at a time, so a large matrix (a 151936-row lm_head) never exists in float32 all at once. With
+        `file_ranges` (qwen3lab.pages.file_ranges()) each block's memory-mapped file pages are given back as
+        soon as it is quantised: a tied 311 MB embedding is then never resident whole beside its int8 copy."""
         N, K = weight.shape
         q = torch.empty(N, K, dtype=torch.int8, device=weight.device)  # [N, K]
         scale = torch.empty(N, dtype=torch.float32, device=weight.device)  # [N]
         with torch.no_grad():
             for a in range(0, N, rows):
-                w = weight[a:a + rows].detach().float()
+                block = weight[a:a + rows].detach()
+                w = block.float()
                 s = w.abs().amax(dim=1) / 127.0
                 s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row stays zero
                 scale[a:a + rows] = s
                 q[a:a + rows] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+                if file_ranges is not None:
+                    pages.release([block], file_ranges)
         return cls(q, scale, fused=fused)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

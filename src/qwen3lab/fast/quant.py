@@ -26,9 +26,9 @@ def _q_mod(mod: nn.Module, ranges, fused: bool = False) -> Int8Linear:
     if isinstance(mod, Int8Linear):
         return mod
     assert isinstance(mod, (nn.Linear, FastLinear)) and getattr(mod, "bias", None) is None, mod
-    q = Int8Linear.from_float(mod.weight, fused=fused)
-    pages.release([mod.weight], ranges)  # a memory-mapped original is not read again (a tied embedding
-    return q  # reads a few rows per step; they fault back in from the file)
+    # a memory-mapped original's file pages are given back block by block as quantised: it is not read again
+    # (a tied embedding reads a few rows per step; they fault back in from the file)
+    return Int8Linear.from_float(mod.weight, fused=fused, file_ranges=ranges)
 
 
 def _views(fused: Int8Linear, parts: list[str], owner: nn.Module) -> None:
