@@ -102,3 +102,35 @@ def test_quant_options_are_checked():
         assert torch.equal(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]),
                            layer.mlp.gate_up_proj.weight)
         assert layer.self_attn.q_proj.scale.shape == (cfg.num_attention_heads * cfg.head_dim,)
+
+
+LONG_IDS = [(i * 7919) % 16000 + 100 for i in range(48)]  # 48 tokens: the prefill takes the many-row GEMM
+
+
+@pytest.mark.parametrize("gemm", ["ours", "torch"])
+@pytest.mark.parametrize("quant", [None, "int8"], ids=["bf16", "int8"])
+def test_many_row_prefill_passes_verify_with_either_gemm(oracle, monkeypatch, quant, gemm):
+    """A prompt longer than SMALL_M runs the prefill GEMM that fast/tune.py picks; each of the two must pass
+    verify (prefill + a decode step) and keep the fused forward's logits as close to the oracle as the eager
+    model's (int8: within the int8 bound above)."""
+    from qwen3lab.fast import tune
+    from qwen3lab.fast.linear import SMALL_M
+
+    assert len(LONG_IDS) > SMALL_M
+    monkeypatch.setenv(tune.ENV, gemm)
+    tune.reset()
+    try:
+        cfg, w, ref = oracle
+        cand = TorchBackend(cfg, w, dtype="bfloat16", fast=True, quant=quant)
+        assert tune.choose(quant or "bfloat16") == gemm
+        rep = verify(ref, cand, LONG_IDS, decode_steps=1)
+        bad = [(r.name, r.reasons) for r in rep.results if r.passed is False]
+        assert rep.overall_success and not bad, bad
+        if cfg.num_experts or cand.model.fast_forward is None:
+            return  # logits-only comparison: dense (see above), and only where the fused forward exists
+        got = cand.run(LONG_IDS).logits
+        cos, _ = _logit_agreement(ref.run(LONG_IDS).logits, got)
+        print(f"{gemm} {quant}: logit cosine min {cos:.6f}")
+        assert cos >= (0.995 if quant else 0.999)
+    finally:
+        tune.reset()
