@@ -142,7 +142,7 @@ def test_unknown_dtype_is_refused_by_click(tiny_dir):
 
 
 # ---- verify --candidate torch-fast ---------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "bfloat16")])
+@pytest.mark.parametrize("dtype,tol", [("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")])
 def test_verify_torch_fast_passes_with_its_label_and_tolerance(tiny_dir, tmp_path, dtype, tol):
     out = tmp_path / "r.json"
     res = invoke("verify", "--model-path", tiny_dir, "--candidate", "torch-fast", "--dtype", dtype,
@@ -196,5 +196,28 @@ def test_sweep_has_torch_fast_rows(tiny_dir):
     assert got == [("torch", "float32"), ("torch-fast", "float32"), ("torch-fast", "bfloat16"),
                    ("torch-fast", "int8")], got
     assert all(c.report is not None and c.report.overall_success for c in cells), [c.error for c in cells]
-    assert cells[-1].report.tolerance.name == "bfloat16" and cells[-1].report.candidate == "torch-fast (int8, cpu)"
+    assert cells[-1].report.tolerance.name == "int8" and cells[-1].report.candidate == "torch-fast (int8, cpu)"
     assert "torch-fast" in console.export_text()
+
+
+def test_accuracy_script_compares_each_fast_path_with_the_oracle(tiny_dir):
+    """benchmarks/accuracy_fast.py: a table, then one JSON line; fp32 matches the float64 oracle to float32
+    rounding, and every path's clear-winner counts are out of the same oracle positions."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy_fast.py"
+    p = subprocess.run([sys.executable, str(script), "--model", str(tiny_dir), "--text", "Hello there, tiny model!"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[1].startswith("| path | logit cosine") and len(lines) == 8, lines
+    rep = json.loads(lines[-1])
+    res = rep["results"]
+    assert set(res) == {"fp32 fast", "bf16 fast", "bf16 eager", "int8 fast"}
+    assert res["fp32 fast"]["cos_min"] > 1 - 1e-6 and res["fp32 fast"]["top1"] == 1.0
+    assert all(0.9 < r["cos_min"] <= r["cos_mean"] <= 1 + 1e-9 for r in res.values()), res
+    totals = {m: {r["top1_clear"][m][1] for r in res.values()} for m in ("0.05", "0.2")}
+    assert all(len(t) == 1 for t in totals.values()), totals  # same oracle, same clear positions

@@ -267,7 +267,7 @@ def test_decode_dump_and_dump_as_reference(model_dir, torch32, tmp_path):
 
 
 # ---- the fast path as a spec ---------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [(None, "float32"), ("bfloat16", "bfloat16"), ("int8", "bfloat16")])
+@pytest.mark.parametrize("dtype,tol", [(None, "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")])
 def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
     from qwen3lab.verify.backends import BUILTIN, resolve
 
@@ -278,11 +278,12 @@ def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
     assert rep.candidate == side.label and rep.tolerance.name == tol and rep.overall_success, rep.summary
 
 
-def test_int8_gets_the_bfloat16_tolerance_and_other_backends_refuse_it(model_dir):
+def test_int8_gets_its_own_tolerance_and_other_backends_refuse_it(model_dir):
     from qwen3lab.verify.tolerances import DTYPE_DEFAULTS, tolerance_for
 
-    assert tolerance_for("int8") == DTYPE_DEFAULTS["bfloat16"]
-    assert tolerance_for("int8", "float32") == DTYPE_DEFAULTS["bfloat16"]
+    assert tolerance_for("int8") == DTYPE_DEFAULTS["int8"]
+    assert tolerance_for("int8", "float32") == DTYPE_DEFAULTS["int8"]  # the looser side decides
+    assert tolerance_for("bfloat16", "int8") == DTYPE_DEFAULTS["int8"]
     for spec in ("numpy", "torch", "hf"):
         with pytest.raises(InputError, match=f"backend '{spec}' has no int8 dtype"):
             verify("numpy", spec, IDS, model_path=model_dir, dtype="int8")

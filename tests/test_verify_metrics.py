@@ -129,7 +129,7 @@ def test_tolerance_selection_and_overrides():
     with pytest.raises(Qwen3LabError, match="--rel-max"):
         tolerance_for("float32", rel_max=-1)
     # the defaults are ordered: each lower precision is looser
-    order = [DTYPE_DEFAULTS[d] for d in ("float64", "float32", "float16", "bfloat16")]
+    order = [DTYPE_DEFAULTS[d] for d in ("float64", "float32", "float16", "bfloat16", "int8")]
     assert all(a.rel_max < b.rel_max and a.cos_min > b.cos_min for a, b in zip(order, order[1:], strict=False))
 
 

@@ -15,10 +15,14 @@ Qwen3-0.6B shapes with random weights, 32 random tokens, worst tap of the run (4
 - float16: 2.0e-3 / 3.1e-3 (1 - cosine 4.9e-6): threshold 0.03, cosine 0.999.
 - bfloat16: 1.6e-2 / 2.6e-2 (1 - cosine 3.3e-4): threshold 0.08, cosine 0.995. MoE with 64-128 experts,
   top-8, routing pinned at near ties (routing.py): worst 1.9e-2 (bf16), 2.8e-3 (fp16).
-- int8 (weight-only int8, per-row scales: `torch-fast --dtype int8`): judged at the bfloat16 tolerance
-  (WEIGHT_ONLY), whatever its activation dtype: rounding a weight to 8 bits costs about what bfloat16's 8-bit
-  mantissa does. Measured on the default model (Qwen3-0.6B shapes, 4 layers, 7 tokens): worst 4.2e-2
-  (layers.3.mlp_out), 4.8e-2 with 2 decode steps; bfloat16 on the same run 1.5e-2, float32 9.3e-7.
+- int8 (weight-only int8, per-row scales: `torch-fast --dtype int8`, whatever its activation dtype): its own
+  row, looser than bfloat16. Rounding a weight to one of 255 steps of its row's max |w| costs about 8x what
+  bfloat16's mantissa does per weight, and the bfloat16 thresholds raised false alarms on correct int8 runs.
+  Measured on Qwen3-0.6B shapes, 28 layers, with 2-4 decode steps: worst 0.069 (7 tokens), 0.073 (128
+  random tokens), 0.079-0.081 (a 75-token paragraph), 1 - cosine at most 3.1e-3; bfloat16 on the same
+  paragraph 0.030. Threshold 0.12, cosine 0.99: 1.5x the worst relative error seen, and still tight enough
+  that every planted bug bfloat16 catches is caught at it (softmax scale 1/sqrt(hidden) on the zoo's small
+  model is lost from 0.15 up).
 Every planted bug but the RMSNorm-epsilon one is still caught at float32 and bfloat16 thresholds.
 When the reference is itself lower precision than float64, the looser of the two dtypes applies.
 """
@@ -49,14 +53,13 @@ DTYPE_DEFAULTS: dict[str, Tolerance] = {
     "float32": Tolerance(cos_min=1 - 1e-8, rel_max=1e-4, name="float32"),
     "float16": Tolerance(cos_min=0.999, rel_max=0.03, name="float16"),
     "bfloat16": Tolerance(cos_min=0.995, rel_max=0.08, name="bfloat16"),
+    "int8": Tolerance(cos_min=0.99, rel_max=0.12, name="int8"),
 }
 PRESETS: dict[str, Tolerance] = {
     "simple": Tolerance(cos_min=0.99, rel_max=0.01, mse_max=1e-4, name="simple"),
 }
-# weight-only quantised formats -> the float dtype whose tolerance they get
-WEIGHT_ONLY = {"int8": "bfloat16"}
-# looser first: the tolerance of a comparison is that of its least precise side
-_LOOSENESS = ["float64", "float32", "float16", "bfloat16"]
+# tighter first: the tolerance of a comparison is that of its least precise side
+_LOOSENESS = ["float64", "float32", "float16", "bfloat16", "int8"]
 _ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "fp16": "float16",
             "half": "float16", "bf16": "bfloat16"}
 
@@ -76,7 +79,7 @@ def tolerance_for(cand_dtype: str | None, ref_dtype: str | None = "float64", *, 
             raise Qwen3LabError(f"unknown tolerance preset {preset!r}; choose one of {', '.join(PRESETS)}")
         tol = PRESETS[preset]
     else:
-        dts = [WEIGHT_ONLY.get(d, d) for d in (normalize_dtype(cand_dtype), normalize_dtype(ref_dtype))]
+        dts = [normalize_dtype(cand_dtype), normalize_dtype(ref_dtype)]
         # an unknown dtype (a dump saying "int4", say) gets the loosest defaults rather than a crash
         rank = max(_LOOSENESS.index(d) if d in _LOOSENESS else len(_LOOSENESS) - 1 for d in dts)
         tol = DTYPE_DEFAULTS[_LOOSENESS[rank]]
