@@ -226,6 +226,9 @@ def test_streaming_gives_the_same_numbers_and_cleans_up(oracle, torch32, tmp_pat
         assert x.metrics.relative_error == y.metrics.relative_error, x.name
     assert b.culprit.name == "layers.0.act"
     assert list(tmp_path.iterdir()) == []  # the spilled reference taps are gone
+    d = verify(oracle, cand, IDS, stream=True, decode_steps=1)  # decode runs keep whole dicts in memory
+    assert d.culprit.name == "layers.0.act", d.sentence()
+    assert list(tmp_path.iterdir()) == []  # and leave no empty temp dir behind either
 
 
 def test_decode_by_recompute_matches_the_oracles_run_decode(oracle):

@@ -323,6 +323,7 @@ class _DecodeRun(_PrefillRun):
 
     def __init__(self, *a):
         super().__init__(*a)
+        self.store.close()  # the prefill run may have made a DiskStore (its temp dir): not used here
         self.store = MemoryStore()
         self.steps = self.report.decode_steps
 
