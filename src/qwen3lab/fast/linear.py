@@ -25,7 +25,7 @@ from .. import pages
 from . import tune
 from .build import kernels
 
-SMALL_M = 32  # rows up to which the streaming kernel beats widening + sgemm (benchmarks/bench_fast_kernels.py)
+SMALL_M = 32  # rows up to which the streaming kernel beats the many-row GEMMs (bench_fast_kernels.py; on Zen 4 ~24)
 BAND_BYTES = 8 << 20  # float32 band of widened weight rows for linear_large (2048 rows of 1024: ~3% over 1024)
 
 
