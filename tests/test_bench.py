@@ -561,7 +561,8 @@ def test_peak_memory_growth_counts_what_the_phase_allocated():
 def test_peak_memory_counts_heap_memory_an_earlier_phase_freed():
     import torch
 
-    from qwen3lab.bench.harness import PeakMemory, trim_heap
+    from qwen3lab.bench.harness import PeakMemory
+    from qwen3lab.pages import trim_heap
 
     if not trim_heap():
         pytest.skip("no glibc malloc_trim here")

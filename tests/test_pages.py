@@ -85,7 +85,7 @@ def test_load_weights_release_pages(tmp_path, dtype):
         assert torch.equal(given[name], t), name
 
 
-def test_int8_quantisation_gives_back_each_block_of_a_mapped_weight(tmp_path):
+def test_int8_quantisation_gives_back_each_block_of_a_mapped_weight(tmp_path, monkeypatch):
     """Quantising a memory-mapped weight (a tied embedding becoming an int8 lm_head) releases its file pages
     block by block, so the bf16 original is never resident whole beside its int8 copy; same result as without."""
     from qwen3lab.fast.linear import Int8Linear
@@ -103,11 +103,8 @@ def test_int8_quantisation_gives_back_each_block_of_a_mapped_weight(tmp_path):
         peak.append(_mapped_rss_kb(path))
         return real_release(tensors, ranges)
 
-    pages.release = spy
-    try:
-        q = Int8Linear.from_float(t, rows=512, file_ranges=pages.file_ranges())
-    finally:
-        pages.release = real_release
+    monkeypatch.setattr(pages, "release", spy)
+    q = Int8Linear.from_float(t, rows=512, file_ranges=pages.file_ranges())
     assert torch.equal(q.weight, plain.weight) and torch.equal(q.scale, plain.scale)
     # 1 MiB blocks: never more than the block being read and the kernel's readahead (a few MiB), against the
     # whole 16 MiB by the end without the release

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import sys
 
@@ -38,6 +39,7 @@ def file_ranges() -> list[tuple[int, int]]:
     return out
 
 
+@functools.cache  # find_library runs `ldconfig -p` (~1 ms): once, not per released block
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
@@ -67,3 +69,12 @@ def release(tensors, ranges: list[tuple[int, int]] | None = None) -> int:
         if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
             done += end - start
     return done
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the kernel (glibc malloc_trim); False where there is none. Freed
+    memory the allocator keeps is reused without new page faults, so a phase measured by RSS growth after
+    another phase freed memory would otherwise read too low (bench/harness.py PeakMemory)."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)  # glibc only (not musl)
+    return bool(trim is not None and trim(0) >= 0)

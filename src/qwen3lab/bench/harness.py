@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import pages
 from ..errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -222,26 +223,13 @@ def rss_bytes() -> int | None:
     return _status_bytes("VmRSS")
 
 
-def trim_heap() -> bool:
-    """Give the C heap's free memory back to the kernel (glibc malloc_trim); False where there is none."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
-        return False
-    return bool(trim and trim(0) >= 0)
-
-
 class PeakMemory:
     """Peak memory of a phase: `with PeakMemory(device) as pm: ...; pm.peak_bytes`.
 
     CPU: RSS high-water mark of the whole process (so it includes the interpreter, torch and any model
     still alive), reset on entry. Where the reset is not possible, `reset_ok` is False and the figure is
     the high-water mark since the process started. On entry the C allocator first returns the memory it
-    holds free to the kernel (`trim_heap`): otherwise a phase that reuses what an earlier one freed (the
+    holds free to the kernel (`pages.trim_heap`): otherwise a phase that reuses what an earlier one freed (the
     second model a bench loads) grows RSS by less than it allocates, and its growth reads too low.
     """
 
@@ -263,7 +251,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = int(torch.cuda.memory_allocated(self.device))
         else:
-            trim_heap()
+            pages.trim_heap()
             self.start_bytes = rss_bytes()
             try:
                 # "5" resets the peak RSS counter of this process (Linux >= 4.0).
