@@ -14,6 +14,7 @@ import pytest
 
 from qwen3lab import taps as T
 from qwen3lab.errors import InputError, Qwen3LabError
+from qwen3lab.fast import build
 from qwen3lab.make_model import make_model
 from qwen3lab.models.numpy_ref import NumpyBackend
 from qwen3lab.verify import verify
@@ -276,7 +277,8 @@ def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
 
     assert "torch-fast" in BUILTIN
     side = resolve("torch-fast", model_dir, device="cpu", dtype=dtype)
-    assert side.label == f"torch-fast ({dtype or 'float32'}, cpu)" and side.backend.model.fast_forward is not None
+    assert side.label == f"torch-fast ({dtype or 'float32'}, cpu)"
+    assert (side.backend.model.fast_forward is not None) == (build.kernels() is not None)
     rep = verify(oracle, "torch-fast", IDS, model_path=model_dir, dtype=dtype)
     assert rep.candidate == side.label and rep.tolerance.name == tol and rep.overall_success, rep.summary
 
