@@ -1,13 +1,20 @@
-"""The C++ kernels (kernels.cpp), compiled once at first use through torch.utils.cpp_extension.
+"""The C++ kernels (kernels.cpp over simd.h), compiled once per path at first use through torch.utils.cpp_extension.
 
-`kernels()` returns the loaded module, or None when it cannot be had: not an x86 CPU with AVX-512
-(F/BW/VL), no C++ compiler or ninja, a failed build, or QWEN3LAB_KERNELS=0 in the environment. Every caller
-has a pure-PyTorch path for None, so the kernels are a speed-up, never a requirement. The reason is kept in
-`status()` and warned about once.
+One source, three builds: the path decides the compiler flags and so the vector width (simd.h).
 
-The build lands in torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) under a
-name carrying a hash of the source, so an edited kernels.cpp is rebuilt and a stale build is never loaded;
-torch's file lock there makes concurrent first uses safe. It takes about 20-30 s once.
+    avx512    x86-64 with AVX-512 F/BW/VL/DQ and FMA (+VNNI when the CPU has it): 16 floats a vector
+    avx2      x86-64 with AVX2, FMA and F16C (AMD Zen 1-3, Intel Haswell .. Alder Lake): 8 floats
+    portable  any CPU with a C++ compiler: the compiler's own vectorisation (SSE2 on x86-64, NEON on arm64)
+
+The CPU's features are read at run time and the best path it has is built and used. QWEN3LAB_KERNELS forces
+one: `torch` (no kernels: the pure-PyTorch leaves), `portable`, `avx2` or `avx512`; a path this CPU lacks or
+an unknown name is refused with one line (InputError). `kernels()` returns the loaded module, or None when
+there is none to be had (turned off, no C++ compiler or ninja, a failed build); every caller has a pure-PyTorch
+path for None, and the reason is kept in `status()` and warned about once.
+
+A build lands in torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) under a
+name carrying the path and a hash of the sources and flags, so an edited kernels.cpp is rebuilt and a stale
+build is never loaded; torch's file lock there makes concurrent first uses safe. It takes about 20-40 s once.
 """
 
 from __future__ import annotations
@@ -19,18 +26,37 @@ import threading
 import warnings
 from pathlib import Path
 
+from ..errors import InputError
+
 SOURCE = Path(__file__).with_name("kernels.cpp")
-ENV = "QWEN3LAB_KERNELS"  # "0" turns the kernels off (pure PyTorch), e.g. to compare or to test the fallback
+HEADER = Path(__file__).with_name("simd.h")
+ENV = "QWEN3LAB_KERNELS"
+PATHS = ("avx512", "avx2", "portable")  # best first
+CHOICES = ("torch",) + PATHS
+_OFF = ("0", "false", "no", "off")  # older spellings of "torch", still accepted
+
 # -fopenmp: at::parallel_for is a header template that only runs in parallel when compiled with OpenMP; the
 # libgomp it links is the one torch already loaded (same soname), so there is one thread pool, torch's.
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
+BASE_CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
+PATH_CFLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    # no -m flags: the target's baseline (SSE2 / NEON); fused multiply-add where the target has one
+    "portable": ["-ffp-contract=fast"],
+}
+NEEDS = {  # /proc/cpuinfo flags each path needs
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "portable": set(),
+}
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "module": None, "reason": None, "built": None}
+_state: dict = {"tried": False, "module": None, "reason": None}
+_built: dict[str, object] = {}  # path -> loaded module (a module is loaded once per process)
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -40,20 +66,40 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _unavailable_reason() -> str | None:
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"turned off by {ENV}=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"not an x86-64 CPU ({platform.machine()})"
-    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} - _cpu_flags()
-    if missing:
-        return f"CPU lacks {', '.join(sorted(missing))}"
-    return None
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _cflags() -> list[str]:
-    """CFLAGS plus the optional instruction sets this CPU has (the int8 kernel uses VNNI when present)."""
-    return CFLAGS + (["-mavx512vnni"] if "avx512_vnni" in _cpu_flags() else [])
+def missing(path: str) -> set[str]:
+    """What this CPU lacks for `path` (empty: it can run it)."""
+    if path != "portable" and not _x86():
+        return {f"x86-64 (this is {platform.machine()})"}
+    return NEEDS[path] - cpu_flags()
+
+
+def available_paths() -> list[str]:
+    """The compiled paths this CPU can run, best first (portable always)."""
+    return [p for p in PATHS if not missing(p)]
+
+
+def requested() -> str | None:
+    """The path QWEN3LAB_KERNELS asks for ("torch" for none), None when unset. Bad values: InputError."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if not v:
+        return None
+    if v in _OFF:
+        return "torch"
+    if v not in CHOICES:
+        raise InputError(f"{ENV} must be one of {', '.join(CHOICES)}, got {v!r}")
+    if v != "torch" and missing(v):
+        raise InputError(f"{ENV}={v}: this CPU lacks {', '.join(sorted(missing(v)))}; "
+                         f"it can run {', '.join(available_paths() + ['torch'])}")
+    return v
+
+
+def _cflags(path: str) -> list[str]:
+    extra = ["-mavx512vnni"] if path == "avx512" and "avx512_vnni" in cpu_flags() else []
+    return BASE_CFLAGS + PATH_CFLAGS[path] + extra
 
 
 def _ninja_on_path() -> None:
@@ -69,33 +115,42 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
 
 
-def _build():
+def build(path: str):
+    """Compile (or load from the cache) the kernels for `path` and return the module; raises on failure.
+    Tests use it to run every path the CPU has; the model uses kernels()."""
+    assert path in PATHS, path
+    if path in _built:
+        return _built[path]
     from torch.utils.cpp_extension import load
 
     _ninja_on_path()
-
-    flags = _cflags()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    return load(name=f"qwen3lab_fast_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
-                extra_ldflags=LDFLAGS, verbose=False)
+    flags = _cflags(path)
+    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    module = load(name=f"qwen3lab_{path}_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
+                  extra_ldflags=LDFLAGS, extra_include_paths=[str(SOURCE.parent)], verbose=False)
+    _built[path] = module
+    return module
 
 
 def kernels():
-    """The compiled module (functions linear_small, linear_large, ...), or None (see status())."""
+    """The compiled module of the path in use (functions linear_small, linear_large, ...), or None."""
     if _state["tried"]:
         return _state["module"]
     with _lock:
         if not _state["tried"]:
-            reason = _unavailable_reason()
-            module = None
-            if reason is None:
+            want = requested()  # InputError for a bad QWEN3LAB_KERNELS: raised, not turned into a fallback
+            module, reason = None, None
+            if want == "torch":
+                reason = f"turned off by {ENV}={os.environ.get(ENV, '').strip()}"
+            else:
+                path = want or available_paths()[0]
                 try:
-                    module = _build()
+                    module = build(path)
                 except Exception as e:  # any build failure (compiler, ninja, headers) means: use the fallback
-                    reason = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
-            if module is None and not reason.startswith("turned off"):
-                warnings.warn(f"qwen3lab fast kernels unavailable ({reason}); using PyTorch ops", stacklevel=2)
-            _state.update(tried=True, module=module, reason=reason, built=module)
+                    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                    reason = f"{path} build failed: {type(e).__name__}: {last}"
+                    warnings.warn(f"qwen3lab fast kernels unavailable ({reason}); using PyTorch ops", stacklevel=2)
+            _state.update(tried=True, module=module, reason=reason)
     return _state["module"]
 
 
@@ -104,19 +159,28 @@ def loaded():
     return _state["module"]
 
 
+def path() -> str:
+    """The kernel path in use: avx512, avx2, portable, or torch (no compiled kernels)."""
+    k = kernels()
+    return k.PATH if k is not None else "torch"
+
+
 def status() -> str:
-    """One line: whether the kernels are in use, or why not."""
-    kernels()
-    return "C++ AVX-512 kernels" if _state["module"] is not None else f"PyTorch fallback ({_state['reason']})"
+    """One line: which kernels are in use, or why none are."""
+    k = kernels()
+    if k is not None:
+        return f"C++ {k.PATH} kernels ({k.WIDTH} floats a vector)"
+    return f"PyTorch fallback ({_state['reason']})"
 
 
-def reset(enabled: bool | None = None) -> None:
-    """Tests: enabled False forces the PyTorch fallback from now on; None or True decides again at the next
-    kernels() (a module already built in this process is reused: loading it twice would rebuild it)."""
+def reset(enabled: bool | str | None = None) -> None:
+    """Tests: False forces the PyTorch fallback from now on; a path name uses that path's build; None or True
+    decides again at the next kernels() (modules already built in this process are reused: loading one twice
+    would rebuild it)."""
     with _lock:
         if enabled is False:
             _state.update(tried=True, module=None, reason="turned off by reset(enabled=False)")
-        elif _state.get("built") is not None:
-            _state.update(tried=True, module=_state["built"], reason=None)
+        elif isinstance(enabled, str):
+            _state.update(tried=True, module=build(enabled), reason=None)
         else:
             _state.update(tried=False, module=None, reason=None)
