@@ -72,9 +72,10 @@ def test_fast_and_plain_float32_give_the_same_greedy_tokens(tiny_dir, spy):
                    "Hello there")
     assert fast.exit_code == 0 and plain.exit_code == 0, fast.output + plain.output
     lm_fast, lm_plain = spy["lm"]
-    # the fused forward needs the compiled kernels; without them the same modules run PyTorch ops
-    assert FastLinear in kinds(lm_fast) and (lm_fast.model.fast_forward is not None) == (build.kernels() is not None)
-    assert kinds(lm_plain) == {torch.nn.Linear} and lm_plain.model.fast_forward is None
+    # the leaves run the compiled kernels where they can be built; without them the same modules run PyTorch ops
+    assert FastLinear in kinds(lm_fast)
+    assert (lm_fast.model.model.norm.kernel is not None) == (build.kernels() is not None)
+    assert kinds(lm_plain) == {torch.nn.Linear} and lm_plain.model.model.norm.kernel is None
     assert "fast kernels: " in loading_line(fast) and "plain eager path" in loading_line(plain)
     a, b = (r.token_ids for r in spy["results"])
     assert len(a) == 8 and a == b, f"fast {a} vs plain {b}"
@@ -179,8 +180,8 @@ def test_load_torch_fast(tiny_dir):
     assert b.dtype == "int8" and b.model.dtype == torch.float32
     b = qwen3lab.load(tiny_dir, backend="torch-fast")
     assert b.dtype == "float32" and b.model.quant is None
-    assert (b.model.fast_forward is not None) == (build.kernels() is not None)
-    assert qwen3lab.load(tiny_dir, backend="torch").model.fast_forward is None
+    assert (b.model.model.norm.kernel is not None) == (build.kernels() is not None)
+    assert qwen3lab.load(tiny_dir, backend="torch").model.model.norm.kernel is None
     with pytest.raises(InputError, match="backend 'torch' has no int8 dtype"):
         qwen3lab.load(tiny_dir, backend="torch", dtype="int8")
     with pytest.raises(InputError, match="backend 'numpy' has no quant option"):

@@ -136,27 +136,26 @@ def test_add_rmsnorm_matches_module(k, dtype, D):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("Hq,Hkv,Dh", [(4, 2, 32), (2, 2, 8), (8, 2, 20)])
-def test_qk_norm_rope_matches_modules(k, dtype, Hq, Hkv, Dh):
-    g = torch.Generator().manual_seed(Hq * 100 + Dh)
+@pytest.mark.parametrize("H,Dh", [(4, 32), (2, 8), (8, 20), (16, 128)])
+def test_rope_and_head_norm_match_modules(k, dtype, H, Dh):
+    """RoPE as apply_rope computes it, and q/k's per-head RMSNorm as the norm kernel over rows of one head."""
+    g = torch.Generator().manual_seed(H * 100 + Dh)
     M = 5
-    qkv = torch.randn(M, (Hq + 2 * Hkv) * Dh, generator=g).to(dtype)
-    qn, kn = RMSNorm(Dh, 1e-6), RMSNorm(Dh, 1e-6)
-    qn.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(Dh, generator=g)).to(dtype), requires_grad=False)
-    kn.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(Dh, generator=g)).to(dtype), requires_grad=False)
+    x = torch.randn(M, H, Dh, generator=g).to(dtype)
+    norm = RMSNorm(Dh, 1e-6)
+    norm.weight = torch.nn.Parameter((1 + 0.1 * torch.randn(Dh, generator=g)).to(dtype), requires_grad=False)
     pos = torch.arange(M, dtype=torch.float32)[:, None] * (10000.0 ** (-torch.arange(Dh // 2) / (Dh // 2)))
     ang = torch.cat((pos, pos), dim=-1)  # [M, Dh]
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
     with torch.inference_mode():
-        q, kk, v = qkv.split((Hq * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
-        c4, s4 = cos.view(1, M, 1, Dh), sin.view(1, M, 1, Dh)
-        want_q = apply_rope(qn(q.reshape(1, M, Hq, Dh)), c4, s4)[0]
-        want_k = apply_rope(kn(kk.reshape(1, M, Hkv, Dh)), c4, s4)[0]
-        gq, gk, gv = k.qk_norm_rope(qkv, qn.weight, kn.weight, cos, sin, Hq, Hkv, 1e-6)
-    assert gq.shape == (M, Hq, Dh) and gk.shape == (M, Hkv, Dh) and gv.shape == (M, Hkv, Dh)
-    _close_in_dtype(gq, want_q, dtype)
-    _close_in_dtype(gk, want_k, dtype)
-    assert torch.equal(gv, v.reshape(M, Hkv, Dh))
+        want = apply_rope(x[None], cos.view(1, M, 1, Dh), sin.view(1, M, 1, Dh))[0]
+        got = k.rope(x, cos, sin)
+        assert got.shape == (M, H, Dh) and got.dtype == dtype
+        # each product rounded to the dtype, then the sum: the same three roundings as the eager ops
+        assert torch.equal(got, want), float((got.double() - want.double()).abs().max())
+        _close_in_dtype(k.add_rmsnorm(x.reshape(-1, Dh), None, norm.weight, 1e-6).view(M, H, Dh), norm(x), dtype)
+    with pytest.raises(RuntimeError, match="rope: x"):
+        k.rope(x, cos[:2], sin[:2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

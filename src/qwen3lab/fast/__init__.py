@@ -9,7 +9,9 @@ Notable:
   the checkpoint-named Parameters row views of it: one weight stream per step instead of three (two), no extra
   memory, the names loading and verification know are unchanged, and taps q/k/v/gate/up are exact slices.
 - every linear layer the forward runs becomes a FastLinear / Int8Linear (linear.py) over the C++ kernels
-  (kernels.cpp, built at first use by build.py; PyTorch ops when they cannot be built).
+  (kernels.cpp, built at first use by build.py for the best path the CPU has; PyTorch ops when they cannot be
+  built), and the model's other leaves (RMSNorm, RoPE, decode attention, SiLU * up) get the kernels too
+  (`set_kernels`): the module tree stays the only forward, taps where they were, so verify runs these kernels.
 - the MoE router (`mlp.gate`) stays in the model dtype under int8: routing decides which experts run, and
   it is tiny.
 - memory: the file pages of copied (fused, quantised, aligned) checkpoint tensors are given back (qwen3lab/pages.py),
@@ -32,12 +34,11 @@ from torch import nn
 from .. import pages
 from . import tune
 from .build import kernels, status
-from .forward import build_plan, can_fuse, fused_forward
 from .linear import FastLinear, Int8Linear
 from .quant import QUANT_MODES, quantise
 
 __all__ = ["optimize", "fuse_projections", "align_weights", "quantise", "kernels", "status", "set_threads", "tune",
-           "FastLinear", "Int8Linear", "QUANT_MODES"]
+           "set_kernels", "describe", "FastLinear", "Int8Linear", "QUANT_MODES"]
 
 
 def fuse_projections(model, file_ranges=None) -> None:
@@ -122,13 +123,39 @@ def optimize(model, quant: str | None = None, fuse: bool = True):
         quantise(model, quant, ranges)
     _swap_linears(model)
     align_weights(model, ranges)
-    kernels()  # build now (once), not inside the first timed forward
+    set_kernels(model, kernels())  # built now (once), not inside the first timed forward
     if model.dtype == torch.bfloat16:  # measure the prefill GEMM choice now too (tune.py)
         tune.choose("int8" if quant is not None else "bfloat16")
-    fused = fuse and can_fuse(model)
-    model._fast_plan = build_plan(model) if fused else None
-    model.fast_forward = fused_forward if fused else None
     return model
+
+
+def set_kernels(model, k) -> int:
+    """Make the model's non-linear leaves (the modules whose class declares a `kernel` slot: RMSNorm, attention
+    for RoPE and decode, the MLPs for SiLU * up) run the compiled kernels `k`, or eager PyTorch for None.
+    Returns how many leaves were set."""
+    n = 0
+    for mod in model.modules():
+        if "kernel" in type(mod).__dict__:
+            mod.kernel = k
+            n += 1
+    return n
+
+
+def describe(model) -> dict[str, str]:
+    """Which kernel each kind of leaf of `model` runs, e.g. {"linear": "avx2-bf16", "norm": "avx2", ...}."""
+    k = next((m.kernel for m in model.modules() if "kernel" in type(m).__dict__), None)
+    path = k.PATH if k is not None else "torch"
+    lin = {type(m).__name__: m for m in model.modules() if isinstance(m, (FastLinear, Int8Linear, nn.Linear))}
+    if "Int8Linear" in lin:
+        linear = "torch-int8" if kernels() is None else f"{kernels().PATH}-int8"
+    elif "FastLinear" in lin:
+        dt = str(model.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "f32")
+        linear = "torch" if kernels() is None else f"{kernels().PATH}-{dt}"
+    else:
+        linear = "torch"
+    sdpa = "sdpa-f32" if k is not None and model.dtype == torch.bfloat16 else "sdpa"
+    return {"linear": linear, "norm": path, "rope": path, "silu_mul": path,
+            "attention": f"{path} decode, {sdpa} prefill" if k is not None else sdpa}
 
 
 def set_threads(n: int | None = None) -> int:

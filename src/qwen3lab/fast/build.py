@@ -37,13 +37,15 @@ _OFF = ("0", "false", "no", "off")  # older spellings of "torch", still accepted
 
 # -fopenmp: at::parallel_for is a header template that only runs in parallel when compiled with OpenMP; the
 # libgomp it links is the one torch already loaded (same soname), so there is one thread pool, torch's.
-BASE_CFLAGS = ["-O3", "-fopenmp"]
+# -ffp-contract=off: a multiply-add is fused only where the source says fmadd() (simd.h); otherwise GCC fuses
+# e.g. RoPE's x*cos + rot*sin, one rounding fewer than the eager ops it must match bit for bit.
+BASE_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LDFLAGS = ["-fopenmp"]
 PATH_CFLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    # no -m flags: the target's baseline (SSE2 / NEON); fused multiply-add where the target has one
-    "portable": ["-ffp-contract=fast"],
+    # no -m flags: the target's baseline (SSE2 on x86-64, NEON on arm64)
+    "portable": [],
 }
 NEEDS = {  # /proc/cpuinfo flags each path needs
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},

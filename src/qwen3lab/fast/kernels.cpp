@@ -11,7 +11,7 @@
 //   int16, are multiplied in pairs into exact int32 sums (vpdpwssd with AVX512-VNNI, vpmaddwd on AVX2 and
 //   AVX-512, shifts and multiplies elsewhere): a third of the instructions of widening to float32 + FMA.
 // - Large M (prefill): W is widened to fp32 a band of rows at a time (cache-resident) and handed to sgemm.
-// - Fused ops: RMSNorm with the residual add, per-head q/k RMSNorm + RoPE, SiLU(gate) * up, single-query
+// - Leaf ops of the model: RMSNorm (with an optional residual add), RoPE, SiLU(gate) * up, single-query
 //   attention that writes the new key/value into each sequence's cache and attends over it. Each rounds to the
 //   model dtype exactly where the eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE
 //   product), so the fast path tracks the eager one to float32 summation order (~1e-6 relative) and to bf16
@@ -209,11 +209,15 @@ void small_m(const typename Kern::WT* Wp, int64_t N, int64_t K, const float* x, 
   using I2 = std::integral_constant<int, 2>;
   using I4 = std::integral_constant<int, 4>;
   using I8 = std::integral_constant<int, 8>;
+#ifndef QWEN3LAB_NR1
+#define QWEN3LAB_NR1 8
+#endif
+  using R1 = std::integral_constant<int, QWEN3LAB_NR1>;
   if constexpr (W >= 16) {
     if (M <= 2) rows(I8{}, I2{});
     else rows(I4{}, I4{});
   } else {
-    if (M == 1) rows(I8{}, I1{});
+    if (M == 1) rows(R1{}, I1{});
     else rows(I4{}, I2{});
   }
 }
@@ -442,7 +446,7 @@ at::Tensor linear_large(const at::Tensor& x, const at::Tensor& Wt, const c10::op
   return x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
 }
 
-// ---- fused elementwise ops ---------------------------------------------------------------------------------
+// ---- leaf ops of the model -----------------------------------------------------------------------------------
 namespace {
 
 // W values in the model dtype <-> fp32 vectors; n < W loads / stores only the first n (tails); rnd() = what
@@ -502,47 +506,35 @@ void add_rmsnorm_impl(at::Tensor& x, const c10::optional<at::Tensor>& r, const a
   });
 }
 
+// RoPE over rows of one head each: out = dtype(x * cos) + dtype(rotate_half(x) * sin), rounded again, as
+// apply_rope's three eager ops round them. x [M, H, Dh], cos / sin [M, Dh] (one row per token).
 template <class D>
-void qk_norm_rope_impl(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& cos,
-                       const at::Tensor& sin, int64_t Hq, int64_t Hkv, double eps, at::Tensor& q, at::Tensor& k,
-                       at::Tensor& v) {
+void rope_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out) {
   using T = typename D::T;
-  const int64_t M = qkv.size(0), Dh = qw.size(0), half = Dh / 2, Wd = qkv.size(1);
-  const T* src = (const T*)qkv.data_ptr();
-  const T* qwp = (const T*)qw.data_ptr();
-  const T* kwp = (const T*)kw.data_ptr();
+  const int64_t M = x.size(0), H = x.size(1), Dh = x.size(2), half = Dh / 2;
+  const T* xp = (const T*)x.data_ptr();
   const T* cp = (const T*)cos.data_ptr();
   const T* sp = (const T*)sin.data_ptr();
-  T* qp = (T*)q.data_ptr();
-  T* kp = (T*)k.data_ptr();
-  T* vp = (T*)v.data_ptr();
-  const int64_t H = Hq + Hkv;  // heads that get norm + RoPE
+  T* op = (T*)out.data_ptr();
   at::parallel_for(0, M * H, 64, [&](int64_t b, int64_t e) {
-    std::vector<float> t(Dh + W), rot(Dh + W);
+    std::vector<float> t(Dh + W), rot(Dh + W);  // room for a whole last vector
     for (int64_t i = b; i < e; ++i) {
-      const int64_t m = i / H, h = i % H;
-      const bool isq = h < Hq;
-      const T* x = src + m * Wd + h * Dh;  // q heads then k heads, back to back in the fused row
-      const T* w = isq ? qwp : kwp;
-      T* out = isq ? qp + (m * Hq + h) * Dh : kp + (m * Hkv + (h - Hq)) * Dh;
-      const vf r = splat(1.0f / std::sqrt(sum_squares<D>(x, Dh) / float(Dh) + float(eps)));
-      for (int64_t j = 0; j < Dh; j += W)  // t = dtype(w * dtype(x * r)); t has room for a whole last vector
-        store(t.data() + j, D::rnd(D::ld(w + j, Dh - j) * D::rnd(D::ld(x + j, Dh - j) * r)));
+      const int64_t m = i / H;
+      const T* xr = xp + i * Dh;
+      for (int64_t j = 0; j < Dh; j += W) store(t.data() + j, D::ld(xr + j, Dh - j));
       for (int64_t j = 0; j < half; ++j) {  // rotate_half: [-t2, t1]
         rot[j] = -t[j + half];
         rot[j + half] = t[j];
       }
       const T* c = cp + m * Dh;
       const T* s = sp + m * Dh;
-      for (int64_t j = 0; j < Dh; j += W) {  // t * cos + rot * sin, each product rounded to the dtype
+      for (int64_t j = 0; j < Dh; j += W) {  // each product rounded to the dtype, then the sum
         const vf a = D::rnd(load<vf>(t.data() + j) * D::ld(c + j, Dh - j));
         const vf bb = D::rnd(load<vf>(rot.data() + j) * D::ld(s + j, Dh - j));
-        D::st(out + j, a + bb, Dh - j);
+        D::st(op + i * Dh + j, a + bb, Dh - j);
       }
     }
   });
-  const int64_t vo = (Hq + Hkv) * Dh, vn = Hkv * Dh;
-  for (int64_t m = 0; m < M; ++m) std::memcpy(vp + m * vn, src + m * Wd + vo, vn * sizeof(T));
 }
 
 template <class D>
@@ -691,12 +683,12 @@ void attend_decode_impl(const at::Tensor& q, const at::Tensor& kn, const at::Ten
 
 bool is_bf16(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
-              "qwen3lab fused op: dtype must be float32 or bfloat16, got ", t.scalar_type());
+              "qwen3lab kernel: dtype must be float32 or bfloat16, got ", t.scalar_type());
   return t.scalar_type() == at::kBFloat16;
 }
 
 void check_c(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "qwen3lab fused op: ", what, " must be contiguous on CPU");
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "qwen3lab kernel: ", what, " must be contiguous on CPU");
 }
 
 }  // namespace
@@ -712,18 +704,17 @@ at::Tensor add_rmsnorm(at::Tensor x, const c10::optional<at::Tensor>& r, const a
   return y;
 }
 
-// qkv [M, (Hq+2Hkv)Dh] -> q [M, Hq, Dh], k [M, Hkv, Dh] (per-head RMSNorm then RoPE), v [M, Hkv, Dh] (copied).
-std::vector<at::Tensor> qk_norm_rope(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor& kw,
-                                     const at::Tensor& cos, const at::Tensor& sin, int64_t Hq, int64_t Hkv, double eps) {
-  for (auto* t : {&qkv, &qw, &kw, &cos, &sin}) check_c(*t, "qk_norm_rope input");
-  const int64_t M = qkv.size(0), Dh = qw.size(0);
-  TORCH_CHECK(qkv.size(1) == (Hq + 2 * Hkv) * Dh && cos.size(0) == M && cos.size(1) == Dh, "qk_norm_rope: shapes");
-  auto q = at::empty({M, Hq, Dh}, qkv.options());
-  auto k = at::empty({M, Hkv, Dh}, qkv.options());
-  auto v = at::empty({M, Hkv, Dh}, qkv.options());
-  if (is_bf16(qkv)) qk_norm_rope_impl<BF16T>(qkv, qw, kw, cos, sin, Hq, Hkv, eps, q, k, v);
-  else qk_norm_rope_impl<F32T>(qkv, qw, kw, cos, sin, Hq, Hkv, eps, q, k, v);
-  return {q, k, v};
+// x [M, H, Dh] rotated by cos / sin [M, Dh] (RoPE, half-split pairs), in a new tensor.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  for (auto* t : {&x, &cos, &sin}) check_c(*t, "rope input");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) &&
+                  sin.sizes() == cos.sizes() && x.size(2) % 2 == 0, "rope: x [M, H, Dh], cos/sin [M, Dh], got ",
+              x.sizes(), " and ", cos.sizes());
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rope: dtypes differ");
+  auto out = at::empty_like(x);
+  if (is_bf16(x)) rope_impl<BF16T>(x, cos, sin, out);
+  else rope_impl<F32T>(x, cos, sin, out);
+  return out;
 }
 
 // gate_up [M, 2I] -> dtype(silu(gate)) * up [M, I]
@@ -840,7 +831,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &stream_read, "read a tensor's bytes once (bandwidth probe)");
   m.def("argmax_rows", &argmax_rows, "first argmax of each row (NaN wins), as a list");
   m.def("add_rmsnorm", &add_rmsnorm, "x += r (optional, in place); return RMSNorm(x) * w");
-  m.def("qk_norm_rope", &qk_norm_rope, "fused qkv row -> q, k (per-head RMSNorm + RoPE), v");
+  m.def("rope", &rope, "RoPE over [M, H, Dh] rows with per-token cos/sin [M, Dh]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused gate_up row");
   m.def("attend_decode", &attend_decode, "single-query attention over per-sequence KV caches (writes the new k/v)");
   m.def("linear_small", &linear_small, "y = x @ W.T, small M (decode)");

@@ -63,8 +63,4 @@ def quantise(model, mode: str = "int8", file_ranges=None):
             mlp.down_proj = _q(mlp.down_proj)
     model.lm_head = _q(model.lm_head)
     model.quant = mode
-    if getattr(model, "_fast_plan", None) is not None:  # an optimized model: its fused step reads the new weights
-        from .forward import build_plan
-
-        model._fast_plan = build_plan(model)
     return model

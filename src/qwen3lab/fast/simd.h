@@ -97,7 +97,7 @@ inline vf fmadd(vf a, vf b, vf c) {
 #elif defined(__AVX2__) && defined(__FMA__)
   return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
-  return a * b + c;  // built with -ffp-contract=fast: fused where the target has it (NEON fmla)
+  return a * b + c;  // two roundings: the baseline targets have no vector FMA to rely on
 #endif
 }
 

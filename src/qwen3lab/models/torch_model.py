@@ -18,6 +18,10 @@ Notable:
 - Every DESIGN.md tap site calls tap() on a tensor with a leading batch dim of 1 and uses the returned value
   (graft). With nothing recording each tap is one global check. A packed batch of several sequences taps the
   packed tensors [1, N, ...]; recording probs needs one sequence per forward.
+- Kernels are leaves: `fast.optimize` gives RMSNorm, attention and the MLPs a `kernel` (the compiled C++
+  module, fast/build.py) and swaps the linears for FastLinear / Int8Linear; each leaf then runs one kernel
+  call where the eager code runs several ops, with the taps exactly where they are without it. So this module
+  tree is the only forward: verify records and grafts the very kernels that generation runs.
 - Always eager, always under torch.inference_mode.
 """
 
@@ -44,6 +48,8 @@ from .base import RunResult, check_input_ids
 
 # enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for the kernel.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ leaf kernels take
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -109,13 +115,24 @@ class _AttnPlan:
 
 
 # ---- building blocks ------------------------------------------------------------------------------------
+def _on_kernel(kernel, x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether a leaf's C++ kernel takes x (and the tensors it is combined with): CPU, float32/bfloat16."""
+    return (kernel is not None and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu"
+            and all(o.dtype == x.dtype for o in others))
+
+
 class RMSNorm(nn.Module):
+    kernel = None  # the C++ kernels when fast.optimize made this a kernel leaf: one call over every row
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _on_kernel(self.kernel, x, self.weight):  # same roundings: float32 norm, dtype, times the weight
+            D = x.shape[-1]
+            return self.kernel.add_rmsnorm(x.reshape(-1, D).contiguous(), None, self.weight, self.eps).view(x.shape)
         dt = x.dtype
         h = x.to(_compute_dtype(dt))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -128,13 +145,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [1, N, H, Dh]; cos/sin [1, N, 1, Dh] (already scaled and in x's dtype)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel=None) -> torch.Tensor:
+    """x [1, N, H, Dh]; cos/sin [1, N, 1, Dh] (already scaled and in x's dtype). kernel: the C++ leaf."""
+    if _on_kernel(kernel, x, cos, sin):  # the same three roundings in one pass
+        _, N, H, Dh = x.shape
+        return kernel.rope(x.reshape(N, H, Dh).contiguous(), cos.reshape(N, Dh), sin.reshape(N, Dh)).view(x.shape)
     return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, gate_up: torch.Tensor | None = None, kernel=None) -> torch.Tensor:
+    """silu(gate) * up [..., I]. gate_up: the fused [..., 2I] tensor gate and up are the halves of, if any
+    (the kernel then reads it as it is instead of a concatenated copy)."""
+    if _on_kernel(kernel, gate, up):
+        I = gate.shape[-1]
+        gu = gate_up if gate_up is not None else torch.cat((gate, up), dim=-1)
+        return kernel.silu_mul(gu.reshape(-1, 2 * I).contiguous()).view(gate.shape)
+    return F.silu(gate) * up
 
 
 class Qwen3MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers tap gate/up/act; experts (names None) do not."""
+
+    kernel = None  # the C++ kernels when fast.optimize made silu(gate) * up a kernel leaf
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
@@ -143,19 +175,20 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.gate_up_proj: nn.Module | None = None  # [2I, D] fused by fast.optimize; gate/up are its row views
 
-    def _gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.gate_up_proj is None:
-            return self.gate_proj(x), self.up_proj(x)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # one weight stream instead of two
-        return gate, up
-
     def forward(self, x: torch.Tensor, names: Mapping[str, str] | None = None) -> torch.Tensor:
-        gate, up = self._gate_up(x)  # [..., I] each
-        if names is None:
-            return self.down_proj(F.silu(gate) * up)
-        gate = tap(names["gate"], gate)  # [1, N, I]
-        up = tap(names["up"], up)  # [1, N, I]
-        act = tap(names["act"], F.silu(gate) * up)  # [1, N, I]
+        gu = None
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # [..., I] each
+        else:
+            gu = self.gate_up_proj(x)  # [..., 2I]: one weight stream instead of two
+            gate, up = gu.chunk(2, dim=-1)
+        if names is not None:
+            g, u = tap(names["gate"], gate), tap(names["up"], up)  # [1, N, I]
+            if g is not gate or u is not up:  # grafted: the halves are no longer the fused output's
+                gate, up, gu = g, u, None
+        act = silu_mul(gate, up, gu, self.kernel)
+        if names is not None:
+            act = tap(names["act"], act)  # [1, N, I]
         return self.down_proj(act)
 
 
@@ -202,6 +235,8 @@ class Qwen3MoeBlock(nn.Module):
 
 
 class Qwen3Attention(nn.Module):
+    kernel = None  # the C++ kernels when fast.optimize made RoPE and decode attention kernel leaves
+
     def __init__(self, cfg: Qwen3Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -234,9 +269,12 @@ class Qwen3Attention(nn.Module):
         v = tap(names["v"], v.view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
         q = tap(names["q_norm"], self.q_norm(q))
         k = tap(names["k_norm"], self.k_norm(k))
-        q = tap(names["q_rot"], apply_rope(q, cos, sin))
-        k = tap(names["k_rot"], apply_rope(k, cos, sin))
-        if len(plans) == 1:
+        q = tap(names["q_rot"], apply_rope(q, cos, sin, self.kernel))
+        k = tap(names["k_rot"], apply_rope(k, cos, sin, self.kernel))
+        if (_on_kernel(self.kernel, q, k, v) and all(p.cache is not None and p.T == 1 for p in plans)
+                and not wants(names["probs"])):
+            o = self._attend_decode(q, k, v, plans)
+        elif len(plans) == 1:
             o = self._attend(q, k, v, plans[0], names)  # [1, N, Hq, Dh]
         else:
             if wants(names["probs"]):
@@ -246,12 +284,24 @@ class Qwen3Attention(nn.Module):
         o = tap(names["attn"], o)  # [1, N, Hq, Dh]
         return self.o_proj(o.reshape(1, N, Hq * Dh))
 
+    def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: Sequence[_AttnPlan]
+                       ) -> torch.Tensor:
+        """The kernel leaf for a decode step of B sequences (one new token each): writes each new key/value
+        into its sequence's cache and attends over it, one call for the batch. q [1, B, Hq, Dh] ->
+        [1, B, Hq, Dh]; float32 scores and softmax, as SDPA's CPU kernel."""
+        i = self.layer_idx
+        o = self.kernel.attend_decode(q[0].contiguous(), k[0].contiguous(), v[0].contiguous(),
+                                      [p.cache.k[i] for p in plans], [p.cache.v[i] for p in plans],
+                                      [p.start for p in plans], self.scaling)  # [B, Hq, Dh]
+        return o.unsqueeze(0)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _AttnPlan,
-                names: Mapping[str, str], sdpa_dtype: torch.dtype | None = None) -> torch.Tensor:
+                names: Mapping[str, str]) -> torch.Tensor:
         """One sequence: q [1, T, Hq, Dh], new k/v [1, T, Hkv, Dh] -> attention output [1, T, Hq, Dh].
-        sdpa_dtype: run SDPA in this dtype and round its output back once (the fast path's bf16 prefill uses
-        float32: torch's CPU SDPA took 14.7 ms for 512 tokens of Qwen3-0.6B in bf16, 9.0 in float32)."""
+        A kernel-leaf bf16 model runs SDPA in float32 and rounds its output back once: torch's CPU SDPA took
+        14.7 ms for 512 tokens of Qwen3-0.6B in bf16, 9.0 in float32 (and it is the more accurate)."""
         T = p.T
+        sdpa_dtype = torch.float32 if self.kernel is not None and q.dtype == torch.bfloat16 else None
         qh = q.transpose(1, 2)  # [1, Hq, T, Dh]
         kh, vh = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [Hkv, T, Dh]
         if p.cache is not None:
@@ -341,10 +391,6 @@ class Qwen3CausalLM(nn.Module):
         self._cos: torch.Tensor | None = None  # [P, Dh] RoPE tables, grown on demand
         self._sin: torch.Tensor | None = None
         self.quant: str | None = None  # "int8" once fast.quantise has replaced the projection weights
-        # A fused replacement for forward (fast.forward.fused_forward, installed by fast.optimize), used only
-        # while no tap session is active: with taps on, this module tree runs op by op.
-        self.fast_forward = None
-        self._fast_plan = None  # the per-layer tensors fused_forward reads (fast.forward.build_plan)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -411,10 +457,6 @@ class Qwen3CausalLM(nn.Module):
         [len(logits_rows) or N, V] in the model dtype and advances each span's cache by its length."""
         N = input_ids.shape[0]
         assert sum(s.length for s in spans) == N, ([s.length for s in spans], N)
-        if self.fast_forward is not None and not _taps.active():
-            logits = self.fast_forward(self, input_ids, positions, spans, logits_rows)
-            if logits is not None:
-                return logits
         with torch.inference_mode():
             plans = self._plans(spans)
             end = max(s.start + s.length for s in spans)
