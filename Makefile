@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean peer
 
 # The venv reuses a torch the system Python already has (CUDA or not); otherwise it installs the
 # pinned CPU wheel, because an unpinned torch pulls several GB of CUDA packages.
@@ -23,6 +23,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/qwen3lab verify
 	$(VENV)/bin/qwen3lab generate "Hello, this is a test input" --max-steps 16
+
+# llama.cpp as a same-run peer for `qwen3lab bench generate --peer llama.cpp`: built once from the
+# llama-cpp-python sdist into ~/.cache/qwen3lab/peers (about 10 minutes on 2 cores). Never run by `make test`.
+peer: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[peer]"
+	PYTHON=$(PY) benchmarks/peers/build_llama_cpp.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -3,7 +3,8 @@
 #
 # llama.cpp comes from the llama-cpp-python source distribution on PyPI (it vendors the whole llama.cpp
 # tree, with convert_hf_to_gguf.py and gguf-py). Only llama-bench and llama-quantize are built, with the
-# CPU's own features (GGML_NATIVE). About 10 minutes on 2 cores; never run by `make test` or CI.
+# CPU's own features (GGML_NATIVE), linked statically so the cached binaries do not depend on the build
+# directory. About 10 minutes on 2 cores; never run by `make test` or CI.
 #
 #   benchmarks/peers/build_llama_cpp.sh [CACHE_DIR]     (default: $QWEN3LAB_PEERS or ~/.cache/qwen3lab/peers)
 #

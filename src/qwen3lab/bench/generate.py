@@ -19,6 +19,8 @@ Notable:
   so HF is skipped for int8, with a one-line note; the int8 rows have no ratio (read them against HF's
   bfloat16 rows). The int8 roofline counts 1 byte per projection weight plus its float32 row scales
   (bandwidth.py).
+- peer "llama.cpp" (`--peer llama.cpp`): llama.cpp's llama-bench on a GGUF of the same checkpoint, after ours
+  and HF for each dtype (llama_cpp.py); skipped with one line when llama.cpp is not built (`make peer`).
 - ours runs the fast CPU path (qwen3lab.fast) unless fast=False (`--no-fast`): the plain eager model, so the
   fast path's gain can be measured (run both, or `--compare` one report with the other).
 """
@@ -198,7 +200,8 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         runs: int = DEFAULT_RUNS, prompt_lens=DEFAULT_PROMPT_LENS, batches=DEFAULT_BATCHES,
         new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
         hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: H.Progress | None = None,
-        fast: bool = True, log: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, Any]]:
+        fast: bool = True, log: Callable[[str], None] | None = None,
+        peer: str | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
     HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
     from ..api import resolve_model_path
@@ -213,17 +216,28 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
     H.check_counts(warmups, runs)
     if new_tokens < 2:
         raise InputError(f"--new-tokens must be >= 2 (decode rate needs two tokens), got {new_tokens}")
+    notes: list[str] = []
     path = resolve_model_path(path)
     cfg = Qwen3Config.from_file(path)
     decode_prompt_len = decode_prompt_len or prompt_lens[0]
     longest = max(max(prompt_lens), decode_prompt_len + new_tokens)
     if longest > cfg.max_position_embeddings:
         raise InputError(f"{longest} positions exceed the model's context {cfg.max_position_embeddings}")
+    if peer not in (None, "llama.cpp"):
+        raise InputError(f"--peer {peer!r}: the one peer is llama.cpp")
+    peer_skip = None
+    if peer is not None:
+        from . import llama_cpp
+
+        peer_skip = llama_cpp.missing()
+        if peer_skip:
+            log(f"note: peer skipped: {peer_skip}")
+            notes.append(f"peer skipped: {peer_skip}")
+    peer_info: dict[str, Any] = {}
     bw = measure_bandwidth(device) if roofline else None
     records: list[dict] = []
     weight_bytes: dict[str, dict[str, int]] = {}
     agreement: dict[str, str] = {}
-    notes: list[str] = []
     for dt in dtypes:
         makers: list[tuple[str, Callable]] = [("qwen3lab", lambda dt=dt: OursGenerate(path, device, dt, fast))]
         if hf and dt in HF_SKIPPED:
@@ -253,6 +267,15 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if peer is not None and not peer_skip:
+            recs, peer_info[dt] = llama_cpp.run(path, device, dt, prompt_lens, batches, new_tokens,
+                                                decode_prompt_len, runs, log)
+            for r in recs:
+                if r["phase"] == "decode" and bw:
+                    roof = roofline_tok_per_s(cfg, dt, bw.read_gbs, context=decode_prompt_len + new_tokens // 2,
+                                              batch=1)
+                    r.update(roofline_tok_per_s=roof, roofline_fraction=r["tok_per_s"] / roof)
+            records += recs
         if greedy.get("qwen3lab") and greedy.get("hf"):
             a, b = greedy["qwen3lab"][0], greedy["hf"][0]
             same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -267,6 +290,8 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
     }
     if agreement:
         extra["greedy_agreement_tokens"] = agreement
+    if peer_info:
+        extra["peer"] = {"llama.cpp": peer_info}
     if notes:
         extra["notes"] = notes
     return records, extra

@@ -49,7 +49,8 @@ FIGURE_DIRECTION = {
 PRIMARY_FIGURES = ("tok_per_s", "ttft_ms", "latency_ms")
 PLOT_FIGURES = ("tok_per_s", "ttft_ms", "latency_ms", "roofline_fraction", "peak_mem_bytes")
 IDENTITY_KEYS = ("bench", "impl", "phase", "case", "device", "dtype")
-IMPLS = ("qwen3lab", "hf")
+IMPLS = ("qwen3lab", "hf", "llama.cpp")
+PEERS = {"hf": "speedup_vs_hf", "llama.cpp": "speedup_vs_llama_cpp"}  # peer impl -> ours' ratio key
 
 
 # ---- settings --------------------------------------------------------------------------------------
@@ -379,22 +380,21 @@ def identity(rec: dict[str, Any]) -> tuple:
 
 
 def add_speedups(results: list[dict[str, Any]]) -> None:
-    """Give each qwen3lab record `speedup_vs_hf`: per figure, how many times better ours is than HF's
-    (> 1: ours faster / smaller) for the HF record of the same phase, case, device and dtype."""
-    hf = {identity({**r, "impl": "qwen3lab"}): r for r in results if r["impl"] == "hf"}
-    for r in results:
-        if r["impl"] != "qwen3lab":
-            continue
-        peer = hf.get(identity(r))
-        if peer is None:
-            continue
-        sp = {}
-        for k, d in FIGURE_DIRECTION.items():
-            a, b = r.get(k), peer.get(k)
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
-                sp[k] = a / b if d > 0 else b / a
-        if sp:
-            r["speedup_vs_hf"] = {k: round(v, 4) for k, v in sp.items()}
+    """Give each qwen3lab record `speedup_vs_hf` (and `speedup_vs_llama_cpp`): per figure, how many times better
+    ours is than the peer's (> 1: ours faster / smaller) for its record of the same phase, case, device, dtype."""
+    for impl, key in PEERS.items():
+        peers = {identity({**r, "impl": "qwen3lab"}): r for r in results if r["impl"] == impl}
+        for r in results:
+            peer = peers.get(identity(r)) if r["impl"] == "qwen3lab" else None
+            if peer is None:
+                continue
+            sp = {}
+            for k, d in FIGURE_DIRECTION.items():
+                a, b = r.get(k), peer.get(k)
+                if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0:
+                    sp[k] = a / b if d > 0 else b / a
+            if sp:
+                r[key] = {k: round(v, 4) for k, v in sp.items()}
 
 
 def make_report(bench: str, device: torch.device, settings: dict[str, Any],
@@ -449,12 +449,16 @@ def print_table(report: dict[str, Any], console=None) -> None:
              "peak_growth_x_weights": "load peak ×W"}
     for k in figures:
         table.add_column(units.get(k, k), justify="right")
-    table.add_column("ours vs HF (×, >1 = ours better)", justify="right")
+    peers = [impl for impl in PEERS if any(r["impl"] == impl for r in results)] or ["hf"]
+    for impl in peers:
+        table.add_column(f"ours vs {'HF' if impl == 'hf' else impl} (×, >1 = ours better)", justify="right")
     for r in results:
-        sp = r.get("speedup_vs_hf", {})
-        key = next((k for k in PRIMARY_FIGURES if k in sp), None)
-        ratio = f"{sp[key]:.2f}× {units[key]}" if key else ""
-        table.add_row(*[str(r[c]) for c in cols], *[_fmt(r.get(k), k) for k in figures], ratio)
+        ratios = []
+        for impl in peers:
+            sp = r.get(PEERS[impl], {})
+            key = next((k for k in PRIMARY_FIGURES if k in sp), None)
+            ratios.append(f"{sp[key]:.2f}× {units[key]}" if key else "")
+        table.add_row(*[str(r[c]) for c in cols], *[_fmt(r.get(k), k) for k in figures], *ratios)
     console.print(table)
 
 
@@ -586,7 +590,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     if not figures:
         raise InputError(f"--plot {path}: the report has no figures to draw")
     fig, axes = plt.subplots(len(figures), 1, figsize=(10, 2.8 * len(figures)), squeeze=False)
-    colors = {"qwen3lab": "tab:blue", "hf": "tab:orange"}
+    colors = {"qwen3lab": "tab:blue", "hf": "tab:orange", "llama.cpp": "tab:green"}
     several = len({r["dtype"] for r in results}) > 1  # a multi-dtype report: one group per (phase, case, dtype)
     for ax, k in zip(axes[:, 0], figures, strict=True):
         cases = []

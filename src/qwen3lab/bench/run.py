@@ -39,7 +39,8 @@ PER_KIND: dict[str, dict[str, Any]] = {
                   "decode_repeat": 4, "hf_attn": "sdpa"},
     "moe": {"prefill_tokens": "512", "decode_tokens": "1,8", "hf_experts": "grouped_mm"},
     "generate": {"model": None, "prompt_lens": "128,512", "batch": "1,8", "new_tokens": 64,
-                 "decode_prompt_len": None, "hf_attn": "sdpa", "no_roofline": False, "no_fast": False},
+                 "decode_prompt_len": None, "hf_attn": "sdpa", "no_roofline": False, "no_fast": False,
+                 "peer": None},
 }
 # spellings a caller may use for the same option
 ALIASES = {"json_path": "json", "json_file": "json", "compare_path": "compare", "plot_path": "plot",
@@ -185,7 +186,7 @@ def run_bench_command(kind: str, **options: Any) -> int:
                                    batches=H.parse_int_list(o["batch"], "--batch"),
                                    new_tokens=int(o["new_tokens"]), decode_prompt_len=o["decode_prompt_len"],
                                    hf=hf, hf_attn=o["hf_attn"], seed=o["seed"], roofline=not o["no_roofline"],
-                                   progress=progress, fast=not o["no_fast"], log=log)
+                                   progress=progress, fast=not o["no_fast"], log=log, peer=o["peer"])
             if settings["fast"] and device.type == "cpu":
                 from ..fast import tune
 
@@ -320,6 +321,8 @@ def click_options(kind: str):
             click.option("--no-roofline", is_flag=True, help="skip the bandwidth measurement"),
             click.option("--no-fast", is_flag=True,
                          help="ours on the plain eager model, not the fast CPU path (to show the fast path's gain)"),
+            click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
+                         help="also run llama.cpp (built once by `make peer`) on a GGUF of the same checkpoint"),
         ],
     }[kind]
     opts = (shape if kind != "generate" else []) + per + common

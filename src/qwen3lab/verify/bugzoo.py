@@ -60,8 +60,9 @@ def _attn_modules(b) -> list:
     return [layer.self_attn for layer in b.model.model.layers]
 
 
-def _rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE rotating adjacent pairs (2j, 2j+1) by angle j: the GPT-J / Meta-checkpoint layout, wrong here."""
+def _rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel=None) -> torch.Tensor:
+    """RoPE rotating adjacent pairs (2j, 2j+1) by angle j: the GPT-J / Meta-checkpoint layout, wrong here.
+    (Replaces the whole leaf, kernel or not.)"""
     half = x.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]  # the tables hold each angle twice (half-split layout)
     x1, x2 = x[..., 0::2], x[..., 1::2]
