@@ -13,7 +13,7 @@ import pytest
 from qwen3lab.config import Qwen3Config
 from qwen3lab.random_init import random_weights
 from qwen3lab.verify import verify
-from qwen3lab.verify.bugzoo import BUGS, BuggyBackend, Zoo
+from qwen3lab.verify.bugzoo import BUGS, KERNEL_BUGS, BuggyBackend, Zoo
 
 IDS = [7, 3, 60, 1, 42, 5, 19, 8, 33]
 
@@ -46,6 +46,23 @@ def test_planted_bug_is_named(zoo, bug):
         f"{bug.expected}\n{r.sentence}")
     # the culprit is also where the trouble starts: nothing before it fails
     assert r.first_divergence in bug.expected, r.sentence
+
+
+@pytest.mark.parametrize("bug", KERNEL_BUGS, ids=[b.key for b in KERNEL_BUGS])
+def test_planted_kernel_bug_is_named(zoo, bug):
+    """A bug inside a C++ leaf kernel of the fast path (what generation runs) is named at its tap, and the
+    same fast candidate without the bug passes."""
+    from qwen3lab.fast import build
+
+    if build.kernels() is None:
+        pytest.skip(f"kernel bugs need the kernels: {build.status()}")
+    r = zoo.check(bug, IDS)
+    assert r.culprit in bug.expected and r.first_divergence in bug.expected, (bug.key, r.culprit, r.sentence)
+    from qwen3lab.models.torch_model import TorchBackend
+
+    cfg, w, ref = zoo.models["moe" if bug.moe else "dense"]
+    rep = verify(ref, TorchBackend(cfg, w, dtype="float32", fast=True), IDS, decode_steps=bug.decode_steps)
+    assert rep.overall_success, rep.summary
 
 
 @pytest.mark.parametrize("bug", [b for b in BUGS if b.key in ("gqa_interleaved", "no_causal_mask",

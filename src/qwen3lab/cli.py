@@ -133,7 +133,12 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None):
         f"{dtype} activations, {quant} weights" if quant else dtype)
     click.echo(f"loading {path} ({what}, {device}, {_threads(torch.get_num_threads())}, "
                f"{_path_line(device, not no_fast)})", err=True)
-    return Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, quant=quant, fast=not no_fast)
+    lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, quant=quant, fast=not no_fast)
+    if not no_fast and device.startswith("cpu"):
+        from .fast import describe
+
+        click.echo("kernels: " + ", ".join(f"{k} {v}" for k, v in describe(lm.model).items()), err=True)
+    return lm
 
 
 def _print_stats(res) -> None:

@@ -10,9 +10,9 @@ Notable:
   from the BF16 file: int8 with a float16 scale per 32 weights, ours one float32 scale per row).
 - figures come from llama-bench (JSON): prefill = `-p L -n 0` (tok/s over the prompt, depth 0, as ours' TTFT
   rate); decode = `-p 0 -n N -d P`, N tokens generated after a P-token context, batch 1, as ours' decode record
-  `batch=1 prompt=P new=N`. The KV cache is the activation dtype (f32 / bf16 / f16; int8: bf16, as ours).
-  Threads: the same count as ours. Records carry impl "llama.cpp" and the case strings of ours, so each pairs
-  with ours' record of the same phase, case and dtype.
+  `batch=1 prompt=P new=N`. The KV cache is the activation dtype (bf16 / f16; int8: bf16, as ours;
+  float32: f16, as llama-bench has no f32 cache). Threads: the same count as ours. Records carry impl
+  "llama.cpp" and the case strings of ours, so each pairs with ours' record of the same phase, case and dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from . import harness as H
 
 IMPL = "llama.cpp"
 GGUF_TYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "int8": "q8_0"}
-CACHE_TYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "int8": "bf16"}
+# llama-bench takes no f32 KV cache (f16, bf16 and quantised types only): float32 runs keep its default, f16
+CACHE_TYPE = {"bfloat16": "bf16", "float32": "f16", "float16": "f16", "int8": "bf16"}
 BUILD_HINT = "build it once with `make peer` (about 10 minutes on 2 cores; cached outside the repo)"
 
 

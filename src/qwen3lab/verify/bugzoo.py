@@ -21,6 +21,18 @@ and the reference (the NumPy oracle) is never touched. Every bug is one a real p
 | a decode step writes the KV cache one position early | the run's KV cache | step0.layers.0.attn |
 
 With `probs` recorded the three attention bugs are caught one tap earlier, at layers.0.probs.
+
+Kernel bugs (`KERNEL_BUGS`) sit inside the fast path's C++ leaf kernels, where generation runs them: each is
+planted by giving one float32 torch-fast candidate's leaves a kernel set with one function wrong
+(`fast.set_kernels`), so verify must find it through the same taps as any other bug. They need the kernels
+built; without them they are skipped, with the reason.
+
+| kernel bug | culprit verify must name |
+|---|---|
+| RoPE kernel rotating the wrong way (sin negated) | layers.0.q_rot |
+| RMSNorm kernel scaling by (1 + w), Gemma's convention, not w | layers.0.attn_in |
+| SiLU·up kernel with the halves swapped: silu(up) * gate | layers.0.act |
+| decode attention kernel without the 1/sqrt(head_dim) scale | step0.layers.0.attn |
 The zoo runs in float64 by default: the RMSNorm bug moves a value by ~eps/rms (about 1e-5 relative),
 visible only at float64's tolerance; the others are caught in float32 as well.
 """
@@ -52,6 +64,7 @@ class Bug:
     expected: tuple[str, ...]  # acceptable culprit names, best first
     plant: Callable  # plant(backend) -> context manager factory for each run, or None
     moe: bool = False
+    fast: bool = False  # planted in the C++ kernels of a torch-fast (float32) candidate
     decode_steps: int = 0
 
 
@@ -257,7 +270,61 @@ BUGS: list[Bug] = [
     Bug("kv_wrong_position", "decode writes KV cache one slot early",
         ("step0.layers.0.attn", "step0.layers.0.probs"), plant_kv_wrong_position, decode_steps=2),
 ]
-BUG_KEYS = [b.key for b in BUGS]
+
+
+# ---- bugs inside the leaf kernels ------------------------------------------------------------------------
+class _KernelsWith:
+    """The compiled kernels with some functions replaced: a bug inside a leaf kernel, for one model only."""
+
+    def __init__(self, k, **replaced):
+        self._k, self._replaced = k, replaced
+
+    def __getattr__(self, name):
+        return self._replaced[name] if name in self._replaced else getattr(self._k, name)
+
+
+def _plant_kernels(b, make):
+    from ..fast import build, set_kernels
+
+    k = build.kernels()
+    if k is None:
+        raise RuntimeError(f"kernel bugs need the C++ kernels: {build.status()}")
+    set_kernels(b.model, _KernelsWith(k, **make(k)))
+    return None
+
+
+def plant_kernel_rope_sign(b):
+    return _plant_kernels(b, lambda k: {"rope": lambda x, cos, sin: k.rope(x, cos, -sin)})
+
+
+def plant_kernel_norm_one_plus_w(b):
+    return _plant_kernels(b, lambda k: {"add_rmsnorm": lambda x, r, w, eps: k.add_rmsnorm(x, r, 1 + w, eps)})
+
+
+def plant_kernel_silu_halves(b):
+    def swapped(k, gu):
+        g, u = gu.chunk(2, dim=-1)
+        return k.silu_mul(torch.cat((u, g), dim=-1).contiguous())
+
+    return _plant_kernels(b, lambda k: {"silu_mul": lambda gu: swapped(k, gu)})
+
+
+def plant_kernel_decode_unscaled(b):
+    return _plant_kernels(b, lambda k: {"attend_decode": lambda q, kn, vn, kc, vc, pos, scale:
+                                        k.attend_decode(q, kn, vn, kc, vc, pos, 1.0)})
+
+
+KERNEL_BUGS: list[Bug] = [
+    Bug("kernel_rope_sign", "RoPE kernel rotating the wrong way", ("layers.0.q_rot",), plant_kernel_rope_sign,
+        fast=True),
+    Bug("kernel_norm_one_plus_w", "RMSNorm kernel scaling by 1 + w", ("layers.0.attn_in",),
+        plant_kernel_norm_one_plus_w, fast=True),
+    Bug("kernel_silu_halves", "SiLU*up kernel on swapped halves", ("layers.0.act",), plant_kernel_silu_halves,
+        fast=True),
+    Bug("kernel_decode_unscaled", "decode attention kernel without the softmax scale",
+        ("step0.layers.0.attn", "step0.layers.0.probs"), plant_kernel_decode_unscaled, decode_steps=2, fast=True),
+]
+BUG_KEYS = [b.key for b in BUGS + KERNEL_BUGS]
 
 
 class BuggyBackend:
@@ -318,7 +385,11 @@ class Zoo:
 
     def candidate(self, bug: Bug | None, moe: bool = False, dtype: str | None = None):
         cfg, w, _ = self.models["moe" if moe else "dense"]
-        inner = tm.TorchBackend(cfg, w, dtype=dtype or self.dtype)
+        if bug is not None and bug.fast:  # the kernels take float32 / bfloat16: float32 stands in for float64
+            dt = dtype or self.dtype
+            inner = tm.TorchBackend(cfg, w, dtype="float32" if dt == "float64" else dt, fast=True)
+        else:
+            inner = tm.TorchBackend(cfg, w, dtype=dtype or self.dtype)
         return inner if bug is None else BuggyBackend(inner, bug)
 
     def reference(self, moe: bool = False):

@@ -92,7 +92,8 @@ def _self_test(console: Console, model_path=None, moe_path=None) -> int:
     from rich import box
 
     from ..config import Qwen3Config
-    from .bugzoo import BUGS, Zoo, zoo_models
+    from ..fast import build
+    from .bugzoo import BUGS, KERNEL_BUGS, Zoo, zoo_models
     from .runner import verify
 
     ids = [9707, 11, 419, 374, 264, 1273, 1946, 13]  # "Hello, this is a test input." in Qwen3's vocab
@@ -110,11 +111,15 @@ def _self_test(console: Console, model_path=None, moe_path=None) -> int:
         table.add_column("culprit named by verify", no_wrap=True)
         table.add_column("", no_wrap=True)
         ok = True
-        for bug in BUGS:
+        kernel_bugs = KERNEL_BUGS if build.kernels() is not None else []
+        for bug in BUGS + kernel_bugs:
             r = zoo.check(bug, ids)
             ok &= r.found
-            table.add_row(bug.title, r.culprit or "none",
+            where = f" (torch-fast float32, {build.path()} kernels)" if bug.fast else ""
+            table.add_row(bug.title + where, r.culprit or "none",
                           "[green]right[/]" if r.found else f"[red]MISSED[/] (expected {bug.expected[0]})")
+        if not kernel_bugs:
+            table.add_row(f"kernel bugs: skipped ({build.status()})", "", "")
         for dt in ("float64", "float32", "bfloat16"):
             for kind in ("dense", "moe"):
                 rep = verify(zoo.reference(kind == "moe"), zoo.candidate(None, kind == "moe", dt), ids,

@@ -43,6 +43,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how the comparison was made (e.g. MoE routing pinned)
     timings: dict[str, float] = field(default_factory=dict)
+    kernels: dict[str, str] | None = None  # which kernel each kind of leaf of the candidate ran (our torch model)
     # (name, candidate array, reference array) of the first divergent tap, for the HTML report
     divergence_arrays: tuple[str, np.ndarray, np.ndarray] | None = None
     culprit_arrays: tuple[str, np.ndarray, np.ndarray] | None = None

@@ -8,6 +8,8 @@
   "input_ids": [int, ...],
   "reference": str,                  e.g. "numpy (float64)"
   "candidate": str,                  e.g. "torch (float32, cpu)"
+  "kernels": {str: str} | null,      our torch model: the kernel each kind of leaf ran, e.g. {"linear": "avx2-f32",
+                                     "norm": "avx2", "rope": "avx2", "silu_mul": "avx2", "attention": ...}
   "dtype": str,                      the candidate's dtype
   "overall_success": bool,           true when at least one tap was compared and none failed
   "total_layers_tested": int,        decoder layers with at least one compared tap (per decode step)
@@ -118,6 +120,7 @@ def to_dict(rep: VerifyReport) -> dict:
         "input_ids": [int(i) for i in rep.input_ids],
         "reference": rep.reference,
         "candidate": rep.candidate,
+        "kernels": rep.kernels,
         "dtype": rep.dtype,
         "overall_success": rep.overall_success,
         "total_layers_tested": tested,

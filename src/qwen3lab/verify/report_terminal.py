@@ -69,6 +69,8 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
     mse = f", MSE <= {tol.mse_max:g}" if tol.mse_max is not None else ""
     console.print(f"{what}; tolerance {tol.name}: cosine >= {cos_str(tol.cos_min)}, relative error <= "
                   f"{tol.rel_max:g}{mse}")
+    if rep.kernels:
+        console.print("candidate kernels: " + ", ".join(f"{k} {v}" for k, v in rep.kernels.items()))
     for n in rep.notes:
         console.print(f"[cyan]note:[/] {n}")
     for p in rep.problems:

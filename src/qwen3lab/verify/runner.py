@@ -163,10 +163,21 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         stream = estimate_bytes(cfg, ref_names, T) * max(1, decode_steps) > stream_bytes
     report = VerifyReport(cfg=cfg, reference=ref.label, candidate=cand.label, dtype=cand.dtype, tolerance=tol,
                           input_ids=ids, results=[], model_path=str(path) if path else None, test_input=text,
-                          layers=sel, decode_steps=decode_steps, problems=problems, timings=timings)
+                          layers=sel, decode_steps=decode_steps, problems=problems, timings=timings,
+                          kernels=_kernels_of(cand.backend))
     run = _DecodeRun if decode_steps else _PrefillRun
     run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
     return report
+
+
+def _kernels_of(backend) -> dict[str, str] | None:
+    """The kernel of every leaf kind of our torch model (verify runs exactly these), None for other backends."""
+    model = getattr(getattr(backend, "inner", backend), "model", None)
+    if model is None or not hasattr(model, "modules") or getattr(model, "device", None) is None:
+        return None
+    from ..fast import describe
+
+    return describe(model)
 
 
 class _PrefillRun:
