@@ -41,11 +41,15 @@ namespace {
 #endif
 constexpr int PF_BYTES = QWEN3LAB_PF;
 
+#ifndef QWEN3LAB_PF_NEXT
+#define QWEN3LAB_PF_NEXT 1
+#endif
+
 template <int NR>
 inline void prefetch_rows(const void* base, int64_t row_bytes) {
   for (int r = 0; r < NR; ++r) {
-    __builtin_prefetch((const char*)base + r * row_bytes + PF_BYTES, 0, 3);
-    __builtin_prefetch((const char*)base + (r + NR) * row_bytes, 0, 2);
+    if (PF_BYTES > 0) __builtin_prefetch((const char*)base + r * row_bytes + PF_BYTES, 0, 3);
+    if (QWEN3LAB_PF_NEXT) __builtin_prefetch((const char*)base + (r + QWEN3LAB_PF_NEXT * NR) * row_bytes, 0, 2);
   }
 }
 
