@@ -17,24 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_fast_kernels import _median_ms as median_ms  # the same timing loop (this folder is on sys.path)
 
 from qwen3lab.fast.build import kernels, status
-
-
-def median_ms(fn, warmups: int, runs: int) -> float:
-    for _ in range(warmups):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
