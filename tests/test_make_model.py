@@ -182,3 +182,43 @@ def test_real_default_model(tmp_path, monkeypatch):
             cfg.intermediate_size, cfg.vocab_size, cfg.torch_dtype) == (1024, 4, 128, 16, 8, 3072, 151936, "bfloat16")
     w = load_weights(d, cfg, dtype=torch.bfloat16)
     assert w["lm_head.weight"] is w["model.embed_tokens.weight"] and len(w) == 2 + 4 * 11 + 1
+
+
+# ---- nothing lost on bad input (issue: `make-model DIR --shard-size abc` deleted model.safetensors) ----------
+def _snapshot(d) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_bad_shard_size_leaves_an_existing_checkpoint_byte_identical(tmp_path):
+    from click.testing import CliRunner
+
+    from qwen3lab.cli import main
+
+    d = make_model(tmp_path / "m", "tiny", dtype="float32", seed=3)
+    before = _snapshot(d)
+    res = CliRunner().invoke(main, ["make-model", str(d), "--preset", "tiny", "--shard-size", "abc"])
+    assert res.exit_code == 2 and "shard size 'abc' not understood" in res.output, res.output
+    assert _snapshot(d) == before  # nothing deleted, nothing half-written, no temp dir left
+    fresh = tmp_path / "fresh"
+    res = CliRunner().invoke(main, ["make-model", str(fresh), "--preset", "tiny", "--shard-size", "-5MB"])
+    assert res.exit_code == 2 and not fresh.exists(), res.output  # refused before the dir is even made
+
+
+def test_a_write_that_fails_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    import qwen3lab.weights as W
+
+    d = make_model(tmp_path / "m", "tiny", dtype="float32", seed=3)
+    before = _snapshot(d)
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second shard: the first is already on disk (in the temp dir)
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+
+    real_save = W.save_file
+    monkeypatch.setattr(W, "save_file", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        make_model(d, "tiny", dtype="float32", seed=4, shard_size="4MB")
+    assert len(calls) == 2 and _snapshot(d) == before

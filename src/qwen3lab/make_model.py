@@ -22,7 +22,7 @@ from .errors import InputError
 from .presets import preset_config
 from .random_init import random_weights
 from .tokenizer import bundled_file_text
-from .weights import checkpoint_dtype, dtype_name, save_checkpoint
+from .weights import checkpoint_dtype, dtype_name, parse_size, save_checkpoint
 
 MARKER = ".qwen3lab-model"
 DEFAULT_PRESET, DEFAULT_LAYERS, DEFAULT_SEED, DEFAULT_DTYPE = "qwen3-0.6b", 4, 0, "bfloat16"
@@ -90,6 +90,8 @@ def make_model(
     name = dtype_name(tdt)
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0):
         raise InputError(f"layers must be a positive integer, got {layers!r}")
+    if shard_size is not None:
+        parse_size(shard_size)  # refused here, before minutes of random weights and before any file is touched
     cfg = preset_config(preset, num_hidden_layers=layers, torch_dtype=name, **overrides)
     # generated per tensor in float32 and converted at once, so peak memory is the model in `dtype`
     tensors = random_weights(cfg, seed=seed, dtype=tdt)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -367,10 +369,12 @@ def save_checkpoint(
     """Write config.json and model.safetensors (or shards + index) as transformers' save_pretrained does.
 
     A tied lm_head is not written (transformers re-ties it); earlier weight files in out_dir are removed so the
-    dir never mixes two checkpoints."""
+    dir never mixes two checkpoints. Nothing in out_dir changes until everything is validated and written: the
+    new files go to a temporary directory inside out_dir first and are moved into place (renames) only then, so
+    a bad option or a failed write leaves an existing checkpoint as it was."""
     dtype = checkpoint_dtype(dtype)
+    limit = parse_size(shard_size) if shard_size is not None else None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = list(expected_shapes(cfg))
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -383,20 +387,32 @@ def save_checkpoint(
             t = t.clone()  # safetensors refuses views and shared storage
         prepared[n] = t
 
-    for old in [*out.glob("model-*-of-*.safetensors"), out / SINGLE_FILE, out / INDEX_FILE]:
-        if old.exists():
-            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".qwen3lab-save-", dir=out))
+    try:
+        _write_checkpoint(tmp, cfg, prepared, dtype, limit)
+        for old in [*out.glob("model-*-of-*.safetensors"), out / SINGLE_FILE, out / INDEX_FILE]:
+            if old.exists():
+                old.unlink()
+        for f in tmp.iterdir():
+            f.replace(out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
+
+def _write_checkpoint(out: Path, cfg, prepared: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                      limit: int | None) -> None:
+    """config.json and the weight files (single or sharded + index) into the (empty) directory out."""
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = dtype_name(dtype)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
 
     meta = {"format": "pt"}  # transformers refuses safetensors without it
-    limit = parse_size(shard_size) if shard_size is not None else None
     total = sum(t.numel() * t.element_size() for t in prepared.values())
     if limit is None or total <= limit:
-        save_file(prepared, str(out / SINGLE_FILE), metadata=meta)
-        return out
+        save_file(dict(prepared), str(out / SINGLE_FILE), metadata=meta)
+        return
 
     shards: list[list[str]] = [[]]
     size = 0
@@ -415,7 +431,6 @@ def save_checkpoint(
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return out
 
 
 def checkpoint_bytes(cfg, dtype: str | torch.dtype = torch.bfloat16) -> int:
