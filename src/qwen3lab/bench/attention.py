@@ -99,10 +99,15 @@ class OursAttention:
 
     impl = "qwen3lab"
 
-    def __init__(self, cfg: Qwen3Config, state, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: Qwen3Config, state, dtype: torch.dtype, device: torch.device, fast: bool = True):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.mod = our_attention(cfg, state)
         self.names = tap_names(0)
+        self.path = "plain eager"
+        if fast and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            from ..fast import use_kernels  # what generation runs on a CPU: the kernel leaves
+
+            self.path = f"fast ({use_kernels(self.mod)})"
 
     def _batch(self, xs: list[torch.Tensor], kvs, past: list[int]):
         from ..engine.kv_cache import KVCache
@@ -260,7 +265,8 @@ def run(cfg: Qwen3Config, device: torch.device, dtype_name: str, warmups: int = 
     shape = shape or AttentionShape(list(DEFAULT_SEQLENS), list(DEFAULT_PAST), list(DEFAULT_DECODE_PAST))
     state = layer_state(cfg, "self_attn", seed, dtype, device)
     prefill_x, prefill_kv, decode_x, decode_kv = make_inputs(cfg, shape, dtype, device, seed)
-    impls: list[Any] = [OursAttention(cfg, state, dtype, device)]
+    ours = OursAttention(cfg, state, dtype, device)
+    impls: list[Any] = [ours]
     if hf:
         impls.append(HFAttention(cfg, state, dtype, device, hf_attn))
     prefill_tokens = sum(shape.seqlens)
@@ -303,6 +309,7 @@ def run(cfg: Qwen3Config, device: torch.device, dtype_name: str, warmups: int = 
              "hf_attn_implementation": hf_attn if hf else None, "hf_mode": {
                  "prefill": "one request at a time, DynamicCache each", "decode": "left-padded batch, 4-D mask"}
              if hf else None, "ours_mode": "one packed (varlen) forward, KVCache per request",
+             "ours_path": ours.path,
              "parity_rel_error": parity}
     return records, extra
 

@@ -38,7 +38,7 @@ from .linear import FastLinear, Int8Linear
 from .quant import QUANT_MODES, quantise
 
 __all__ = ["optimize", "fuse_projections", "align_weights", "quantise", "kernels", "status", "set_threads", "tune",
-           "set_kernels", "describe", "FastLinear", "Int8Linear", "QUANT_MODES"]
+           "set_kernels", "use_kernels", "describe", "FastLinear", "Int8Linear", "QUANT_MODES"]
 
 
 def fuse_projections(model, file_ranges=None) -> None:
@@ -127,6 +127,14 @@ def optimize(model, quant: str | None = None, fuse: bool = True):
     if model.dtype == torch.bfloat16:  # measure the prefill GEMM choice now too (tune.py)
         tune.choose("int8" if quant is not None else "bfloat16")
     return model
+
+
+def use_kernels(module) -> str:
+    """The fast path's leaves for a part of a model (e.g. the one attention layer `bench attention` times):
+    bias-free linears as FastLinear, kernel slots set. Returns the kernel status line (status())."""
+    _swap_linears(module)
+    set_kernels(module, kernels())
+    return status()
 
 
 def set_kernels(model, k) -> int:
