@@ -78,22 +78,6 @@ def rope_cos_sin(cfg: Qwen3Config, positions: torch.Tensor, dtype: torch.dtype):
     return (ang.cos() * scale).to(dtype).view(1, N, 1, -1), (ang.sin() * scale).to(dtype).view(1, N, 1, -1)
 
 
-def attention_plans(spans, device: torch.device):
-    """The per-forward attention plans Qwen3CausalLM builds for its layers (same rule: bottom-right
-    aligned causal mask for a prefill after a cached past, is_causal for a fresh prefill)."""
-    from ..models.torch_model import _AttnPlan
-
-    plans, off = [], 0
-    for s in spans:
-        past, T = s.start, s.length
-        mask = None
-        if T > 1 and past > 0:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)  # [T, S]
-        plans.append(_AttnPlan(s.cache, s.start, T, off, is_causal=T > 1 and past == 0, mask=mask))
-        off += T
-    return plans
-
-
 class OursAttention:
     """Our attention layer over a packed batch; one KVCache (of one layer) per request."""
 
@@ -111,7 +95,7 @@ class OursAttention:
 
     def _batch(self, xs: list[torch.Tensor], kvs, past: list[int]):
         from ..engine.kv_cache import KVCache
-        from ..models.torch_model import Span
+        from ..models.torch_model import Span, attention_plans
 
         Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.head_dim
         spans, caches = [], []

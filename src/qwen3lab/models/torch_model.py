@@ -103,8 +103,8 @@ class Span:
 
 
 @dataclass
-class _AttnPlan:
-    """Per-forward attention facts for one span, shared by every layer."""
+class AttnPlan:
+    """Per-forward attention facts for one span, shared by every layer (built by attention_plans)."""
 
     cache: KVCache | None
     start: int
@@ -112,6 +112,27 @@ class _AttnPlan:
     offset: int  # first row of this span in the packed [1, N, ...] stream
     is_causal: bool
     mask: torch.Tensor | None  # [T, S] bool (True = may attend), only for a prefill after a cached past
+
+
+def attention_plans(spans: Sequence[Span], device: torch.device) -> list[AttnPlan]:
+    """One AttnPlan per span of a packed batch: where its rows start, and the causal rule (is_causal for a
+    fresh prefill; a bottom-right aligned [T, S] mask for a prefill after a cached past; none for one token).
+    Checks each span against its cache: a span must continue it (start == cache.length) and fit."""
+    plans, off = [], 0
+    for s in spans:
+        T = s.length
+        assert T > 0
+        if s.cache is None:
+            assert s.start == 0, "a span without a cache starts at position 0"
+        else:
+            assert s.start == s.cache.length and s.start + T <= s.cache.capacity, (s.start, s.cache)
+        past = s.start if s.cache is not None else 0
+        mask = None
+        if T > 1 and past > 0:  # bottom-right aligned causal mask: query i sees keys 0..past+i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+        plans.append(AttnPlan(s.cache, s.start, T, off, is_causal=T > 1 and past == 0, mask=mask))
+        off += T
+    return plans
 
 
 # ---- building blocks ------------------------------------------------------------------------------------
@@ -259,7 +280,7 @@ class Qwen3Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split((Hq * Dh, Hkv * Dh, Hkv * Dh), dim=-1)  # one weight stream
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[_AttnPlan],
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[AttnPlan],
                 names: Mapping[str, str]) -> torch.Tensor:
         _, N, D = x.shape
         Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
@@ -284,7 +305,7 @@ class Qwen3Attention(nn.Module):
         o = tap(names["attn"], o)  # [1, N, Hq, Dh]
         return self.o_proj(o.reshape(1, N, Hq * Dh))
 
-    def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: Sequence[_AttnPlan]
+    def _attend_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: Sequence[AttnPlan]
                        ) -> torch.Tensor:
         """The kernel leaf for a decode step of B sequences (one new token each): writes each new key/value
         into its sequence's cache and attends over it, one call for the batch. q [1, B, Hq, Dh] ->
@@ -295,7 +316,7 @@ class Qwen3Attention(nn.Module):
                                       [p.start for p in plans], self.scaling)  # [B, Hq, Dh]
         return o.unsqueeze(0)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _AttnPlan,
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnPlan,
                 names: Mapping[str, str]) -> torch.Tensor:
         """One sequence: q [1, T, Hq, Dh], new k/v [1, T, Hkv, Dh] -> attention output [1, T, Hq, Dh].
         A kernel-leaf bf16 model runs SDPA in float32 and rounds its output back once: torch's CPU SDPA took
@@ -323,7 +344,7 @@ class Qwen3Attention(nn.Module):
         assert o.shape == (1, self.Hq, T, self.Dh) and S >= T
         return o.transpose(1, 2).to(dt)  # [1, T, Hq, Dh]
 
-    def _attend_explicit(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, p: _AttnPlan,
+    def _attend_explicit(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, p: AttnPlan,
                          name: str) -> torch.Tensor:
         """Materialised scores and probs (tap `probs` [1, Hq, T, S]); GQA by broadcasting over groups."""
         T, S = p.T, kh.shape[1]
@@ -354,7 +375,7 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[_AttnPlan]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[AttnPlan]
                 ) -> torch.Tensor:
         n = self.names
         h = tap(n["attn_in"], self.input_layernorm(x))  # [1, N, D]
@@ -373,7 +394,7 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                plans: Sequence[_AttnPlan]) -> torch.Tensor:
+                plans: Sequence[AttnPlan]) -> torch.Tensor:
         x = tap("embed", self.embed_tokens(input_ids).unsqueeze(0))  # [1, N, D]
         for layer in self.layers:
             x = layer(x, cos, sin, plans)
@@ -458,7 +479,7 @@ class Qwen3CausalLM(nn.Module):
         N = input_ids.shape[0]
         assert sum(s.length for s in spans) == N, ([s.length for s in spans], N)
         with torch.inference_mode():
-            plans = self._plans(spans)
+            plans = attention_plans(spans, self.device)
             end = max(s.start + s.length for s in spans)
             cos_t, sin_t = self.rope_tables(end)
             cos = cos_t[positions].view(1, N, 1, -1)  # [1, N, 1, Dh]
@@ -471,23 +492,6 @@ class Qwen3CausalLM(nn.Module):
             if s.cache is not None:
                 s.cache.advance(s.length)
         return logits[0]
-
-    def _plans(self, spans: Sequence[Span]) -> list[_AttnPlan]:
-        plans, off = [], 0
-        for s in spans:
-            T = s.length
-            assert T > 0
-            if s.cache is None:
-                assert s.start == 0, "a span without a cache starts at position 0"
-            else:
-                assert s.start == s.cache.length and s.start + T <= s.cache.capacity, (s.start, s.cache)
-            past = s.start if s.cache is not None else 0
-            mask = None
-            if T > 1 and past > 0:  # bottom-right aligned causal mask: query i sees keys 0..past+i
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=self.device).tril(past)
-            plans.append(_AttnPlan(s.cache, s.start, T, off, is_causal=T > 1 and past == 0, mask=mask))
-            off += T
-        return plans
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.cfg, capacity, self.dtype, self.device)
