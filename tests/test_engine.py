@@ -14,11 +14,11 @@ import torch
 
 from qwen3lab.config import Qwen3Config
 from qwen3lab.engine.generate import generate
-from qwen3lab.engine.kv_cache import KVCache
 from qwen3lab.engine.runner import batch_infer_one_round
 from qwen3lab.engine.sampler import SamplingParams, filter_logits, make_generator, sample
 from qwen3lab.engine.task import InferTask
 from qwen3lab.errors import InputError
+from qwen3lab.models.kv_cache import KVCache
 from qwen3lab.models.torch_model import Qwen3CausalLM
 from qwen3lab.presets import preset_config
 from qwen3lab.qwen3 import MultiDeviceError, Qwen3ForCausalLM

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import KVCache
+from ..models.kv_cache import KVCache
 from .sampler import SamplingParams, make_generator
 
 

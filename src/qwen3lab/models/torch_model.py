@@ -6,7 +6,7 @@ Notable:
   when dtype and device already match) and a tied lm_head is the embedding Parameter itself.
 - Packed ("varlen") batches: the new tokens of all sequences are flattened to one [1, N, D] stream, so every
   linear layer is one GEMM over the whole batch (decode of B sequences is a [B, D] x [D, *] product, not B
-  GEMVs); only attention runs per sequence, each over its own KV cache (engine/kv_cache.py).
+  GEMVs); only attention runs per sequence, each over its own KV cache (models/kv_cache.py).
 - RMSNorm in float32 (float64 in a float64 model) then cast back, weight applied in the model dtype (as HF).
 - q_norm / k_norm are per-head RMSNorms applied BEFORE RoPE; RoPE rotates half-split pairs; cos/sin tables
   come from rope.rope_parameters, evaluated in float32 like HF (float64 in a float64 model) then cast.
@@ -39,12 +39,12 @@ from torch import nn
 
 from .. import taps as _taps
 from ..config import Qwen3Config
-from ..engine.kv_cache import KVCache
 from ..errors import InputError, WeightsError
 from ..rope import rope_parameters
 from ..shapes import expected_shapes
 from ..taps import tap, wants
 from .base import RunResult, check_input_ids
+from .kv_cache import KVCache
 
 # enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for the kernel.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)

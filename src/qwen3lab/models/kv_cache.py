@@ -1,4 +1,5 @@
-"""KVCache: one sequence's keys and values, preallocated for every layer.
+"""KVCache: one sequence's keys and values, preallocated for every layer. It lives with the model (which
+writes into it) so that models/ imports nothing from the engine above it; the engine and the benches use it.
 
 Layout: `k`, `v` are [L, Hkv, capacity, Dh] (one allocation each for the whole model), so a layer's cache
 is a strided view and a decode step writes one column per layer in place: no per-step allocation. The
