@@ -281,6 +281,18 @@ def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
     assert (side.backend.model.model.norm.kernel is not None) == (build.kernels() is not None)
     rep = verify(oracle, "torch-fast", IDS, model_path=model_dir, dtype=dtype)
     assert rep.candidate == side.label and rep.tolerance.name == tol and rep.overall_success, rep.summary
+    # the report names the kernels the candidate ran: the build's path, the weight type the dtype asks for
+    path = build.kernels().PATH if build.kernels() is not None else None
+    weights = {None: "f32", "bfloat16": "bf16", "int8": "int8"}[dtype]
+    assert rep.kernels["linear"] == (f"{path}-{weights}" if path else "torch" if weights != "int8" else "torch-int8")
+    assert rep.kernels["norm"] == rep.kernels["rope"] == (path or "torch")
+
+
+def test_report_names_kernels_only_for_our_torch_model(model_dir, oracle):
+    """An HF candidate also holds a `.model` (transformers'): the report must not describe it as ours."""
+    assert verify(oracle, "hf", IDS, model_path=model_dir).kernels is None
+    plain = verify(oracle, "torch", IDS, model_path=model_dir).kernels
+    assert plain == {"linear": "torch", "norm": "torch", "rope": "torch", "silu_mul": "torch", "attention": "sdpa"}
 
 
 def test_int8_gets_its_own_tolerance_and_other_backends_refuse_it(model_dir):

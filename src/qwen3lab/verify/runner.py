@@ -171,13 +171,13 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
 
 
 def _kernels_of(backend) -> dict[str, str] | None:
-    """The kernel of every leaf kind of our torch model (verify runs exactly these), None for other backends."""
-    model = getattr(getattr(backend, "inner", backend), "model", None)
-    if model is None or not hasattr(model, "modules") or getattr(model, "device", None) is None:
-        return None
-    from ..fast import describe
+    """The kernel of every leaf kind of our torch model (verify runs exactly these), None for other backends
+    (an HF candidate also has a `.model`, a transformers one: it is not ours to describe)."""
+    from ..fast import describe  # here, not at the top: a NumPy-only verify need not import torch
+    from ..models.torch_model import Qwen3CausalLM
 
-    return describe(model)
+    model = getattr(getattr(backend, "inner", backend), "model", None)  # BuggyBackend wraps a TorchBackend
+    return describe(model) if isinstance(model, Qwen3CausalLM) else None
 
 
 class _PrefillRun:
