@@ -151,17 +151,17 @@ def set_kernels(model, k) -> int:
 
 def describe(model) -> dict[str, str]:
     """Which kernel each kind of leaf of `model` runs, e.g. {"linear": "avx2-bf16", "norm": "avx2", ...}."""
-    k = next((m.kernel for m in model.modules() if "kernel" in type(m).__dict__), None)
+    leaves = [m for m in model.modules() if "kernel" in type(m).__dict__]
+    k = leaves[0].kernel if leaves else None
     path = k.PATH if k is not None else "torch"
-    lin = {type(m).__name__: m for m in model.modules() if isinstance(m, (FastLinear, Int8Linear, nn.Linear))}
-    if "Int8Linear" in lin:
-        linear = "torch-int8" if kernels() is None else f"{kernels().PATH}-int8"
-    elif "FastLinear" in lin:
-        dt = str(model.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "f32")
-        linear = "torch" if kernels() is None else f"{kernels().PATH}-{dt}"
-    else:
-        linear = "torch"
-    sdpa = "sdpa-f32" if k is not None and model.dtype == torch.bfloat16 else "sdpa"
+    # the linears look their kernels up at each call (linear.py): the build's, once swapped in by optimize
+    mods = list(model.modules())
+    int8 = any(isinstance(m, Int8Linear) for m in mods)
+    lk = kernels() if int8 or any(isinstance(m, FastLinear) for m in mods) else None
+    weights = "int8" if int8 else {torch.bfloat16: "bf16", torch.float32: "f32"}.get(model.dtype, "")
+    linear = f"{lk.PATH}-{weights}" if lk is not None else "torch-int8" if int8 else "torch"
+    attn = next((m for m in leaves if hasattr(m, "sdpa_dtype")), None)  # the attention leaf owns the rule
+    sdpa = "sdpa-f32" if attn is not None and attn.sdpa_dtype(model.dtype) == torch.float32 else "sdpa"
     return {"linear": linear, "norm": path, "rope": path, "silu_mul": path,
             "attention": f"{path} decode, {sdpa} prefill" if k is not None else sdpa}
 
