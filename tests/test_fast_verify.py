@@ -70,7 +70,6 @@ def test_fast_logits_against_oracle(dtype, quant, cos_min):
     w = random_weights(cfg, seed=1)
     ref = NumpyBackend({k: v.double().numpy() for k, v in w.items()}, cfg).run(IDS).logits
     cand = TorchBackend(cfg, w, dtype=dtype, fast=True, quant=quant)
-    print(build.status())
     got = cand.run(IDS).logits  # no taps, as generation runs it
     plain = TorchBackend(cfg, w, dtype=dtype).run(IDS).logits  # the eager model at the same activation dtype
     cos, top1 = _logit_agreement(ref, got)

@@ -90,8 +90,8 @@ def make_model(
     name = dtype_name(tdt)
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0):
         raise InputError(f"layers must be a positive integer, got {layers!r}")
-    if shard_size is not None:
-        parse_size(shard_size)  # refused here, before minutes of random weights and before any file is touched
+    if shard_size is not None:  # refused here, before minutes of random weights and before any file is touched
+        shard_size = parse_size(shard_size)
     cfg = preset_config(preset, num_hidden_layers=layers, torch_dtype=name, **overrides)
     # generated per tensor in float32 and converted at once, so peak memory is the model in `dtype`
     tensors = random_weights(cfg, seed=seed, dtype=tdt)

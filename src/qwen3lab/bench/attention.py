@@ -83,12 +83,12 @@ class OursAttention:
 
     impl = "qwen3lab"
 
-    def __init__(self, cfg: Qwen3Config, state, dtype: torch.dtype, device: torch.device, fast: bool = True):
+    def __init__(self, cfg: Qwen3Config, state, dtype: torch.dtype, device: torch.device):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.mod = our_attention(cfg, state)
         self.names = tap_names(0)
         self.path = "plain eager"
-        if fast and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             from ..fast import use_kernels  # what generation runs on a CPU: the kernel leaves
 
             self.path = f"fast ({use_kernels(self.mod)})"

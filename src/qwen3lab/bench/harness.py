@@ -31,6 +31,7 @@ import torch
 
 from .. import pages
 from ..errors import InputError
+from ..fast.build import cpu_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -287,16 +288,9 @@ def _cpu_model() -> str:
 
 
 def _cpu_flags() -> list[str]:
-    """The SIMD features that decide CPU kernel speed (AVX2 / AVX-512 / bf16 / AMX)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-                return [f for f in wanted if f in flags]
-    except OSError:
-        pass
-    return []
+    """The SIMD features that decide CPU kernel speed (AVX2 / AVX-512 / bf16 / AMX), as the kernel build reads them."""
+    flags = cpu_flags()
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
 
 
 def loadavg() -> list[float] | None:

@@ -191,7 +191,6 @@ def run_bench_command(kind: str, **options: Any) -> int:
                 from ..fast import tune
 
                 settings["prefill_gemm"] = tune.status()  # decided while loading (fast/tune.py)
-                settings["kernels"] = extra.pop("kernels", None)  # the leaf kernels ours ran (fast.describe)
     settings.update({"source": source, "warmups": warmups, "runs": runs, **extra})
     report = H.make_report(kind, device, settings, records)
     return finish(report, o, old, tolerance)

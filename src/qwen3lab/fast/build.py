@@ -175,14 +175,11 @@ def status() -> str:
     return f"PyTorch fallback ({_state['reason']})"
 
 
-def reset(enabled: bool | str | None = None) -> None:
-    """Tests: False forces the PyTorch fallback from now on; a path name uses that path's build; None or True
-    decides again at the next kernels() (modules already built in this process are reused: loading one twice
-    would rebuild it)."""
+def reset(enabled: bool | None = None) -> None:
+    """Tests: False forces the PyTorch fallback from now on; None or True decides again at the next kernels()
+    (modules already built in this process are reused: loading one twice would rebuild it)."""
     with _lock:
         if enabled is False:
             _state.update(tried=True, module=None, reason="turned off by reset(enabled=False)")
-        elif isinstance(enabled, str):
-            _state.update(tried=True, module=build(enabled), reason=None)
         else:
             _state.update(tried=False, module=None, reason=None)
