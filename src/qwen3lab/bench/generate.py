@@ -147,6 +147,15 @@ class HFGenerate:
 
 
 # ---- the bench -------------------------------------------------------------------------------------
+def _decode_roofline(cfg: Qwen3Config, dtype: str, bandwidth_gbs: float | None, prompt_len: int, new_tokens: int,
+                     batch: int) -> float | None:
+    """tok/s a decode of `new_tokens` after `prompt_len` could reach at the measured bandwidth, the KV cache
+    counted at the decode's mean context; None without a bandwidth. The same for every impl."""
+    if not bandwidth_gbs:
+        return None
+    return roofline_tok_per_s(cfg, dtype, bandwidth_gbs, context=prompt_len + new_tokens // 2, batch=batch)
+
+
 def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches, new_tokens: int,
                 decode_prompt_len: int, warmups: int, runs: int, seed: int, bandwidth_gbs: float | None,
                 progress) -> tuple[list[dict], list[list[int]] | None]:
@@ -182,11 +191,8 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
             rates.append(B * (new_tokens - 1) / (s.marks[-1] - s.marks[0]))
             itl += [b - a for a, b in zip(s.marks[:-1], s.marks[1:], strict=True)]
         rate = H.median(rates)
-        frac = roof = None
-        if bandwidth_gbs:
-            roof = roofline_tok_per_s(cfg, dtype, bandwidth_gbs, context=decode_prompt_len + new_tokens // 2,
-                                      batch=B)
-            frac = rate / roof
+        roof = _decode_roofline(cfg, dtype, bandwidth_gbs, decode_prompt_len, new_tokens, B)
+        frac = rate / roof if roof else None
         recs.append(H.make_record(
             "generate", impl.impl, "decode", f"batch={B} prompt={decode_prompt_len} new={new_tokens}", device, dtype,
             tok_per_s=rate, latency_ms=1e3 * H.median(itl), latency_p90_ms=1e3 * H.percentile(itl, 90),
@@ -280,10 +286,9 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
                 log(f"note: {e}")
                 notes.append(str(e))
                 recs = []
+            roof = _decode_roofline(cfg, dt, bw.read_gbs if bw else None, decode_prompt_len, new_tokens, 1)
             for r in recs:
-                if r["phase"] == "decode" and bw:
-                    roof = roofline_tok_per_s(cfg, dt, bw.read_gbs, context=decode_prompt_len + new_tokens // 2,
-                                              batch=1)
+                if r["phase"] == "decode" and roof:  # llama-bench decodes one sequence
                     r.update(roofline_tok_per_s=roof, roofline_fraction=r["tok_per_s"] / roof)
             records += recs
         if greedy.get("qwen3lab") and greedy.get("hf"):
