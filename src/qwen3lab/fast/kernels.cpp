@@ -11,8 +11,8 @@
 //   int16, are multiplied in pairs into exact int32 sums (vpdpwssd with AVX512-VNNI, vpmaddwd on AVX2 and
 //   AVX-512, shifts and multiplies elsewhere): a third of the instructions of widening to float32 + FMA.
 // - Large M (prefill): W is widened to fp32 a band of rows at a time (cache-resident) and handed to sgemm.
-// - Leaf ops of the model: RMSNorm (with an optional residual add), RoPE, SiLU(gate) * up, single-query
-//   attention that writes the new key/value into each sequence's cache and attends over it. Each rounds to the
+// - Leaf ops of the model: RMSNorm, RoPE, SiLU(gate) * up, single-query attention that writes the new
+//   key/value into each sequence's cache and attends over it. Each rounds to the
 //   model dtype exactly where the eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE
 //   product), so the fast path tracks the eager one to float32 summation order (~1e-6 relative) and to bf16
 //   rounding order in bfloat16.
@@ -492,21 +492,14 @@ inline void rms_row(const typename D::T* x, const typename D::T* w, typename D::
 }
 
 template <class D>
-void add_rmsnorm_impl(at::Tensor& x, const c10::optional<at::Tensor>& r, const at::Tensor& w, at::Tensor& y,
-                      double eps) {
+void rmsnorm_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, double eps) {
   using T = typename D::T;
   const int64_t M = x.size(0), n = x.size(1);
-  T* xp = (T*)x.data_ptr();
-  const T* rp = r.has_value() ? (const T*)r->data_ptr() : nullptr;
+  const T* xp = (const T*)x.data_ptr();
   const T* wp = (const T*)w.data_ptr();
   T* yp = (T*)y.data_ptr();
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      T* xr = xp + m * n;
-      if (rp)  // the residual add, rounded to the dtype as `x + a` is
-        for (int64_t i = 0; i < n; i += W) D::st(xr + i, D::ld(xr + i, n - i) + D::ld(rp + m * n + i, n - i), n - i);
-      rms_row<D>(xr, wp, yp + m * n, n, float(eps));
-    }
+    for (int64_t m = b; m < e; ++m) rms_row<D>(xp + m * n, wp, yp + m * n, n, float(eps));
   });
 }
 
@@ -629,12 +622,15 @@ inline void softmax_row(float* x, int64_t n) {
   float m = hmax(mx);
   for (; s < n; ++s) m = x[s] > m ? x[s] : m;
   vf den = {};
-  for (s = 0; s < n; s += W) {
-    const vi valid = first_lanes(n - s);
-    const vf e = sel(valid, vexp((n - s >= W ? load<vf>(x + s) : load_n<vf>(x + s, n - s)) - m), vf{});
+  for (s = 0; s + W <= n; s += W) {
+    const vf e = vexp(load<vf>(x + s) - m);
     den += e;
-    if (n - s >= W) store(x + s, e);
-    else store_n(x + s, e, n - s);
+    store(x + s, e);
+  }
+  if (s < n) {  // the tail: only its first n - s lanes are scores (the rest would add exp(0 - m))
+    const vf e = sel(first_lanes(n - s), vexp(load_n<vf>(x + s, n - s) - m), vf{});
+    den += e;
+    store_n(x + s, e, n - s);
   }
   const vf inv = splat(1.0f / hsum(den));
   for (s = 0; s + W <= n; s += W) store(x + s, load<vf>(x + s) * inv);
@@ -697,14 +693,15 @@ void check_c(const at::Tensor& t, const char* what) {
 
 }  // namespace
 
-// x [M, D] (+= r when given, in place), returns RMSNorm(x) * w.
-at::Tensor add_rmsnorm(at::Tensor x, const c10::optional<at::Tensor>& r, const at::Tensor& w, double eps) {
+// RMSNorm(x) * w over the rows of x [M, D] (RMSNorm and q/k's per-head norm alike), in a new tensor.
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_c(x, "x");
   check_c(w, "w");
-  if (r.has_value()) check_c(*r, "r");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type(),
+              "rmsnorm: x [M, D] and w [D] of one dtype, got ", x.sizes(), " and ", w.sizes());
   auto y = at::empty_like(x);
-  if (is_bf16(x)) add_rmsnorm_impl<BF16T>(x, r, w, y, eps);
-  else add_rmsnorm_impl<F32T>(x, r, w, y, eps);
+  if (is_bf16(x)) rmsnorm_impl<BF16T>(x, w, y, eps);
+  else rmsnorm_impl<F32T>(x, w, y, eps);
   return y;
 }
 
@@ -834,7 +831,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WIDTH") = W;             // floats per vector
   m.def("stream_read", &stream_read, "read a tensor's bytes once (bandwidth probe)");
   m.def("argmax_rows", &argmax_rows, "first argmax of each row (NaN wins), as a list");
-  m.def("add_rmsnorm", &add_rmsnorm, "x += r (optional, in place); return RMSNorm(x) * w");
+  m.def("rmsnorm", &rmsnorm, "RMSNorm(x) * w over rows");
   m.def("rope", &rope, "RoPE over [M, H, Dh] rows with per-token cos/sin [M, Dh]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused gate_up row");
   m.def("attend_decode", &attend_decode, "single-query attention over per-sequence KV caches (writes the new k/v)");

@@ -298,7 +298,7 @@ def plant_kernel_rope_sign(b):
 
 
 def plant_kernel_norm_one_plus_w(b):
-    return _plant_kernels(b, lambda k: {"add_rmsnorm": lambda x, r, w, eps: k.add_rmsnorm(x, r, 1 + w, eps)})
+    return _plant_kernels(b, lambda k: {"rmsnorm": lambda x, w, eps: k.rmsnorm(x, 1 + w, eps)})
 
 
 def plant_kernel_silu_halves(b):
