@@ -12,10 +12,9 @@
 //   AVX-512, shifts and multiplies elsewhere): a third of the instructions of widening to float32 + FMA.
 // - Large M (prefill): W is widened to fp32 a band of rows at a time (cache-resident) and handed to sgemm.
 // - Leaf ops of the model: RMSNorm, RoPE, SiLU(gate) * up, single-query attention that writes the new
-//   key/value into each sequence's cache and attends over it. Each rounds to the
-//   model dtype exactly where the eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE
-//   product), so the fast path tracks the eager one to float32 summation order (~1e-6 relative) and to bf16
-//   rounding order in bfloat16.
+//   key/value into each sequence's cache and attends over it. Each rounds to the model dtype exactly where the
+//   eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE product), so the fast path
+//   tracks the eager one to float32 summation order (~1e-6 relative) and to bf16 rounding order in bfloat16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
