@@ -21,8 +21,9 @@ from qwen3lab.errors import InputError
 from qwen3lab.models.kv_cache import KVCache
 from qwen3lab.models.torch_model import Qwen3CausalLM
 from qwen3lab.presets import preset_config
-from qwen3lab.qwen3 import MultiDeviceError, Qwen3ForCausalLM
+from qwen3lab.qwen3 import Qwen3ForCausalLM
 from qwen3lab.random_init import random_weights
+from qwen3lab.runspec import MultiDeviceError
 
 NEG = float("-inf")
 

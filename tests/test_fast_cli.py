@@ -84,8 +84,8 @@ def test_fast_and_plain_float32_give_the_same_greedy_tokens(tiny_dir, spy):
 
 @pytest.mark.parametrize("args,act,what", [
     (["--dtype", "int8"], torch.bfloat16, "int8 weights, bfloat16 activations"),
-    (["--dtype", "float32", "--quant", "int8"], torch.float32, "float32 activations, int8 weights"),
-    (["--dtype", "bfloat16", "--quant", "int8"], torch.bfloat16, "bfloat16 activations, int8 weights"),
+    (["--dtype", "float32", "--quant", "int8"], torch.float32, "int8 weights, float32 activations"),
+    (["--dtype", "bfloat16", "--quant", "int8"], torch.bfloat16, "int8 weights, bfloat16 activations"),
 ], ids=["dtype-int8", "quant-fp32", "quant-bf16"])
 def test_int8_generate_loads_int8_weights(tiny_dir, spy, args, act, what):
     res = invoke("generate", "--model", tiny_dir, *args, "--max-steps", 4, "Hello")
@@ -139,8 +139,8 @@ def test_bad_combinations_are_one_line_exit_2(tiny_dir, spy, args, msg):
 
 
 def test_unknown_dtype_is_refused_by_click(tiny_dir):
-    res = invoke("generate", "--model", tiny_dir, "--dtype", "int4", "Hi")
-    assert res.exit_code == 2 and "'int4' is not one of" in res.output
+    res = invoke("generate", "--model", tiny_dir, "--dtype", "int3", "Hi")
+    assert res.exit_code == 2 and "'int3' is not one of" in res.output
 
 
 # ---- verify --candidate torch-fast ---------------------------------------------------------------------

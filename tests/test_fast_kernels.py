@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qwen3lab import runspec
 from qwen3lab.fast import build
 from qwen3lab.fast.linear import FastLinear, Int8Linear, int8_gemm_bf16
 from qwen3lab.models.torch_model import RMSNorm, apply_rope
@@ -35,7 +36,7 @@ def k(request):
     """The kernels of one path: every path this CPU has runs (portable always), the others skip with the reason."""
     if _compiler():
         pytest.skip(_compiler())
-    lacks = build.missing(request.param)
+    lacks = runspec.missing(request.param)
     if lacks:
         pytest.skip(f"{request.param}: this CPU lacks {', '.join(sorted(lacks))}")
     mod = build.build(request.param)

@@ -18,7 +18,8 @@ from qwen3lab import taps as T
 from qwen3lab.engine.sampler import SamplingParams
 from qwen3lab.engine.task import InferTask
 from qwen3lab.fast import FastLinear, build, optimize
-from qwen3lab.models.torch_model import Qwen3CausalLM, Span, TorchBackend
+from qwen3lab.models.batch import ForwardBatch
+from qwen3lab.models.torch_model import Qwen3CausalLM, TorchBackend
 from qwen3lab.qwen3 import Qwen3ForCausalLM
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg as make_cfg
@@ -75,7 +76,7 @@ def test_attention_bias_stays_unfused(mode):
     plain, fast = _pair(cfg, torch.float32)
     assert fast.model.layers[0].self_attn.qkv_proj is None
     ids = torch.arange(1, 9)
-    assert _rel(fast(ids, torch.arange(8), [Span(None, 0, 8)]), plain(ids, torch.arange(8), [Span(None, 0, 8)])) < 1e-6
+    assert _rel(fast(ForwardBatch.single(ids)), plain(ForwardBatch.single(ids))) < 1e-6
 
 
 def _prefill_decode(model, ids):
@@ -85,9 +86,9 @@ def _prefill_decode(model, ids):
     P = T_ - 3
     c = model.new_cache(T_)
     t = torch.tensor(ids)
-    out = [model(t[:P], torch.arange(P), [Span(c, 0, P)], torch.tensor([P - 1]))]
+    out = [model(ForwardBatch.single(t[:P], c, last_only=True))]
     for j in range(P, T_):
-        out.append(model(t[j:j + 1], torch.tensor([j]), [Span(c, j, 1)]))
+        out.append(model(ForwardBatch.single(t[j:j + 1], c, start=j)))
     return torch.cat(out)
 
 
@@ -99,8 +100,8 @@ def test_fast_forward_equals_plain_float32(mode, case):
     a, b = _prefill_decode(plain, ids), _prefill_decode(fast, ids)
     assert _rel(b, a) < 1e-5, _rel(b, a)
     full = torch.tensor(ids)
-    a2 = plain(full, torch.arange(12), [Span(None, 0, 12)])
-    b2 = fast(full, torch.arange(12), [Span(None, 0, 12)])
+    a2 = plain(ForwardBatch.single(full))
+    b2 = fast(ForwardBatch.single(full))
     assert _rel(b2, a2) < 1e-5
 
 

@@ -86,12 +86,13 @@ def test_quant_options_are_checked():
     w = random_weights(cfg, seed=0)
     from qwen3lab.errors import InputError
 
-    with pytest.raises(InputError, match="quant must be 'int8'"):
-        TorchBackend(cfg, w, quant="int4")
-    with pytest.raises(InputError, match="dtype 'int8'"):
-        TorchBackend(cfg, w, dtype="int8")
-    with pytest.raises(InputError, match="needs float32 or bfloat16 activations"):  # the int8 kernels take no others
+    with pytest.raises(InputError, match="quant must be one of int8"):
+        TorchBackend(cfg, w, quant="int9")
+    with pytest.raises(InputError, match="dtype='int8' means quant='int8', but quant='int9'"):
+        TorchBackend(cfg, w, dtype="int8", quant="int9")
+    with pytest.raises(InputError, match="needs dtype 'float32' or 'bfloat16' activations"):  # what the kernels take
         TorchBackend(cfg, w, dtype="float16", quant="int8")
+    assert TorchBackend(cfg, w, dtype="int8").model.dtype == torch.bfloat16  # the shorthand: bf16 activations
     b = TorchBackend(cfg, w, quant="int8")
     assert b.name == "torch-int8" and b.dtype == "int8" and b.model.quant == "int8"
     with torch.inference_mode():

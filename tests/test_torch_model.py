@@ -18,8 +18,9 @@ import torch
 import hf_utils
 from qwen3lab import taps as T
 from qwen3lab.errors import InputError, WeightsError
+from qwen3lab.models.batch import ForwardBatch, Span
 from qwen3lab.models.numpy_ref import NumpyBackend
-from qwen3lab.models.torch_model import Qwen3CausalLM, Span, TorchBackend
+from qwen3lab.models.torch_model import Qwen3CausalLM, TorchBackend
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg as make_cfg
 
@@ -217,7 +218,7 @@ def test_decode_with_cache_equals_full_recompute(case, dtype, tol):
     m, cache, out, t = tb.model, tb.model.new_cache(4), [], 0  # capacity 4: also exercises cache growth
     for n in (5, 3, 1, 4):
         cache.reserve(n)
-        out.append(m(torch.as_tensor(ids[t:t + n]), torch.arange(t, t + n), [Span(cache, t, n)]))
+        out.append(m(ForwardBatch.single(ids[t:t + n], cache, start=t)))
         t += n
     chunked = T.to_numpy(torch.cat(out))
     e_dec, e_chunk = rel_err(dec, full), rel_err(chunked, full)
@@ -240,7 +241,7 @@ def test_packed_batch_equals_each_sequence_alone(case, dtype, tol):
         c = m.new_cache(16)
         if pasts[k]:
             c.reserve(pasts[k])
-            m(torch.as_tensor(seqs[k][:pasts[k]]), torch.arange(pasts[k]), [Span(c, 0, pasts[k])])
+            m(ForwardBatch.single(seqs[k][:pasts[k]], c))
         return c
 
     alone, alone_caches = [], []
@@ -248,7 +249,7 @@ def test_packed_batch_equals_each_sequence_alone(case, dtype, tol):
         c = primed(k)
         n = len(s) - pasts[k]
         c.reserve(n)
-        alone.append(m(torch.as_tensor(s[pasts[k]:]), torch.arange(pasts[k], len(s)), [Span(c, pasts[k], n)]))
+        alone.append(m(ForwardBatch.single(s[pasts[k]:], c, start=pasts[k])))
         alone_caches.append(c)
     caches = [primed(k) for k in range(3)]
     spans = [Span(c, p, len(s) - p) for c, p, s in zip(caches, pasts, seqs, strict=True)]
@@ -256,7 +257,7 @@ def test_packed_batch_equals_each_sequence_alone(case, dtype, tol):
         c.reserve(sp.length)
     ids = torch.as_tensor(np.concatenate([s[p:] for s, p in zip(seqs, pasts, strict=True)]))
     pos = torch.cat([torch.arange(p, len(s)) for s, p in zip(seqs, pasts, strict=True)])
-    packed = m(ids, pos, spans)
+    packed = m(ForwardBatch(ids, pos, spans))
     e = rel_err(T.to_numpy(packed), T.to_numpy(torch.cat(alone)))
     e_kv = max(rel_err(T.to_numpy(a.k[:, :, :a.length]), T.to_numpy(b.k[:, :, :b.length]))
                for a, b in zip(caches, alone_caches, strict=True))
@@ -318,8 +319,8 @@ def test_loading_errors_name_the_tensor():
     bad = {**w, "model.norm.weight": torch.ones(63)}
     with pytest.raises(WeightsError, match=r"'model\.norm\.weight' has shape \[63\], expected \[64\]"):
         TorchBackend(cfg, bad)
-    with pytest.raises(InputError, match="dtype 'int8'"):
-        TorchBackend(cfg, w, dtype="int8")
+    with pytest.raises(InputError, match="dtype 'int9' is not supported; use one of float32"):
+        TorchBackend(cfg, w, dtype="int9")
 
 
 def test_bad_input_ids_are_input_errors():

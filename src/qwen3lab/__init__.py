@@ -13,6 +13,7 @@ from .errors import (
     TokenizerError,
     WeightsError,
 )
+from .runspec import MultiDeviceError, RunSpec
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ConfigError", "DumpError", "InputError", "NumericsError", "Qwen3Config", "Qwen3ForCausalLM", "Qwen3LabError",
-    "TokenizerError", "WeightsError", "load", "load_config", "verify", "__version__",
+    "ConfigError", "DumpError", "InputError", "MultiDeviceError", "NumericsError", "Qwen3Config", "Qwen3ForCausalLM",
+    "Qwen3LabError", "RunSpec", "TokenizerError", "WeightsError", "load", "load_config", "verify", "__version__",
 ]

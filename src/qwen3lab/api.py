@@ -1,9 +1,10 @@
 """`qwen3lab.load`: one entry point to every backend, by name.
 
 Backends: "torch" (our eager model), "torch-fast" (the same model through qwen3lab.fast: fused projections
-and the C++ streaming kernels, CPU only; dtype "int8" = bfloat16 activations with int8 weights), "numpy"
-(the float64 oracle), "hf" (transformers). dtype "int8" exists only for torch-fast: every other backend
-refuses it with a message that names the backend.
+and the C++ kernels, CPU only; dtype "int8" / "int4" = bfloat16 activations with those weights), "numpy"
+(the float64 oracle), "hf" (transformers). Quantised weights exist only for torch-fast: every other backend
+refuses them with a message that names the backend. The torch backends' device / dtype / quant checks are
+runspec.RunSpec's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from .errors import InputError, Qwen3LabError
 
 BACKENDS = ("torch", "torch-fast", "numpy", "hf")
-INT8_BACKEND = "torch-fast"  # the one backend with int8 weights
+QUANT_BACKEND = "torch-fast"  # the one backend with quantised (int8 / int4) weights
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
@@ -30,47 +31,41 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return p
 
 
-def check_int8(backend: str, dtype: str | None) -> None:
-    """dtype "int8" means int8 weights on the fast path; refuse it, naming the backend, anywhere else."""
-    if isinstance(dtype, str) and dtype.lower() == "int8" and backend != INT8_BACKEND:
-        raise InputError(f"backend {backend!r} has no int8 dtype: int8 weights (bfloat16 activations) run on "
-                         f"the fast path, backend {INT8_BACKEND!r} (e.g. qwen3lab verify --candidate "
-                         f"{INT8_BACKEND} --dtype int8)")
+def check_backend_dtype(backend: str, dtype: str | None, quant: str | None = None,
+                        group_size: int | None = None) -> None:
+    """Quantised weights (dtype "int8" / "int4", or quant=) are the fast path's; refuse them, naming the
+    backend, anywhere else."""
+    from .runspec import QUANTS
 
-
-def _device_type(device) -> str:
-    import torch
-
-    try:
-        return torch.device(device).type
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"invalid device {device!r}: {e}") from None
+    q = dtype.lower() if isinstance(dtype, str) and dtype.lower() in QUANTS else None
+    if q and backend != QUANT_BACKEND:
+        raise InputError(f"backend {backend!r} has no {q} dtype: {q} weights (bfloat16 activations) run on "
+                         f"the fast path, backend {QUANT_BACKEND!r} (e.g. qwen3lab verify --candidate "
+                         f"{QUANT_BACKEND} --dtype {q})")
+    for name, value in (("quant", quant), ("group_size", group_size)):
+        if value is not None and backend != QUANT_BACKEND:
+            raise InputError(f"backend {backend!r} has no {name} option: {name}={value!r} runs on backend "
+                             f"{QUANT_BACKEND!r}")
 
 
 def load(path: str | Path | None = None, backend: str = "torch", device: str = "cpu", dtype: str | None = None,
-         quant: str | None = None):
+         quant: str | None = None, group_size: int | None = None):
     """Load a checkpoint dir as a backend with `.run(input_ids, taps=None, graft=None)`.
 
     backend: "torch" (ours, eager, default float32), "torch-fast" (ours through qwen3lab.fast, CPU: default
-    float32; "bfloat16"; "int8" = bfloat16 activations + int8 weights; or quant="int8" with float32 /
-    bfloat16 activations), "numpy" (the float64 oracle), "hf" (transformers).
+    float32; "bfloat16"; "int8" / "int4" = bfloat16 activations + those weights; or quant="int8" / "int4"
+    with float32 / bfloat16 activations; int4's group_size 32 or 128), "numpy" (the float64 oracle), "hf"
+    (transformers).
     """
     if backend not in BACKENDS:
         raise Qwen3LabError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    check_int8(backend, dtype)
-    if quant is not None and backend != INT8_BACKEND:
-        raise InputError(f"backend {backend!r} has no quant option: quant={quant!r} runs on backend "
-                         f"{INT8_BACKEND!r}")
-    path = resolve_model_path(path)
+    check_backend_dtype(backend, dtype, quant, group_size)
     if backend in ("torch", "torch-fast"):
-        from .models.torch_model import TorchBackend, dtype_and_quant
+        from .models.torch_model import TorchBackend
 
-        fast = backend == "torch-fast"
-        dt, quant = dtype_and_quant(dtype or "float32", quant, int8_dtype=fast)
-        if fast and _device_type(device) != "cpu":
-            raise InputError(f"backend 'torch-fast' runs on the CPU only (its kernels are CPU ones), got device "
-                             f"{device!r}; use backend 'torch' on {device}")
-        return TorchBackend.from_pretrained(path, device=device, dtype=dt, fast=fast, quant=quant)
+        spec = TorchBackend.spec_for(device, dtype or "float32", backend == "torch-fast", quant, group_size)
+        return TorchBackend.from_pretrained(resolve_model_path(path), spec=spec)
+    path = resolve_model_path(path)
     if backend == "numpy":
         from .models.numpy_ref import NumpyBackend
 

@@ -4,8 +4,9 @@ Every user-facing error is a Qwen3LabError; the command prints it as one line na
 field or value and exits 2, instead of a traceback.
 
 generate / chat run the fast CPU path (qwen3lab.fast: fused projections, C++ streaming kernels) by default;
---no-fast runs the plain eager model instead, --dtype int8 (or --quant int8 with float32 / bfloat16) int8
-weights on the fast path, --threads N sets torch's intra-op threads. The "loading ..." line says which path runs.
+--no-fast runs the plain eager model instead, --dtype int8 / int4 (or --quant with float32 / bfloat16) quantised
+weights on the fast path, --threads N sets torch's intra-op threads. The options are checked together by
+runspec.RunSpec before anything is loaded. The "loading ..." line says which path runs.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import sys
 import click
 
 from .errors import Qwen3LabError
+from .runspec import ACT_DTYPES, GROUP_SIZES, QUANTS, RUN_DTYPES
 
-DTYPES = ["float32", "bfloat16", "float16", "float64"]
-RUN_DTYPES = DTYPES + ["int8"]  # int8: bfloat16 activations + int8 weights (the fast CPU path)
 MODEL_HELP = "checkpoint dir (config.json + safetensors + tokenizer.json); default: the embedded default model"
 
 
@@ -72,9 +72,12 @@ def _sampling_options(fn):
         click.option("--model", "model", default=None, help=MODEL_HELP),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option("--dtype", type=click.Choice(RUN_DTYPES), default="bfloat16", show_default=True,
-                     help="int8: bfloat16 activations + int8 weights (CPU fast path)"),
-        click.option("--quant", type=click.Choice(["int8"]), default=None,
-                     help="int8 weights (per-row scales) with --dtype float32 or bfloat16 activations (CPU)"),
+                     help="int8 / int4: bfloat16 activations + those weights (CPU fast path)"),
+        click.option("--quant", type=click.Choice(QUANTS), default=None,
+                     help="int8 (per-row scales) or int4 (per-group scales) weights with --dtype float32 or "
+                          "bfloat16 activations (CPU)"),
+        click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
+                     help="int4: weights per scale [default: 128]"),
         click.option("--no-fast", is_flag=True, help="run the plain eager model instead of the fast CPU path"),
         click.option("--threads", type=int, default=None,
                      help="torch intra-op threads [default: torch's, one per core]"),
@@ -86,21 +89,6 @@ def _sampling_options(fn):
     ]):
         fn = opt(fn)
     return fn
-
-
-def _check_run_options(device: str, dtype: str, quant: str | None, no_fast: bool, threads: int | None) -> None:
-    """Refuse the combinations that cannot run, each in one line naming the options (exit 2)."""
-    from .errors import InputError
-
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
-    if quant is not None and dtype not in ("float32", "bfloat16", "int8"):
-        raise InputError(f"--quant {quant} needs --dtype float32 or bfloat16 activations, got --dtype {dtype}")
-    int8 = "--dtype int8" if dtype == "int8" else f"--quant {quant}" if quant else None
-    if int8 and not device.startswith("cpu"):
-        raise InputError(f"{int8}: int8 weights run on the CPU fast path only, got --device {device}")
-    if int8 and no_fast:
-        raise InputError(f"{int8}: int8 weights need the fast path; drop --no-fast")
 
 
 def _path_line(device: str, fast: bool) -> str:
@@ -118,10 +106,12 @@ def _threads(n: int) -> str:
     return f"{n} thread{'s' if n != 1 else ''}"
 
 
-def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None):
+def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, group_size=None):
     from .api import resolve_model_path
+    from .runspec import RunSpec
 
-    _check_run_options(device, dtype, quant, no_fast, threads)
+    spec = RunSpec.make(device, dtype, quant, fast=False if no_fast else None, threads=threads,
+                        group_size=None if group_size is None else int(group_size), cli=True)
     import torch
 
     from .qwen3 import Qwen3ForCausalLM
@@ -129,12 +119,10 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None):
     if threads is not None:
         torch.set_num_threads(threads)
     path = resolve_model_path(model)
-    what = "int8 weights, bfloat16 activations" if dtype == "int8" else (
-        f"{dtype} activations, {quant} weights" if quant else dtype)
-    click.echo(f"loading {path} ({what}, {device}, {_threads(torch.get_num_threads())}, "
+    click.echo(f"loading {path} ({spec.describe()}, {device}, {_threads(torch.get_num_threads())}, "
                f"{_path_line(device, not no_fast)})", err=True)
-    lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, quant=quant, fast=not no_fast)
-    if not no_fast and device.startswith("cpu"):
+    lm = Qwen3ForCausalLM.from_pretrained(path, spec=spec)
+    if spec.fast:
         from .fast import describe
 
         click.echo("kernels: " + ", ".join(f"{k} {v}" for k, v in describe(lm.model).items()), err=True)
@@ -161,10 +149,10 @@ def _stream_text(_tok: int, delta: str) -> None:
 @click.option("--no-think", is_flag=True, help="with --chat: enable_thinking=False")
 @click.option("--stop", multiple=True, help="extra stop string (repeatable); eos ids always stop")
 @friendly_errors
-def generate_cmd(prompt, model, device, dtype, quant, no_fast, threads, max_steps, temperature, top_k, top_p, seed,
-                 as_chat, no_think, stop):
+def generate_cmd(prompt, model, device, dtype, quant, group_size, no_fast, threads, max_steps, temperature, top_k,
+                 top_p, seed, as_chat, no_think, stop):
     """Continue PROMPT with the model, streaming tokens as they come; tokens/s at the end."""
-    lm = _load_model(model, device, dtype, quant, no_fast, threads)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
     if as_chat:
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                   add_generation_prompt=True, enable_thinking=not no_think)
@@ -179,10 +167,10 @@ def generate_cmd(prompt, model, device, dtype, quant, no_fast, threads, max_step
 @click.option("--system", default=None, help="system prompt")
 @click.option("--no-think", is_flag=True, help="enable_thinking=False (Qwen3's /no_think mode)")
 @friendly_errors
-def chat_cmd(model, device, dtype, quant, no_fast, threads, max_steps, temperature, top_k, top_p, seed, system,
-             no_think):
+def chat_cmd(model, device, dtype, quant, group_size, no_fast, threads, max_steps, temperature, top_k, top_p, seed,
+             system, no_think):
     """Interactive chat with the chat template; replies stream. /exit quits, /reset clears the history."""
-    lm = _load_model(model, device, dtype, quant, no_fast, threads)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     click.echo("chat: /exit to quit, /reset to clear the history, /think or /no_think to switch thinking", err=True)
     think = not no_think
@@ -242,7 +230,7 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
 @click.option("--candidate", default="torch", show_default=True, help="same choices as --reference")
 @click.option("--device", default="cpu", show_default=True, help="device of the torch/hf backend")
 @click.option("--dtype", type=click.Choice(RUN_DTYPES), default=None,
-              help="candidate dtype (default float32 for torch/torch-fast); int8: torch-fast only")
+              help="candidate dtype (default float32 for torch/torch-fast); int8, int4: torch-fast only")
 @click.option("--test-input", default=None, help='text to tokenize [default: "Hello, this is a test input"]')
 @click.option("--ids", default=None, help="comma-separated token ids instead of --test-input")
 @click.option("--layers", default=None, help="layers to compare, e.g. 0-4 or 0,2,5-7")
@@ -301,7 +289,7 @@ def verify_cmd(**opts):
 @click.option("--explain-channel", type=int, default=0, show_default=True)
 @click.option("--explain-head", type=int, default=0, show_default=True)
 @click.option("--compare", type=click.Choice(["torch"]), default=None, help="compare the torch model with the oracle")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(ACT_DTYPES), default="float32", show_default=True,
               help="torch dtype for --compare")
 @click.option("--device", default="cpu", show_default=True, help="torch device for --compare")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="write the JSON results here")

@@ -29,41 +29,23 @@ from .engine.generate import GenerateResult, generate
 from .engine.runner import batch_infer_one_round
 from .engine.sampler import SamplingParams
 from .engine.task import InferTask
-from .errors import InputError, Qwen3LabError
-from .models.torch_model import Qwen3CausalLM, dtype_and_quant
+from .errors import InputError
+from .models.torch_model import Qwen3CausalLM
+from .runspec import RunSpec
 
 
-class MultiDeviceError(Qwen3LabError, NotImplementedError):
-    """ndev > 1: tensor parallelism is not implemented."""
-
-
-def _check_device(device: str | torch.device, ndev: int) -> torch.device:
-    if isinstance(ndev, bool) or not isinstance(ndev, int) or ndev < 1:
-        raise InputError(f"ndev must be an integer >= 1, got {ndev!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"invalid device {device!r}: {e}") from None
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if dev.type == "cuda" and n_cuda == 0:
-        raise InputError(f"device {device!r} asked for, but no CUDA device is available (torch {torch.__version__})")
-    if ndev > 1:
-        if n_cuda < ndev:
-            raise MultiDeviceError(f"ndev={ndev} needs {ndev} CUDA devices; this machine has {n_cuda}. Use ndev=1.")
-        raise MultiDeviceError(f"ndev={ndev}: tensor parallelism across devices is not implemented yet; "
-                               f"use ndev=1 (one device)")
-    return dev
-
-
-def _speed_up(model: Qwen3CausalLM, fast: bool, quant: str | None) -> Qwen3CausalLM:
-    """qwen3lab.fast on CPU when asked; quantisation needs it (its kernels are CPU ones)."""
-    if quant is not None and (not fast or model.device.type != "cpu"):
-        raise InputError(f"quant={quant!r} needs fast=True on a CPU device (got fast={fast}, device {model.device})")
-    if fast and model.device.type == "cpu":
+def _speed_up(model: Qwen3CausalLM, spec: RunSpec) -> Qwen3CausalLM:
+    """qwen3lab.fast (fused projections, kernels, quantised weights) when the spec runs the fast path."""
+    if spec.fast:
         from .fast import optimize
 
-        optimize(model, quant=quant)
+        optimize(model, quant=spec.quant, group_size=spec.group_size)
     return model
+
+
+def _spec(device, dtype, quant, fast: bool, ndev: int = 1, group_size: int | None = None) -> RunSpec:
+    # fast=True means the fast path wherever it exists (the CPU); quantised weights need it (runspec.py)
+    return RunSpec.make(device, dtype, quant, fast=None if fast else False, ndev=ndev, group_size=group_size)
 
 
 class Qwen3ForCausalLM:
@@ -77,33 +59,34 @@ class Qwen3ForCausalLM:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = "bfloat16", ndev: int = 1, quant: str | None = None,
-                        fast: bool = True) -> Qwen3ForCausalLM:
+                        fast: bool = True, group_size: int | None = None,
+                        spec: RunSpec | None = None) -> Qwen3ForCausalLM:
         """Load a HF-layout checkpoint dir (config.json, *.safetensors, tokenizer files).
 
-        dtype "int8" means bfloat16 activations with quant="int8" weights. fast (CPU only): fused projections
-        and the streaming kernels of qwen3lab.fast; fast=False keeps the plain eager model."""
+        dtype "int8" / "int4" means bfloat16 activations with those weights (quant="int8" / "int4" with float32
+        or bfloat16 activations; int4's group_size 32 or 128, default 128). fast (CPU only): fused projections
+        and the kernels of qwen3lab.fast; fast=False keeps the plain eager model. spec: a RunSpec made by the
+        caller (runspec.py) instead of device / dtype / ndev / quant / fast / group_size."""
         from .api import resolve_model_path
         from .tokenizer import Tokenizer
         from .weights import load_weights
 
-        dev = _check_device(device, ndev)
-        dt, quant = dtype_and_quant(dtype, quant)
+        spec = spec or _spec(device, dtype, quant, fast, ndev, group_size)
         path = resolve_model_path(path)
         cfg = Qwen3Config.from_file(path)
-        weights = load_weights(path, cfg, dtype=dt, device=dev, release_pages=fast and dev.type == "cpu")
-        model = Qwen3CausalLM.from_weights(cfg, weights, device=dev, dtype=dt)
+        weights = load_weights(path, cfg, dtype=spec.torch_dtype, device=spec.device, release_pages=spec.fast)
+        model = Qwen3CausalLM.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
         del weights
-        return cls(_speed_up(model, fast, quant), Tokenizer.from_dir(path))
+        return cls(_speed_up(model, spec), Tokenizer.from_dir(path))
 
     @classmethod
     def from_weights(cls, cfg: Qwen3Config, weights, tokenizer=None, device: str | torch.device = "cpu",
                      dtype: str | torch.dtype = "float32", quant: str | None = None,
-                     fast: bool = True) -> Qwen3ForCausalLM:
+                     fast: bool = True, group_size: int | None = None) -> Qwen3ForCausalLM:
         """From a {hf_name: tensor} dict (e.g. random_init.random_weights) instead of a directory."""
-        dev = _check_device(device, 1)
-        dt, quant = dtype_and_quant(dtype, quant)
-        model = Qwen3CausalLM.from_weights(cfg, weights, device=dev, dtype=dt)
-        return cls(_speed_up(model, fast, quant), tokenizer)
+        spec = _spec(device, dtype, quant, fast, group_size=group_size)
+        model = Qwen3CausalLM.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
+        return cls(_speed_up(model, spec), tokenizer)
 
     @property
     def config(self) -> Qwen3Config:
@@ -115,7 +98,7 @@ class Qwen3ForCausalLM:
 
     @property
     def dtype(self) -> str:
-        """The activation dtype, or "int8" for int8 weights (bfloat16 activations)."""
+        """The activation dtype, or the weight format ("int8", "int4") for quantised weights."""
         return getattr(self.model, "quant", None) or str(self.model.dtype).removeprefix("torch.")
 
     @property

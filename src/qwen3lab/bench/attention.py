@@ -94,8 +94,8 @@ class OursAttention:
             self.path = f"fast ({use_kernels(self.mod)})"
 
     def _batch(self, xs: list[torch.Tensor], kvs, past: list[int]):
+        from ..models.batch import Span, attention_plans
         from ..models.kv_cache import KVCache
-        from ..models.torch_model import Span, attention_plans
 
         Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.head_dim
         spans, caches = [], []

@@ -31,7 +31,7 @@ import torch
 
 from .. import pages
 from ..errors import InputError
-from ..fast.build import cpu_flags
+from ..runspec import cpu_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

@@ -107,10 +107,11 @@ def parse_dtypes(text, kind: str) -> list[str]:
 
 
 def _check_generate(dtypes: list[str], device, no_fast: bool) -> None:
-    if "int8" in dtypes and device.type != "cpu":
-        raise InputError(f"--dtype int8: int8 weights run on the CPU fast path only, got --device {device}")
-    if "int8" in dtypes and no_fast:
-        raise InputError("--dtype int8: int8 weights need the fast path; drop --no-fast (or int8 from --dtype)")
+    """Each dtype of the list as one run of ours, checked where every run is (runspec.RunSpec)."""
+    from ..runspec import RunSpec
+
+    for d in dtypes:
+        RunSpec.make(device, d, fast=False if no_fast else None, cli=True)
 
 
 def ours_path(device, fast: bool) -> str:

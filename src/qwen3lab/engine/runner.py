@@ -10,10 +10,9 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-import torch
-
 from ..errors import InputError
-from ..models.torch_model import Qwen3CausalLM, Span
+from ..models.batch import ForwardBatch
+from ..models.torch_model import Qwen3CausalLM
 from .sampler import sample_rows
 from .task import InferTask
 
@@ -48,10 +47,7 @@ def batch_infer_one_round(model: Qwen3CausalLM, tasks: Sequence[InferTask]) -> l
     if not tasks:
         return []
     cfg = model.cfg
-    ids: list[int] = []
-    positions: list[int] = []
-    spans: list[Span] = []
-    rows: list[int] = []
+    seqs = []  # (cache, start, new ids) of each task
     for n, task in enumerate(tasks):
         what = f"task {n}"
         if task.finished:
@@ -65,14 +61,9 @@ def batch_infer_one_round(model: Qwen3CausalLM, tasks: Sequence[InferTask]) -> l
             raise InputError(f"{what}: nothing to feed, its cache already holds all {len(task.tokens)} tokens")
         if task.cache.length:  # tokens appended since the last round (usually the one sampled then)
             check_ids(new, cfg, f"{what} (tokens after position {task.cache.length})")
-        start = task.cache.reserve(len(new))
-        ids += [int(t) for t in new]
-        positions += range(start, start + len(new))
-        spans.append(Span(task.cache, start, len(new)))
-        rows.append(len(ids) - 1)  # only the last position of each task needs logits
+        seqs.append((task.cache, task.cache.reserve(len(new)), [int(t) for t in new]))
     dev = model.device
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
-    logits = model(as_t(ids), as_t(positions), spans, as_t(rows))  # [B, V]
+    logits = model(ForwardBatch.pack(seqs, last_only=True, device=dev))  # [B, V]: each task's last position
     out = sample_rows(logits, [t.sampling for t in tasks], [t.rng(dev) for t in tasks])
     ctx = cfg.max_position_embeddings
     for task, tok in zip(tasks, out, strict=True):

@@ -110,7 +110,7 @@ def align_weights(model, file_ranges=None, align: int = 64) -> int:
     return moved
 
 
-def optimize(model, quant: str | None = None, fuse: bool = True):
+def optimize(model, quant: str | None = None, fuse: bool = True, group_size: int | None = None):
     """Make `model` (a Qwen3CausalLM on CPU) fast in place and return it. quant: None or "int8"."""
     if quant is not None and quant not in QUANT_MODES:
         from ..errors import InputError

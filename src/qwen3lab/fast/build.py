@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import threading
 import warnings
 from pathlib import Path
 
-from ..errors import InputError
+from ..runspec import KERNEL_ENV, KERNEL_PATHS, KERNEL_SETS, available_paths, cpu_flags, kernel_choice
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 HEADER = Path(__file__).with_name("simd.h")
-ENV = "QWEN3LAB_KERNELS"
-PATHS = ("avx512", "avx2", "portable")  # best first
-CHOICES = ("torch",) + PATHS
-_OFF = ("0", "false", "no", "off")  # older spellings of "torch", still accepted
+ENV, PATHS, CHOICES = KERNEL_ENV, KERNEL_PATHS, KERNEL_SETS  # the names QWEN3LAB_KERNELS takes (runspec.py)
 
 # -fopenmp: at::parallel_for is a header template that only runs in parallel when compiled with OpenMP; the
 # libgomp it links is the one torch already loaded (same soname), so there is one thread pool, torch's.
@@ -47,56 +43,10 @@ PATH_CFLAGS = {
     # no -m flags: the target's baseline (SSE2 on x86-64, NEON on arm64)
     "portable": [],
 }
-NEEDS = {  # /proc/cpuinfo flags each path needs
-    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
-    "avx2": {"avx2", "fma", "f16c"},
-    "portable": set(),
-}
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": None}
 _built: dict[str, object] = {}  # path -> loaded module (a module is loaded once per process)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def missing(path: str) -> set[str]:
-    """What this CPU lacks for `path` (empty: it can run it)."""
-    if path != "portable" and not _x86():
-        return {f"x86-64 (this is {platform.machine()})"}
-    return NEEDS[path] - cpu_flags()
-
-
-def available_paths() -> list[str]:
-    """The compiled paths this CPU can run, best first (portable always)."""
-    return [p for p in PATHS if not missing(p)]
-
-
-def requested() -> str | None:
-    """The path QWEN3LAB_KERNELS asks for ("torch" for none), None when unset. Bad values: InputError."""
-    v = os.environ.get(ENV, "").strip().lower()
-    if not v:
-        return None
-    if v in _OFF:
-        return "torch"
-    if v not in CHOICES:
-        raise InputError(f"{ENV} must be one of {', '.join(CHOICES)}, got {v!r}")
-    if v != "torch" and missing(v):
-        raise InputError(f"{ENV}={v}: this CPU lacks {', '.join(sorted(missing(v)))}; "
-                         f"it can run {', '.join(available_paths() + ['torch'])}")
-    return v
 
 
 def _cflags(path: str) -> list[str]:
@@ -140,7 +90,7 @@ def kernels():
         return _state["module"]
     with _lock:
         if not _state["tried"]:
-            want = requested()  # InputError for a bad QWEN3LAB_KERNELS: raised, not turned into a fallback
+            want = kernel_choice()  # InputError for a bad QWEN3LAB_KERNELS: raised, not turned into a fallback
             module, reason = None, None
             if want == "torch":
                 reason = f"turned off by {ENV}={os.environ.get(ENV, '').strip()}"

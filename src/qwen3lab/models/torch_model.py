@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +40,11 @@ from .. import taps as _taps
 from ..config import Qwen3Config
 from ..errors import InputError, WeightsError
 from ..rope import rope_parameters
+from ..runspec import QUANTS, RunSpec, act_dtype_name
 from ..shapes import expected_shapes
 from ..taps import tap, wants
 from .base import RunResult, check_input_ids
+from .batch import AttnPlan, ForwardBatch, Span
 from .kv_cache import KVCache
 
 # enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for the kernel.
@@ -51,88 +52,13 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ leaf kernels take
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise InputError(f"torch backend dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp64": "float64",
-           "double": "float64", "float": "float32"}.get(key, key)
-    if key not in DTYPES:
-        raise InputError(f"torch backend dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return DTYPES[key]
-
-
-def dtype_and_quant(dtype: str | torch.dtype, quant: str | None = None,
-                    int8_dtype: bool = True) -> tuple[torch.dtype, str | None]:
-    """The activation dtype and weight quantisation: dtype "int8" (when int8_dtype) means bfloat16 activations
-    with quant "int8" weights."""
-    if isinstance(dtype, str) and dtype.lower() == "int8":
-        if not int8_dtype:
-            raise InputError("torch backend dtype 'int8' is not an activation dtype: for int8 weights give "
-                             "quant='int8' (with dtype 'bfloat16' or 'float32')")
-        if quant not in (None, "int8"):
-            raise InputError(f"dtype 'int8' means quant='int8', but quant={quant!r} was given")
-        return torch.bfloat16, "int8"
-    if quant is not None and quant != "int8":
-        raise InputError(f"quant must be 'int8' or None, got {quant!r}")
-    dt = _torch_dtype(dtype)
-    if quant is not None and dt not in (torch.float32, torch.bfloat16):  # what the int8 kernels take
-        raise InputError(f"quant={quant!r} needs float32 or bfloat16 activations, got dtype {dtype!r}")
-    return dt, quant
+    return getattr(torch, act_dtype_name(dtype))  # names, aliases and refusals: runspec.py
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of norms, softmaxes and RoPE tables: float32, or float64 for a float64 model."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---- what one forward is asked to do ------------------------------------------------------------------
-@dataclass
-class Span:
-    """One sequence's slice of a packed batch: `length` new tokens at positions start..start+length-1.
-    cache None means no KV cache: attention over this span's own tokens only (start must be 0)."""
-
-    cache: KVCache | None
-    start: int
-    length: int
-
-
-@dataclass
-class AttnPlan:
-    """Per-forward attention facts for one span, shared by every layer (built by attention_plans)."""
-
-    cache: KVCache | None
-    start: int
-    T: int
-    offset: int  # first row of this span in the packed [1, N, ...] stream
-    is_causal: bool
-    mask: torch.Tensor | None  # [T, S] bool (True = may attend), only for a prefill after a cached past
-
-
-def attention_plans(spans: Sequence[Span], device: torch.device) -> list[AttnPlan]:
-    """One AttnPlan per span of a packed batch: where its rows start, and the causal rule (is_causal for a
-    fresh prefill; a bottom-right aligned [T, S] mask for a prefill after a cached past; none for one token).
-    Checks each span against its cache: a span must continue it (start == cache.length) and fit."""
-    plans, off = [], 0
-    for s in spans:
-        T = s.length
-        assert T > 0
-        if s.cache is None:
-            assert s.start == 0, "a span without a cache starts at position 0"
-        else:
-            assert s.start == s.cache.length and s.start + T <= s.cache.capacity, (s.start, s.cache)
-        past = s.start if s.cache is not None else 0
-        mask = None
-        if T > 1 and past > 0:  # bottom-right aligned causal mask: query i sees keys 0..past+i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-        plans.append(AttnPlan(s.cache, s.start, T, off, is_causal=T > 1 and past == 0, mask=mask))
-        off += T
-    return plans
 
 
 # ---- building blocks ------------------------------------------------------------------------------------
@@ -461,6 +387,10 @@ class Qwen3CausalLM(nn.Module):
         return model
 
     # ---- RoPE tables ---------------------------------------------------------------------------------
+    def reset_rope_tables(self) -> None:
+        """Forget the cached cos/sin tables: after a change of self.cfg's RoPE fields they are rebuilt."""
+        self._cos = self._sin = None
+
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [>= n, Dh] in the model dtype; recomputed (doubling) only when a longer one is needed."""
         if self._cos is None or self._cos.shape[0] < n:
@@ -476,25 +406,21 @@ class Qwen3CausalLM(nn.Module):
         return self._cos, self._sin
 
     # ---- forward -------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, spans: Sequence[Span],
-                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions [N] (long, every span's new tokens back to back). Returns logits
-        [len(logits_rows) or N, V] in the model dtype and advances each span's cache by its length."""
-        N = input_ids.shape[0]
-        assert sum(s.length for s in spans) == N, ([s.length for s in spans], N)
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """One forward over a packed batch (models/batch.py). Returns logits [len(logits_rows) or N, V] in the
+        model dtype and advances each span's cache by its length."""
+        N = batch.num_tokens
         with torch.inference_mode():
-            plans = attention_plans(spans, self.device)
-            end = max(s.start + s.length for s in spans)
+            plans = batch.plans(self.device)
+            end = max(s.start + s.length for s in batch.spans)
             cos_t, sin_t = self.rope_tables(end)
-            cos = cos_t[positions].view(1, N, 1, -1)  # [1, N, 1, Dh]
-            sin = sin_t[positions].view(1, N, 1, -1)
-            h = self.model(input_ids, cos, sin, plans)  # [1, N, D]
-            if logits_rows is not None:
-                h = h[:, logits_rows]
+            cos = cos_t[batch.positions].view(1, N, 1, -1)  # [1, N, 1, Dh]
+            sin = sin_t[batch.positions].view(1, N, 1, -1)
+            h = self.model(batch.input_ids, cos, sin, plans)  # [1, N, D]
+            if batch.logits_rows is not None:
+                h = h[:, batch.logits_rows]
             logits = tap("logits", self.lm_head(h))  # [1, R, V]
-        for s in spans:
-            if s.cache is not None:
-                s.cache.advance(s.length)
+        batch.advance_caches()
         return logits[0]
 
     def new_cache(self, capacity: int) -> KVCache:
@@ -512,32 +438,39 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, cfg: Qwen3Config, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float32", fast: bool = False, quant: str | None = None):
+                 dtype: str | torch.dtype = "float32", fast: bool = False, quant: str | None = None,
+                 group_size: int | None = None, spec: RunSpec | None = None):
         self.cfg = cfg
-        dtype, quant = dtype_and_quant(dtype, quant, int8_dtype=False)
-        fast = fast or quant is not None
-        self.model = Qwen3CausalLM.from_weights(cfg, weights, device=device, dtype=dtype)
-        if fast:
-            if self.model.device.type != "cpu":
-                raise InputError(f"fast={fast}, quant={quant!r}: the fast path is CPU only (device {device})")
+        spec = spec or self.spec_for(device, dtype, fast, quant, group_size)
+        self.model = Qwen3CausalLM.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
+        if spec.fast:
             from ..fast import optimize
 
-            optimize(self.model, quant=quant)
-            self.name = "torch-fast" if quant is None else f"torch-{quant}"
-        self.dtype = quant or str(self.model.dtype).removeprefix("torch.")
+            optimize(self.model, quant=spec.quant, group_size=spec.group_size)
+            self.name = "torch-fast" if spec.quant is None else f"torch-{spec.quant}"
+        self.spec = spec
+        self.dtype = spec.label
         self.device = self.model.device
+
+    @staticmethod
+    def spec_for(device="cpu", dtype="float32", fast: bool = False, quant: str | None = None,
+                 group_size: int | None = None) -> RunSpec:
+        """fast=True (or quantised weights) is required, not best-effort: the fast path as a verify candidate."""
+        quantised = quant is not None or str(dtype).lower() in QUANTS
+        return RunSpec.make(device, dtype, quant, fast=bool(fast or quantised), group_size=group_size,
+                            fast_name="backend 'torch-fast'")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = "float32", fast: bool = False,
-                        quant: str | None = None) -> TorchBackend:
+                        quant: str | None = None, group_size: int | None = None,
+                        spec: RunSpec | None = None) -> TorchBackend:
         from ..weights import load_weights
 
-        dt, quant = dtype_and_quant(dtype, quant, int8_dtype=False)
+        spec = spec or cls.spec_for(device, dtype, fast, quant, group_size)
         cfg = Qwen3Config.from_file(path)
-        weights = load_weights(path, cfg, dtype=dt, device=device, release_pages=fast or quant is not None)
-        return cls(cfg, weights, device=device, dtype=dt, fast=fast,
-                   quant=quant)
+        weights = load_weights(path, cfg, dtype=spec.torch_dtype, device=spec.device, release_pages=spec.fast)
+        return cls(cfg, weights, spec=spec)
 
     def _ids(self, ids: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(ids, dtype=torch.long, device=self.device)
@@ -548,7 +481,7 @@ class TorchBackend:
         T = ids.shape[0]
         pos = torch.arange(T, device=self.device)
         with _session(taps, graft) as rec:
-            logits = self.model(self._ids(ids), pos, [Span(None, 0, T)])
+            logits = self.model(ForwardBatch(self._ids(ids), pos, [Span(None, 0, T)]))
         return RunResult(_taps.to_numpy(logits), _unbatch(rec))
 
     def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
@@ -567,12 +500,12 @@ class TorchBackend:
         if taps is None and graft is not None:
             taps = "all"
         with _session(taps, graft) as rec:
-            out = [self.model(tids[:P], pos[:P], [Span(cache, 0, P)])]  # [P, V]
+            out = [self.model(ForwardBatch(tids[:P], pos[:P], [Span(cache, 0, P)]))]  # [P, V]
             for j in range(int(decode_steps)):
                 if rec is not None:
                     rec.prefix = f"step{j}."
                 t = P + j
-                out.append(self.model(tids[t:t + 1], pos[t:t + 1], [Span(cache, t, 1)]))  # [1, V]
+                out.append(self.model(ForwardBatch(tids[t:t + 1], pos[t:t + 1], [Span(cache, t, 1)])))  # [1, V]
         return RunResult(_taps.to_numpy(torch.cat(out, dim=0)), _unbatch(rec))
 
 

@@ -99,7 +99,7 @@ def plant_rope_interleaved(b):
 def plant_rope_theta(b):
     m = b.model
     m.cfg = dataclasses.replace(m.cfg, rope_theta=10000.0 if m.cfg.rope_theta != 10000.0 else 1e6)
-    m._cos = m._sin = None  # rebuilt from the changed config on the next forward
+    m.reset_rope_tables()  # rebuilt from the changed config on the next forward
     return None
 
 

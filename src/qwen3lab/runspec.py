@@ -1,0 +1,209 @@
+"""RunSpec: how a model runs -- device, activation dtype, weight quantisation, fast path, kernel set, threads,
+ndev -- validated once, here only.
+
+    spec = RunSpec.make(device="cpu", dtype="int8")   # bfloat16 activations + int8 weights, fast path
+    spec.torch_dtype, spec.quant, spec.fast           # torch.bfloat16, "int8", True
+
+Every entry point that loads a model to run (the `generate` / `chat` / `bench` commands, Qwen3ForCausalLM,
+qwen3lab.load's torch backends) builds its RunSpec first, so an impossible combination is refused before any
+file is read, with one message naming the options as the caller spells them (`--quant int8` on the command
+line, `quant='int8'` from Python: `cli=True`).
+
+Notable:
+- dtype is the activation dtype; "int8" / "int4" as a dtype is the shorthand for bfloat16 activations with
+  those weights (weight-only quantisation). Quantised weights run on the fast CPU path only, with float32 or
+  bfloat16 activations (what the kernels take).
+- fast: None = wherever it exists (the CPU; elsewhere the plain eager model), True = required (refused off the
+  CPU), False = the plain eager model.
+- the kernel set (QWEN3LAB_KERNELS: torch | portable | avx2 | avx512) is read and checked against this CPU's
+  features here too (`kernel_choice`); qwen3lab.fast.build compiles what it names.
+- light: nothing here imports torch at module level, so `qwen3lab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError, Qwen3LabError
+
+ACT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+QUANTS = ("int8",)  # weight-only formats of the fast CPU path (int4: with its kernels)
+QUANT_ACT_DTYPES = ("float32", "bfloat16")  # activations the quantised kernels take
+RUN_DTYPES = ACT_DTYPES + QUANTS  # a quant name as dtype: bfloat16 activations + those weights
+GROUP_SIZES = (32, 128)  # int4: weights per scale along the input dim
+DEFAULT_GROUP = 128
+_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+            "fp64": "float64", "double": "float64"}
+
+# ---- kernel sets and this CPU's features ------------------------------------------------------------------
+KERNEL_ENV = "QWEN3LAB_KERNELS"
+KERNEL_PATHS = ("avx512", "avx2", "portable")  # compiled paths, best first
+KERNEL_SETS = ("torch",) + KERNEL_PATHS
+_OFF = ("0", "false", "no", "off")  # older spellings of "torch", still accepted
+NEEDS = {  # /proc/cpuinfo flags each compiled path needs
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "portable": set(),
+}
+
+
+class MultiDeviceError(Qwen3LabError, NotImplementedError):
+    """ndev > 1: tensor parallelism is not implemented."""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def missing(path: str) -> set[str]:
+    """What this CPU lacks for kernel path `path` (empty: it can run it)."""
+    if path != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
+        return {f"x86-64 (this is {platform.machine()})"}
+    return NEEDS[path] - cpu_flags()
+
+
+def available_paths() -> list[str]:
+    """The compiled kernel paths this CPU can run, best first (portable always)."""
+    return [p for p in KERNEL_PATHS if not missing(p)]
+
+
+def kernel_choice() -> str | None:
+    """The kernel set QWEN3LAB_KERNELS asks for ("torch" for none), None when unset (the best this CPU has).
+    An unknown name or a path this CPU lacks: InputError, one line."""
+    v = os.environ.get(KERNEL_ENV, "").strip().lower()
+    if not v:
+        return None
+    if v in _OFF:
+        return "torch"
+    if v not in KERNEL_SETS:
+        raise InputError(f"{KERNEL_ENV} must be one of {', '.join(KERNEL_SETS)}, got {v!r}")
+    if v != "torch" and missing(v):
+        raise InputError(f"{KERNEL_ENV}={v}: this CPU lacks {', '.join(sorted(missing(v)))}; "
+                         f"it can run {', '.join(available_paths() + ['torch'])}")
+    return v
+
+
+# ---- the spec ---------------------------------------------------------------------------------------------
+def act_dtype_name(dtype) -> str:
+    """A float dtype (name, alias or torch.dtype) -> its canonical name in ACT_DTYPES; InputError otherwise."""
+    key = str(dtype).lower().removeprefix("torch.")
+    key = _ALIASES.get(key, key)
+    if key not in ACT_DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(RUN_DTYPES)}")
+    return key
+
+
+def _opt(cli: bool, name: str, value) -> str:
+    """An option as the caller spells it: `--quant int8` (command line) or `quant='int8'` (Python)."""
+    return f"--{name.replace('_', '-')} {value}" if cli else f"{name}={value!r}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    device: str = "cpu"  # torch device string, checked to exist
+    dtype: str = "bfloat16"  # activations (ACT_DTYPES)
+    quant: str | None = None  # weight-only format (QUANTS) or None: weights in `dtype`
+    group_size: int | None = None  # int4: weights per scale (GROUP_SIZES); None otherwise
+    fast: bool = True  # the fast CPU path (fused projections + kernels) is used
+    kernels: str | None = None  # QWEN3LAB_KERNELS's set, None: the best this CPU has
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    ndev: int = 1
+
+    @classmethod
+    def make(cls, device="cpu", dtype="bfloat16", quant: str | None = None, *, fast: bool | None = None,
+             threads: int | None = None, ndev: int = 1, group_size: int | None = None, cli: bool = False,
+             fast_name: str = "the fast path") -> RunSpec:
+        """Validate one combination and return it, or raise InputError naming the options (see the module
+        docstring). fast_name: how a refusal names the fast path (e.g. "backend 'torch-fast'")."""
+        o = lambda name, value: _opt(cli, name, value)  # noqa: E731
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"{'--threads' if cli else 'threads'} must be >= 1, got {threads}")
+        if isinstance(ndev, bool) or not isinstance(ndev, int) or ndev < 1:
+            raise InputError(f"ndev must be an integer >= 1, got {ndev!r}")
+        dtype_s = str(dtype).lower().removeprefix("torch.")
+        if dtype_s in QUANTS:  # the shorthand: bfloat16 activations + dtype_s weights
+            if quant not in (None, dtype_s):
+                raise InputError(f"{o('dtype', dtype_s)} means {o('quant', dtype_s)}, but {o('quant', quant)} "
+                                 f"was given")
+            what = o("dtype", dtype_s)
+            act, quant = "bfloat16", dtype_s
+        else:
+            act = act_dtype_name(dtype)
+            if quant is not None and quant not in QUANTS:
+                raise InputError(f"{'--quant' if cli else 'quant'} must be one of {', '.join(QUANTS)} or none, "
+                                 f"got {quant!r}")
+            if quant is not None and act not in QUANT_ACT_DTYPES:
+                need = "--dtype float32 or bfloat16" if cli else "dtype 'float32' or 'bfloat16'"
+                raise InputError(f"{o('quant', quant)} needs {need} activations, got {o('dtype', dtype_s)}")
+            what = o("quant", quant) if quant else ""
+        if group_size is not None and quant != "int4":
+            raise InputError(f"{o('group_size', group_size)} is for int4 weights only")
+        if quant == "int4":
+            group_size = DEFAULT_GROUP if group_size is None else group_size
+            if group_size not in GROUP_SIZES:
+                raise InputError(f"{'--group-size' if cli else 'group_size'} must be one of "
+                                 f"{', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+        dev = _parse_device(device)
+        if quant is not None and dev.type != "cpu":
+            raise InputError(f"{what}: {quant} weights run on the CPU fast path only, got {o('device', device)}")
+        if quant is not None and fast is False:
+            raise InputError(f"{what}: {quant} weights need the fast path; drop --no-fast" if cli else
+                             f"{what}: {quant} weights need the fast path (fast=True)")
+        if fast is True and dev.type != "cpu":
+            raise InputError(f"{fast_name} runs on the CPU only (its kernels are CPU ones), got "
+                             f"{o('device', device)}")
+        _check_present(dev, device, ndev)
+        use_fast = fast is not False and dev.type == "cpu"
+        return cls(device=str(dev), dtype=act, quant=quant, group_size=group_size, fast=use_fast,
+                   kernels=kernel_choice() if use_fast else None, threads=threads, ndev=ndev)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def label(self) -> str:
+        """What the model's `.dtype` reads: the weight format when quantised, else the activation dtype."""
+        return self.quant or self.dtype
+
+    def describe(self) -> str:
+        """e.g. "int4 weights (groups of 128), bfloat16 activations" or "float32"."""
+        if self.quant is None:
+            return self.dtype
+        groups = f" (groups of {self.group_size})" if self.group_size else ""
+        return f"{self.quant} weights{groups}, {self.dtype} activations"
+
+
+def _parse_device(device):
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"invalid device {device!r}: {e}") from None
+
+
+def _check_present(dev, device, ndev: int) -> None:
+    """The device (and ndev of them) exist on this machine, or InputError / MultiDeviceError naming it."""
+    import torch
+
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and n_cuda == 0:
+        raise InputError(f"device {device!r} asked for, but no CUDA device is available (torch {torch.__version__})")
+    if ndev > 1:
+        if n_cuda < ndev:
+            raise MultiDeviceError(f"ndev={ndev} needs {ndev} CUDA devices; this machine has {n_cuda}. Use ndev=1.")
+        raise MultiDeviceError(f"ndev={ndev}: tensor parallelism across devices is not implemented yet; "
+                               f"use ndev=1 (one device)")
