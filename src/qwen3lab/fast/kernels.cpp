@@ -361,27 +361,27 @@ void check_2d(const at::Tensor& t, const char* what) {
 // ---- int4 weights with group-wise scales x int16-quantised inputs --------------------------------------------
 // qweight [N, K/2] uint8 in llama.cpp Q4_0's nibble order: each block of 32 weights of a row is 16 bytes, byte j
 // holding q_j + 8 in its low nibble and q_{j+16} + 8 in its high one (q in -8..7); scales [N, K/G] float32, one
-// per group of G = 32 or 128 columns (whole blocks). The nibbles are unpacked in registers to int16 and
-// multiplied in pairs with the int16-quantised input (madd, as for int8) into int32 sums that are exact within
-// a group (|sum| <= 128 * 8 * 32767 < 2^25); each group's sum is converted to float32 and multiplied by its
-// scale into float32 accumulators (one convert and one FMA a vector per group), times the row's x scale at the end.
-typedef int8_t vc16 __attribute__((vector_size(16)));  // 16 packed bytes: one block of 32 int4 weights
-typedef int16_t vs16 __attribute__((vector_size(32)));  // 16 int16
+// per group of G = 32 or 128 columns (whole blocks). The bytes are widened to uint16 and split into nibbles
+// n = q + 8 (an AND and a shift), which are multiplied in pairs with the int16-quantised input (madd, as for
+// int8) into int32 sums; each group's sum starts from -8 * (the group's sum of x) (the `bias` vectors, lane 0)
+// so it ends exactly sum q * x (|.| <= 128 * 15 * 32767 < 2^31). It is converted to float32 and multiplied by
+// the group's scale into float32 accumulators (one convert and one FMA a vector per group), times the row's x
+// scale at the end. Measured against unpacking to signed int8 first (two more ops a block): ~X% faster.
 constexpr int BV = 32 / (2 * W);  // int16 vectors (2W lanes) a block fills: 2 on the 8-float paths, 1 on AVX-512
-static_assert(BV * sizeof(vs2) == 2 * sizeof(vs16), "a block is 32 int16");
+static_assert(BV * sizeof(vs2) == 2 * sizeof(vw16), "a block is 32 int16");
 
-// One block of 32 packed weights -> q in column order as BV vectors of 2W int16.
+// One block of 32 packed weights -> their nibbles n = q + 8 in column order, as BV vectors of 2W int16.
 inline void unpack_q4(const uint8_t* p, vs2 (&w)[BV]) {
-  const vc16 b = load<vc16>(p);
-  const vs16 lo = __builtin_convertvector((b & 15) - 8, vs16), hi = __builtin_convertvector(((b >> 4) & 15) - 8, vs16);
+  const vw16 b = widen_u8(load<vq16>(p));
+  const vw16 lo = b & 15, hi = b >> 4;
   std::memcpy((char*)w, &lo, sizeof lo);  // the bytes of [lo | hi]: one vector on AVX-512, two on the others
   std::memcpy((char*)w + sizeof lo, &hi, sizeof hi);
 }
 
 // NR weight rows x NM input rows over all K columns; BPG blocks of 32 a group (G = 32 * BPG).
 template <int NR, int NM, int BPG, class OT>
-inline void q4_block(const uint8_t* Wp, int64_t K, const float* sc, const int16_t* x, int64_t ldx, const float* xs,
-                     OT* y, int64_t N) {
+inline void q4_block(const uint8_t* Wp, int64_t K, const float* sc, const int16_t* x, int64_t ldx, const vi* bias,
+                     const float* xs, OT* y, int64_t N) {
   constexpr int64_t G = 32 * BPG;
   const int64_t rb = K / 2, ng = K / G;
   vf acc[NR][NM];
@@ -392,7 +392,7 @@ inline void q4_block(const uint8_t* Wp, int64_t K, const float* sc, const int16_
     if ((k0 & 127) == 0) prefetch_rows<NR>(Wp + k0 / 2, rb);  // each new 64-byte line of the rows
     for (int r = 0; r < NR; ++r) {
       vi t[NM];
-      for (int m = 0; m < NM; ++m) t[m] = vi{};
+      for (int m = 0; m < NM; ++m) t[m] = bias[m * ng + g];
       for (int b = 0; b < BPG; ++b) {
         vs2 w[BV];
         unpack_q4(Wp + r * rb + (k0 + 32 * b) / 2, w);
@@ -416,32 +416,35 @@ inline void q4_block(const uint8_t* Wp, int64_t K, const float* sc, const int16_
 
 // All M input rows against NR weight rows, NM at a time (then the 1..NM-1 left).
 template <int NR, int NM, int BPG, class OT>
-inline void q4_rows(const uint8_t* Wp, int64_t K, const float* sc, const int16_t* x, int64_t ldx, const float* xs,
-                    int64_t M, OT* y, int64_t N) {
+inline void q4_rows(const uint8_t* Wp, int64_t K, const float* sc, const int16_t* x, int64_t ldx, const vi* bias,
+                    const float* xs, int64_t M, OT* y, int64_t N) {
+  const int64_t ng = K / (32 * BPG);
   int64_t m = 0;
-  for (; m + NM <= M; m += NM) q4_block<NR, NM, BPG>(Wp, K, sc, x + m * ldx, ldx, xs + m, y + m * N, N);
+  for (; m + NM <= M; m += NM)
+    q4_block<NR, NM, BPG>(Wp, K, sc, x + m * ldx, ldx, bias + m * ng, xs + m, y + m * N, N);
   const int64_t rest = M - m;
   if constexpr (NM > 1) {
-    if (rest == 1) q4_block<NR, 1, BPG>(Wp, K, sc, x + m * ldx, ldx, xs + m, y + m * N, N);
+    if (rest == 1) q4_block<NR, 1, BPG>(Wp, K, sc, x + m * ldx, ldx, bias + m * ng, xs + m, y + m * N, N);
   }
   if constexpr (NM > 2) {
-    if (rest == 2) q4_block<NR, 2, BPG>(Wp, K, sc, x + m * ldx, ldx, xs + m, y + m * N, N);
+    if (rest == 2) q4_block<NR, 2, BPG>(Wp, K, sc, x + m * ldx, ldx, bias + m * ng, xs + m, y + m * N, N);
   }
   if constexpr (NM > 3) {
-    if (rest == 3) q4_block<NR, 3, BPG>(Wp, K, sc, x + m * ldx, ldx, xs + m, y + m * N, N);
+    if (rest == 3) q4_block<NR, 3, BPG>(Wp, K, sc, x + m * ldx, ldx, bias + m * ng, xs + m, y + m * N, N);
   }
 }
 
 // Each thread a contiguous band of RR-row blocks (one forward stream of weights), the last N % RR rows alone.
 template <int RR, int NM, int BPG, class OT>
-void q4_all(const uint8_t* Wp, int64_t N, int64_t K, const float* sc, const int16_t* x, int64_t ldx, const float* xs,
-            int64_t M, OT* y) {
+void q4_all(const uint8_t* Wp, int64_t N, int64_t K, const float* sc, const int16_t* x, int64_t ldx, const vi* bias,
+            const float* xs, int64_t M, OT* y) {
   const int64_t nblk = N / RR, rb = K / 2, ng = K / (32 * BPG);
   at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
-      q4_rows<RR, NM, BPG>(Wp + i * RR * rb, K, sc + i * RR * ng, x, ldx, xs, M, y + i * RR, N);
+      q4_rows<RR, NM, BPG>(Wp + i * RR * rb, K, sc + i * RR * ng, x, ldx, bias, xs, M, y + i * RR, N);
   });
-  for (int64_t n = nblk * RR; n < N; ++n) q4_rows<1, NM, BPG>(Wp + n * rb, K, sc + n * ng, x, ldx, xs, M, y + n, N);
+  for (int64_t n = nblk * RR; n < N; ++n)
+    q4_rows<1, NM, BPG>(Wp + n * rb, K, sc + n * ng, x, ldx, bias, xs, M, y + n, N);
 }
 
 // false: x holds inf/NaN (nothing written); the caller then runs the float32 band GEMM, which propagates them.
@@ -451,15 +454,26 @@ bool q4_linear(const at::Tensor& x, const uint8_t* Wp, int64_t N, int64_t K, con
   const int16_t* xp;
   const float* xs;
   if (!prep_x16(x, ldx, xp, xs)) return false;
+  // bias[m * ng + g]: -8 * (the sum of row m's int16 x over group g) in lane 0, zeros elsewhere
+  static thread_local std::vector<vi> bias;
+  const int64_t ng = K / G;
+  bias.assign(M * ng, vi{});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      int32_t s = 0;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xp[m * ldx + k];
+      bias[m * ng + g][0] = -8 * s;
+    }
+  const vi* bp = bias.data();
   auto run = [&](auto BPGc) {
     constexpr int BPG = decltype(BPGc)::value;
     // accumulators: NR * NM float32 vectors + NM int32 group sums + BV unpacked weights (16 ymm / 32 zmm)
     if constexpr (W >= 16) {
-      if (M <= 2) q4_all<8, 2, BPG>(Wp, N, K, sc, xp, ldx, xs, M, y);
-      else q4_all<4, 4, BPG>(Wp, N, K, sc, xp, ldx, xs, M, y);
+      if (M <= 2) q4_all<8, 2, BPG>(Wp, N, K, sc, xp, ldx, bp, xs, M, y);
+      else q4_all<4, 4, BPG>(Wp, N, K, sc, xp, ldx, bp, xs, M, y);
     } else {
-      if (M == 1) q4_all<8, 1, BPG>(Wp, N, K, sc, xp, ldx, xs, M, y);
-      else q4_all<4, 2, BPG>(Wp, N, K, sc, xp, ldx, xs, M, y);
+      if (M == 1) q4_all<8, 1, BPG>(Wp, N, K, sc, xp, ldx, bp, xs, M, y);
+      else q4_all<4, 2, BPG>(Wp, N, K, sc, xp, ldx, bp, xs, M, y);
     }
   };
   if (G == 32) run(std::integral_constant<int, 1>{});
@@ -470,15 +484,16 @@ bool q4_linear(const at::Tensor& x, const uint8_t* Wp, int64_t N, int64_t K, con
 // Weight rows [n0, n0 + nc) of packed int4 dequantised to float32 (q * scale, one rounding) into out [nc, K].
 void widen_q4_rows(const uint8_t* qw, const float* sc, int64_t K, int64_t G, int64_t n0, int64_t nc, float* out) {
   typedef int8_t vbw __attribute__((vector_size(W)));
+  typedef int8_t vc16 __attribute__((vector_size(16)));
   const int64_t rb = K / 2, ng = K / G;
   at::parallel_for(n0, n0 + nc, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       float* o = out + (n - n0) * K;
       for (int64_t k = 0; k < K; k += 32) {
-        const vc16 v = load<vc16>(qw + n * rb + k / 2);
+        const vq16 v = load<vq16>(qw + n * rb + k / 2);
         int8_t q[32];
-        store(q, (v & 15) - 8);
-        store(q + 16, ((v >> 4) & 15) - 8);
+        store(q, (vc16)(v & 15) - 8);
+        store(q + 16, (vc16)(v >> 4) - 8);
         const vf s = splat(sc[n * ng + k / G]);
         for (int i = 0; i < 32; i += W) store(o + k + i, __builtin_convertvector(load<vbw>(q + i), vf) * s);
       }
