@@ -373,9 +373,7 @@ static_assert(BV * sizeof(vs2) == 2 * sizeof(vw16), "a block is 32 int16");
 // One block of 32 packed weights -> their nibbles n = q + 8 in column order, as BV vectors of 2W int16.
 inline void unpack_q4(const uint8_t* p, vs2 (&w)[BV]) {
   const vw16 b = widen_u8(load<vq16>(p));
-  const vw16 lo = b & 15, hi = b >> 4;
-  std::memcpy((char*)w, &lo, sizeof lo);  // the bytes of [lo | hi]: one vector on AVX-512, two on the others
-  std::memcpy((char*)w + sizeof lo, &hi, sizeof hi);
+  join16(b & 15, b >> 4, w);  // [lo | hi]: one vector on AVX-512, two on the others
 }
 
 // NR weight rows x NM input rows over all K columns; BPG blocks of 32 a group (G = 32 * BPG).

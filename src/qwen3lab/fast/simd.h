@@ -169,6 +169,18 @@ inline vw16 widen_u8(vq16 b) {
 #endif
 }
 
+// Two vectors of 16 int16 laid end to end as 32 int16 in `out`: one vector of 2W int16 on AVX-512 (an insert
+// rather than two stores and a wider reload, which stalls store forwarding), two on the 8-float paths.
+inline void join16(vw16 lo, vw16 hi, vs2* out) {
+  static_assert(sizeof(vs2) == 32 || sizeof(vs2) == 64, "2W int16 is 16 or 32 lanes");
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  out[0] = (vs2)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)lo), (__m256i)hi, 1);
+#else
+  std::memcpy((char*)out, &lo, sizeof lo);
+  std::memcpy((char*)out + sizeof lo, &hi, sizeof hi);
+#endif
+}
+
 // ---- bfloat16 <-> float32 -----------------------------------------------------------------------------------
 inline float bf(uint16_t h) {
   const uint32_t u = uint32_t(h) << 16;
