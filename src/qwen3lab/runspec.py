@@ -30,7 +30,7 @@ from pathlib import Path
 from .errors import InputError, Qwen3LabError
 
 ACT_DTYPES = ("float32", "bfloat16", "float16", "float64")
-QUANTS = ("int8",)  # weight-only formats of the fast CPU path (int4: with its kernels)
+QUANTS = ("int8", "int4")  # weight-only formats of the fast CPU path
 QUANT_ACT_DTYPES = ("float32", "bfloat16")  # activations the quantised kernels take
 RUN_DTYPES = ACT_DTYPES + QUANTS  # a quant name as dtype: bfloat16 activations + those weights
 GROUP_SIZES = (32, 128)  # int4: weights per scale along the input dim

@@ -3,6 +3,7 @@
     from qwen3lab.fast import optimize
     optimize(model)                  # fused QKV / gate-up weights + streaming kernels, weights unchanged
     optimize(model, quant="int8")    # the same with weight-only int8 (per-output-row scales)
+    optimize(model, quant="int4")    # weight-only int4, one scale per 128 weights along K (group_size=32 too)
 
 Notable:
 - fusion concatenates q/k/v (and gate/up) once at load into one weight [(Hq+2Hkv)Dh, D] ([2I, D]) and makes
@@ -12,7 +13,7 @@ Notable:
   (kernels.cpp, built at first use by build.py for the best path the CPU has; PyTorch ops when they cannot be
   built), and the model's other leaves (RMSNorm, RoPE, decode attention, SiLU * up) get the kernels too
   (`set_kernels`): the module tree stays the only forward, taps where they were, so verify runs these kernels.
-- the MoE router (`mlp.gate`) stays in the model dtype under int8: routing decides which experts run, and
+- the MoE router (`mlp.gate`) stays in the model dtype under int8 / int4: routing decides which experts run, and
   it is tiny.
 - memory: the file pages of copied (fused, quantised, aligned) checkpoint tensors are given back (qwen3lab/pages.py),
   so the process holds each weight once.
@@ -21,7 +22,8 @@ Notable:
   and grafting work as on the plain model (verification runs this path op by op).
 - threads: torch's intra-op pool (torch.set_num_threads); see set_threads().
 - prefill GEMM: many-row bf16 / int8 linears take whichever of two GEMMs measured faster on this CPU
-  (tune.py), decided at optimize() so the first timed forward does not pay for the measurement.
+  (tune.py), decided at optimize() so the first timed forward does not pay for the measurement; int4 always
+  takes its dequantised-band sgemm (linear_q4_large: there is no exact bf16 route to race it against).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ import torch
 from torch import nn
 
 from .. import pages
+from ..runspec import DEFAULT_GROUP
 from . import tune
 from .build import kernels, status
-from .linear import FastLinear, Int8Linear
+from .linear import FastLinear, Int4Linear, Int8Linear
 from .quant import QUANT_MODES, quantise
 
 __all__ = ["optimize", "fuse_projections", "align_weights", "quantise", "kernels", "status", "set_threads", "tune",
-           "set_kernels", "use_kernels", "describe", "FastLinear", "Int8Linear", "QUANT_MODES"]
+           "set_kernels", "use_kernels", "describe", "FastLinear", "Int8Linear", "Int4Linear", "QUANT_MODES"]
 
 
 def fuse_projections(model, file_ranges=None) -> None:
@@ -111,7 +114,8 @@ def align_weights(model, file_ranges=None, align: int = 64) -> int:
 
 
 def optimize(model, quant: str | None = None, fuse: bool = True, group_size: int | None = None):
-    """Make `model` (a Qwen3CausalLM on CPU) fast in place and return it. quant: None or "int8"."""
+    """Make `model` (a Qwen3CausalLM on CPU) fast in place and return it. quant: None, "int8" or "int4"
+    (group_size: int4's group along K, 32 or 128; None: 128)."""
     if quant is not None and quant not in QUANT_MODES:
         from ..errors import InputError
 
@@ -120,11 +124,11 @@ def optimize(model, quant: str | None = None, fuse: bool = True, group_size: int
     if fuse:
         fuse_projections(model, ranges)
     if quant is not None:
-        quantise(model, quant, ranges)
+        quantise(model, quant, ranges, group_size=DEFAULT_GROUP if group_size is None else group_size)
     _swap_linears(model)
     align_weights(model, ranges)
     set_kernels(model, kernels())  # built now (once), not inside the first timed forward
-    if model.dtype == torch.bfloat16:  # measure the prefill GEMM choice now too (tune.py)
+    if model.dtype == torch.bfloat16 and quant != "int4":  # measure the prefill GEMM choice now too (tune.py)
         tune.choose("int8" if quant is not None else "bfloat16")
     return model
 
@@ -156,10 +160,11 @@ def describe(model) -> dict[str, str]:
     path = k.PATH if k is not None else "torch"
     # the linears look their kernels up at each call (linear.py): the build's, once swapped in by optimize
     mods = list(model.modules())
-    int8 = any(isinstance(m, Int8Linear) for m in mods)
-    lk = kernels() if int8 or any(isinstance(m, FastLinear) for m in mods) else None
-    weights = "int8" if int8 else {torch.bfloat16: "bf16", torch.float32: "f32"}.get(model.dtype, "")
-    linear = f"{lk.PATH}-{weights}" if lk is not None else "torch-int8" if int8 else "torch"
+    quant = next((q for q, cls in (("int4", Int4Linear), ("int8", Int8Linear))
+                  if any(isinstance(m, cls) for m in mods)), None)
+    lk = kernels() if quant or any(isinstance(m, FastLinear) for m in mods) else None
+    weights = quant or {torch.bfloat16: "bf16", torch.float32: "f32"}.get(model.dtype, "")
+    linear = f"{lk.PATH}-{weights}" if lk is not None else f"torch-{quant}" if quant else "torch"
     attn = next((m for m in leaves if hasattr(m, "sdpa_dtype")), None)  # the attention leaf owns the rule
     sdpa = "sdpa-f32" if attn is not None and attn.sdpa_dtype(model.dtype) == torch.float32 else "sdpa"
     return {"linear": linear, "norm": path, "rope": path, "silu_mul": path,

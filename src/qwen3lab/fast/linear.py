@@ -142,3 +142,118 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8 (per-row scales)"
+
+
+# ---- int4 ----------------------------------------------------------------------------------------------------
+INT4_GROUPS = (32, 128)  # group sizes the kernels take (both multiples of the 32-weight packing block)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [N, K] in -8..7 (K a multiple of 32) -> uint8 [N, K // 2] in llama.cpp Q4_0's nibble order: within
+    each block of 32 consecutive weights of a row, 16 bytes, byte j's low nibble weight j + 8, its high nibble
+    weight j + 16 (+ 8)."""
+    N, K = q.shape
+    assert K % 32 == 0, q.shape
+    n = (q.to(torch.int16) + 8).to(torch.uint8).view(N, K // 32, 2, 16)  # [N, blocks, lo/hi half, 16]
+    return (n[:, :, 0] | (n[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] (pack_int4's layout) -> int8 q [N, K] in -8..7."""
+    N, half = packed.shape
+    b = packed.view(N, half // 16, 1, 16)  # [N, blocks, 1, 16]
+    n = torch.cat((b & 15, b >> 4), dim=2)  # [N, blocks, 2, 16]: weights j, then j + 16
+    return n.reshape(N, 2 * half).to(torch.int8) - 8
+
+
+def quantise_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float w [N, K] -> (q int8 [N, K] in -8..7, scales float32 [N, K // group_size]) by Int4Linear's rule."""
+    N, K = w.shape
+    g = w.float().view(N, K // group_size, group_size)  # [N, groups, G]
+    m = g.gather(2, g.abs().argmax(dim=2, keepdim=True))  # [N, groups, 1]: the largest |w|, with its sign
+    s = m / -8.0
+    s = torch.where(m != 0, s, torch.ones_like(s))  # an all-zero group: scale 1, zeros
+    q = torch.round(g / s).clamp_(-8, 7).to(torch.int8)
+    return q.view(N, K), s.view(N, K // group_size)
+
+
+class Int4Linear(nn.Module):
+    """Bias-free linear over weight-only int4, symmetric, group-wise along K (the input dim).
+
+    Format: group size G in {32, 128}, G divides K. Per group of G weights of a row: m = the weight with the largest
+    |w| (signed), scale = m / -8 (llama.cpp Q4_0's rule: m itself becomes -8; an all-zero group gets scale 1 and
+    zeros), q = clamp(round(w / scale), -8, 7) (round to nearest, ties to even). `scales` float32 [N, K // G].
+    `qweight` uint8 [N, K // 2]: within each block of 32 consecutive weights of a row (G is a multiple of 32),
+    16 bytes, byte j's low nibble = weight j, high nibble = weight j + 16, nibble = q + 8 (Q4_0's nibble layout).
+    The dequantised weight is w' = q * scale (float32), and y = x @ w'.T is accumulated in float32 and rounded
+    once to x's dtype (bfloat16 or float32 activations).
+
+    Rounding: every element is within |scale| / 2 of w except those clamped from 8 to 7 (w on the opposite side
+    of m with |w| > 15/16 |m|), which are within |scale|.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, fused: bool = False):
+        super().__init__()
+        assert qweight.dtype == torch.uint8 and qweight.dim() == 2, (qweight.dtype, qweight.shape)
+        N, K = qweight.shape[0], 2 * qweight.shape[1]
+        assert group_size in INT4_GROUPS and K % group_size == 0, (group_size, qweight.shape)
+        assert scales.dtype == torch.float32 and scales.shape == (N, K // group_size), (scales.dtype, scales.shape)
+        if fused:
+            self.register_buffer("weight", qweight, persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
+        else:
+            self.weight = nn.Parameter(qweight, requires_grad=False)
+            self.scales = nn.Parameter(scales, requires_grad=False)
+        self.group_size = group_size
+        self.out_features, self.in_features = N, K
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self.weight
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 128, fused: bool = False, rows: int = 2048,
+                   file_ranges: list[tuple[int, int]] | None = None) -> Int4Linear:
+        """Quantise a float weight [N, K] by the class's rule, `rows` rows at a time (a 151936-row lm_head is
+        never float32 all at once); with `file_ranges` (qwen3lab.pages.file_ranges()) each block's memory-mapped
+        file pages are given back as soon as it is quantised, as Int8Linear.from_float does."""
+        N, K = weight.shape
+        if group_size not in INT4_GROUPS or K % group_size:
+            from ..errors import InputError
+
+            raise InputError(f"int4: group size {group_size} does not fit weight of shape {list(weight.shape)}: "
+                             f"it must be one of {', '.join(map(str, INT4_GROUPS))} and divide K = {K}")
+        qw = torch.empty(N, K // 2, dtype=torch.uint8, device=weight.device)  # [N, K/2]
+        scales = torch.empty(N, K // group_size, dtype=torch.float32, device=weight.device)  # [N, K/G]
+        with torch.no_grad():
+            for a in range(0, N, rows):
+                block = weight[a:a + rows].detach()
+                q, s = quantise_int4(block, group_size)
+                qw[a:a + rows] = pack_int4(q)
+                scales[a:a + rows] = s
+                if file_ranges is not None:
+                    pages.release([block], file_ranges)
+        return cls(qw, scales, group_size, fused=fused)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_int4(self.weight).float().view(self.out_features, -1, self.group_size)  # [N, groups, G]
+        return (q * self.scales[:, :, None]).view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        k = kernels()
+        if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+            if x2.shape[0] <= SMALL_M:
+                y = k.linear_q4(x2, self.weight, self.scales, self.group_size)
+            else:  # always the dequantised-band sgemm: see benchmarks/bench_fast_kernels.py for the measurement
+                y = k.linear_q4_large(x2, self.weight, self.scales, self.group_size, _band_rows(self.in_features))
+        else:  # what the kernels compute, in float32 over the dequantised weight
+            y = F.linear(x2.float(), self.dequantized()).to(x.dtype)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"dtype=int4 (group size {self.group_size})")

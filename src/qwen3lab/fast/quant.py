@@ -7,6 +7,11 @@ in the model dtype (a row gather reads one row per token); a tied lm_head gets i
 router stays in the model dtype (it decides which experts run). Fused q/k/v (gate/up) are quantised as the
 fused tensor and the HF-named modules become row views of it, as for float weights.
 
+`quantise(model, "int4", group_size=128)`: the same projections become Int4Linear: symmetric int4 with one
+float32 scale per group of `group_size` (32 or 128) weights along K, llama.cpp Q4_0's scale rule and nibble
+layout (linear.py's Int4Linear says exactly); everything else as for int8, fused tensors' views slicing rows of
+both the packed weight and the scales. model.group_size records the group size.
+
 The accuracy cost is measured against the float64 oracle by tests/test_fast_verify.py and stated in the README.
 """
 
@@ -17,34 +22,51 @@ import functools
 from torch import nn
 
 from .. import pages
-from .linear import FastLinear, Int8Linear
+from ..errors import InputError
+from .linear import INT4_GROUPS, FastLinear, Int4Linear, Int8Linear
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "int4")
 
 
-def _q_mod(mod: nn.Module, ranges, fused: bool = False) -> Int8Linear:
-    if isinstance(mod, Int8Linear):
+def _q_mod(mod: nn.Module, ranges, fused: bool = False, mode: str = "int8", group_size: int = 128) -> nn.Module:
+    cls = Int8Linear if mode == "int8" else Int4Linear
+    if isinstance(mod, cls):
         return mod
     assert isinstance(mod, (nn.Linear, FastLinear)) and getattr(mod, "bias", None) is None, mod
     # a memory-mapped original's file pages are given back block by block as quantised: it is not read again
     # (a tied embedding reads a few rows per step; they fault back in from the file)
-    return Int8Linear.from_float(mod.weight, fused=fused, file_ranges=ranges)
+    if mode == "int8":
+        return Int8Linear.from_float(mod.weight, fused=fused, file_ranges=ranges)
+    return Int4Linear.from_float(mod.weight, group_size, fused=fused, file_ranges=ranges)
 
 
-def _views(fused: Int8Linear, parts: list[str], owner: nn.Module) -> None:
-    """owner.<part> = Int8Linear over rows of the fused int8 weight / scales (views, no copy)."""
+def _views(fused: nn.Module, parts: list[str], owner: nn.Module) -> None:
+    """owner.<part> = Int8Linear / Int4Linear over rows of the fused quantised weight and its scales (views, no
+    copy)."""
     start = 0
     for name in parts:
         n = getattr(owner, name).weight.shape[0]
-        setattr(owner, name, Int8Linear(fused.weight[start:start + n], fused.scale[start:start + n]))
+        if isinstance(fused, Int8Linear):
+            part = Int8Linear(fused.weight[start:start + n], fused.scale[start:start + n])
+        else:
+            part = Int4Linear(fused.weight[start:start + n], fused.scales[start:start + n], fused.group_size)
+        setattr(owner, name, part)
         start += n
 
 
-def quantise(model, mode: str = "int8", file_ranges=None):
-    """Replace the model's projection weights by int8 ones in place (see module docstring); returns model."""
+def quantise(model, mode: str = "int8", file_ranges=None, group_size: int = 128):
+    """Replace the model's projection weights by int8 / int4 ones in place (see module docstring); returns model.
+    group_size: int4's group along K (32 or 128; it must divide every projection's K, else InputError)."""
     assert mode in QUANT_MODES, mode
+    if mode == "int4":  # every shape checked before any module is replaced: no half-quantised model on error
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, FastLinear)) and (group_size not in INT4_GROUPS or
+                                                              mod.weight.shape[1] % group_size):
+                raise InputError(f"int4: group size {group_size} does not fit weight of shape "
+                                 f"{list(mod.weight.shape)}: it must be one of {', '.join(map(str, INT4_GROUPS))} "
+                                 f"and divide K = {mod.weight.shape[1]}")
     ranges = pages.file_ranges() if file_ranges is None else file_ranges
-    _q = functools.partial(_q_mod, ranges=ranges)
+    _q = functools.partial(_q_mod, ranges=ranges, mode=mode, group_size=group_size)
     for layer in model.model.layers:
         attn = layer.self_attn
         if attn.qkv_proj is not None:
@@ -63,4 +85,6 @@ def quantise(model, mode: str = "int8", file_ranges=None):
             mlp.down_proj = _q(mlp.down_proj)
     model.lm_head = _q(model.lm_head)
     model.quant = mode
+    if mode == "int4":
+        model.group_size = group_size
     return model

@@ -38,6 +38,8 @@ typedef uint16_t vh __attribute__((vector_size(W * 2)));  // W bfloat16
 typedef int16_t vs __attribute__((vector_size(W * 2)));   // W int16
 typedef int16_t vs2 __attribute__((vector_size(W * 4)));  // 2W int16
 typedef int8_t vb2 __attribute__((vector_size(W * 2)));   // 2W int8
+typedef uint8_t vq16 __attribute__((vector_size(16)));    // 16 uint8 (a block of 32 packed int4 weights)
+typedef uint16_t vw16 __attribute__((vector_size(32)));   // 16 uint16
 
 // Unaligned whole-vector loads and stores (memcpy of a fixed size compiles to one vector move).
 template <class V, class T>
@@ -154,6 +156,28 @@ inline vi madd(vi acc, vs2 a, vs2 b) {
 #else
   const vi ai = (vi)a, bi = (vi)b;  // each int32 lane holds one pair: low half then high half
   return acc + ((ai << 16) >> 16) * ((bi << 16) >> 16) + (ai >> 16) * (bi >> 16);
+#endif
+}
+
+// 16 uint8 zero-extended to uint16: one vpmovzxbw where there is AVX2 (GCC 12 splits the generic conversion
+// into two 128-bit halves and an insert).
+inline vw16 widen_u8(vq16 b) {
+#if defined(__AVX2__)
+  return (vw16)_mm256_cvtepu8_epi16((__m128i)b);
+#else
+  return __builtin_convertvector(b, vw16);
+#endif
+}
+
+// Two vectors of 16 int16 laid end to end as 32 int16 in `out`: one vector of 2W int16 on AVX-512 (an insert
+// rather than two stores and a wider reload, which stalls store forwarding), two on the 8-float paths.
+inline void join16(vw16 lo, vw16 hi, vs2* out) {
+  static_assert(sizeof(vs2) == 32 || sizeof(vs2) == 64, "2W int16 is 16 or 32 lanes");
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  out[0] = (vs2)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)lo), (__m256i)hi, 1);
+#else
+  std::memcpy((char*)out, &lo, sizeof lo);
+  std::memcpy((char*)out + sizeof lo, &hi, sizeof hi);
 #endif
 }
 
