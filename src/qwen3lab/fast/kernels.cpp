@@ -481,19 +481,19 @@ bool q4_linear(const at::Tensor& x, const uint8_t* Wp, int64_t N, int64_t K, con
 
 // Weight rows [n0, n0 + nc) of packed int4 dequantised to float32 (q * scale, one rounding) into out [nc, K].
 void widen_q4_rows(const uint8_t* qw, const float* sc, int64_t K, int64_t G, int64_t n0, int64_t nc, float* out) {
-  typedef int8_t vbw __attribute__((vector_size(W)));
-  typedef int8_t vc16 __attribute__((vector_size(16)));
   const int64_t rb = K / 2, ng = K / G;
   at::parallel_for(n0, n0 + nc, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       float* o = out + (n - n0) * K;
-      for (int64_t k = 0; k < K; k += 32) {
-        const vq16 v = load<vq16>(qw + n * rb + k / 2);
-        int8_t q[32];
-        store(q, (vc16)(v & 15) - 8);
-        store(q + 16, (vc16)(v >> 4) - 8);
-        const vf s = splat(sc[n * ng + k / G]);
-        for (int i = 0; i < 32; i += W) store(o + k + i, __builtin_convertvector(load<vbw>(q + i), vf) * s);
+      for (int64_t g = 0; g < ng; ++g) {
+        const vf s = splat(sc[n * ng + g]), eight = splat(8.f);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+          const vq16 v = load<vq16>(qw + n * rb + k / 2);
+          uint8_t nib[32];  // the block's nibbles q + 8 in column order
+          store(nib, v & 15);
+          store(nib + 16, v >> 4);
+          for (int i = 0; i < 32; i += W) store(o + k + i, (u8_to_float(nib + i) - eight) * s);
+        }
       }
     }
   });
