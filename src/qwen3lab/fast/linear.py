@@ -1,9 +1,10 @@
 """Linear layers for the fast path: the checkpoint's [N, K] weight, y = x @ W.T, through the C++ kernels.
 
 Notable:
-- `FastLinear` (bfloat16 / float32 weights) and `Int8Linear` (int8 weights, one float32 scale per output
-  row) are drop-in replacements for bias-free nn.Linear; `optimize` / `quantise` (fast/__init__.py,
-  fast/quant.py) swap them in from outside the model file.
+- `FastLinear` (bfloat16 / float32 weights), `Int8Linear` (int8 weights, one float32 scale per output
+  row) and `Int4Linear` (packed int4, one float32 scale per group of 32 / 128 weights along K; its docstring
+  gives the exact format) are drop-in replacements for bias-free nn.Linear; `optimize` / `quantise`
+  (fast/__init__.py, fast/quant.py) swap them in from outside the model file.
 - Few rows (decode: up to SMALL_M tokens in the packed batch) go to the streaming kernel `linear_small`; more
   rows (prefill) with bfloat16 activations to whichever GEMM measured faster on this CPU (fast/tune.py):
   `linear_large` (bf16 / int8 widened to float32 a band of rows at a time + BLAS sgemm) or torch's bf16 matmul
@@ -11,7 +12,7 @@ Notable:
 - `weight` stays a Parameter for the HF-named modules; a fused module (qkv_proj, gate_up_proj) holds its
   weight as a non-persistent buffer instead, so `parameters()` and `state_dict()` still list each checkpoint
   tensor exactly once (the HF modules' Parameters are row views of it).
-- Without the kernels (fast/build.py) the same modules run PyTorch ops: F.linear, and for int8 a float32
+- Without the kernels (fast/build.py) the same modules run PyTorch ops: F.linear, and for int8 / int4 a float32
   F.linear over the dequantised weight (the same arithmetic as the kernel, slower).
 """
 
