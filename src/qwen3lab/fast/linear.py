@@ -249,7 +249,12 @@ class Int4Linear(nn.Module):
         if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
             if x2.shape[0] <= SMALL_M:
                 y = k.linear_q4(x2, self.weight, self.scales, self.group_size)
-            else:  # always the dequantised-band sgemm: see benchmarks/bench_fast_kernels.py for the measurement
+            else:
+                # always the dequantised-band sgemm, no tune.py choice: torch's _weight_int4pack_mm_for_cpu was
+                # slower at every M measured (bench_fast_kernels.py --quant int4; Zen 3, 2 threads, M = 64:
+                # 703 vs 558 ms for 8 layers' weights) and rounds the scales to x's dtype. On that machine the
+                # streaming linear_q4 was faster still at M = 64 (341 ms) and 128 (1031 vs 1190): its sgemm is
+                # slow; a "stream vs band" measurement per CPU is left to do.
                 y = k.linear_q4_large(x2, self.weight, self.scales, self.group_size, _band_rows(self.in_features))
         else:  # what the kernels compute, in float32 over the dequantised weight
             y = F.linear(x2.float(), self.dequantized()).to(x.dtype)
