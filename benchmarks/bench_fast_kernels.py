@@ -2,13 +2,18 @@
 
     python benchmarks/bench_fast_kernels.py [--preset qwen3-0.6b] [--dtype bfloat16] [--rows 1,8,32,64]
                                             [--layers 28] [--context 544] [--threads N]
+                                            [--quant int8|int4] [--group-size 128]
 
 - linear: one decode step's projections (fused qkv, o, fused gate/up, down for `--layers` layers, then
   lm_head), each layer its own weights so they stream from memory as in a real step, not from cache. For
   each row count M (tokens in the step) it times our `linear_small` (the streaming kernel), our
   `linear_large` (bands of weights widened to float32 + sgemm; bf16 / int8 only) and torch's F.linear, and
   prints ms per step, weight GB/s and GFLOP/s: the crossover row count is what fast/linear.py's SMALL_M
-  encodes.
+  encodes. With --quant the same step's weights quantised (activations in --dtype): int8 times
+  `linear_small` / `linear_large` with per-row scales and tune.py's `int8_gemm_bf16`; int4 (--group-size) times
+  `linear_q4` (decode), `linear_q4_large` (dequantised bands + sgemm) and torch's
+  `_weight_int4pack_mm_for_cpu` over the same q (where this torch has it). GB/s counts the stored bytes
+  (int4: packed nibbles + float32 scales).
 - attention: one decode step of `attend_decode` for batch 1 and 8 at `--context` positions, against
   F.scaled_dot_product_attention over the same caches, with the KV bytes read per second.
 Medians of `--runs` after `--warmups`; the machine's other load moves these figures, so compare columns of one
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3lab.fast.build import kernels, status
-from qwen3lab.fast.linear import _band_rows
+from qwen3lab.fast.linear import Int4Linear, Int8Linear, _band_rows, int8_gemm_bf16, unpack_int4
 from qwen3lab.presets import preset_config
 
 
@@ -49,24 +54,62 @@ def step_weights(cfg, layers: int, dtype: torch.dtype) -> list[torch.Tensor]:
     return [(torch.randn(s, generator=g) * 0.02).to(dtype) for s in shapes]
 
 
+def _torch_int4pack(mods: list[Int4Linear], dtype: torch.dtype):
+    """torch's CPU int4 matmul over each module's q / scales (zero points 0), as f(x, i); None where missing."""
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return None
+    packed = [torch._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight).int() + 8, 1) for m in mods]
+    sz = [torch.stack([m.scales.t(), torch.zeros_like(m.scales.t())], -1).to(dtype).contiguous() for m in mods]
+    G = mods[0].group_size
+    return lambda x, i: torch._weight_int4pack_mm_for_cpu(x, packed[i], G, sz[i])
+
+
+def quant_impls(k, Ws: list[torch.Tensor], quant: str, group_size: int, dtype: torch.dtype):
+    """(modules, {name: f(x, i)}, stored bytes) for the step's weights quantised to int8 or int4."""
+    if quant == "int8":
+        mods = [Int8Linear.from_float(W) for W in Ws]
+        impls = {"linear_small": lambda x, i: k.linear_small(x, mods[i].weight, mods[i].scale),
+                 "linear_large": lambda x, i: k.linear_large(x, mods[i].weight, mods[i].scale,
+                                                             _band_rows(mods[i].in_features))}
+        if dtype == torch.bfloat16:
+            impls["int8_gemm_bf16"] = lambda x, i: int8_gemm_bf16(x, mods[i].weight, mods[i].scale)
+        return mods, impls, sum(m.weight.numel() + 4 * m.scale.numel() for m in mods)
+    mods = [Int4Linear.from_float(W, group_size) for W in Ws]
+    impls = {"linear_q4": lambda x, i: k.linear_q4(x, mods[i].weight, mods[i].scales, group_size),
+             "linear_q4_large": lambda x, i: k.linear_q4_large(x, mods[i].weight, mods[i].scales, group_size,
+                                                               _band_rows(mods[i].in_features))}
+    t4 = _torch_int4pack(mods, dtype)
+    if t4 is not None:
+        impls["int4pack_mm"] = t4
+    return mods, impls, sum(m.weight.numel() + 4 * m.scales.numel() for m in mods)
+
+
 def _step(f, xs: dict[int, torch.Tensor], Ws: list[torch.Tensor]):
-    """One decode step's projections through f(x, W)."""
-    return lambda: [f(xs[W.shape[1]], W) for W in Ws]
+    """One decode step's projections through f(x, i), weight i."""
+    return lambda: [f(xs[W.shape[1]], i) for i, W in enumerate(Ws)]
 
 
-def bench_linear(k, Ws, rows: list[int], warmups: int, runs: int) -> None:
-    nbytes = sum(W.numel() * W.element_size() for W in Ws)
+def bench_linear(k, Ws, rows: list[int], warmups: int, runs: int, quant: str | None = None,
+                 group_size: int = 128) -> None:
+    dtype = Ws[0].dtype
     flops_per_row = 2 * sum(W.numel() for W in Ws)
-    print(f"linear: {len(Ws)} weights, {nbytes / 1e9:.2f} GB per step, {Ws[0].dtype}")
-    print(f"{'M':>4} {'impl':>12} {'ms/step':>9} {'GB/s':>7} {'GFLOP/s':>8}")
-    impls = {"linear_small": lambda x, W: k.linear_small(x, W, None), "F.linear": F.linear}
-    if Ws[0].dtype == torch.bfloat16:
-        impls["linear_large"] = lambda x, W: k.linear_large(x, W, None, _band_rows(W.shape[1]))
+    if quant is None:
+        nbytes = sum(W.numel() * W.element_size() for W in Ws)
+        impls = {"linear_small": lambda x, i: k.linear_small(x, Ws[i], None),
+                 "F.linear": lambda x, i: F.linear(x, Ws[i])}
+        if dtype == torch.bfloat16:
+            impls["linear_large"] = lambda x, i: k.linear_large(x, Ws[i], None, _band_rows(Ws[i].shape[1]))
+        what = str(dtype)
+    else:
+        _, impls, nbytes = quant_impls(k, Ws, quant, group_size, dtype)
+        what = f"{quant}{f' (group size {group_size})' if quant == 'int4' else ''} weights, {dtype} activations"
+    print(f"linear: {len(Ws)} weights, {nbytes / 1e9:.2f} GB per step, {what}")
+    print(f"{'M':>4} {'impl':>15} {'ms/step':>9} {'GB/s':>7} {'GFLOP/s':>8}")
     for M in rows:
-        xs = {W.shape[1]: torch.randn(M, W.shape[1]).to(Ws[0].dtype) for W in Ws}
+        xs = {W.shape[1]: torch.randn(M, W.shape[1]).to(dtype) for W in Ws}
         for name, f in impls.items():
             ms = _median_ms(_step(f, xs, Ws), warmups, runs)
-            print(f"{M:>4} {name:>12} {ms:9.2f} {nbytes / ms / 1e6:7.1f} {M * flops_per_row / ms / 1e6:8.1f}")
+            print(f"{M:>4} {name:>15} {ms:9.2f} {nbytes / ms / 1e6:7.1f} {M * flops_per_row / ms / 1e6:8.1f}")
 
 
 def _ours(k, q, kn, vn, kc, vc, pos, scale):
@@ -113,6 +156,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--warmups", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--quant", choices=["int8", "int4"], default=None, help="quantised weights (linear table)")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size along K (32 or 128)")
+    ap.add_argument("--no-attention", action="store_true", help="time the linear table only")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -124,8 +170,10 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     print(f"{a.preset}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     with torch.inference_mode():
-        bench_linear(k, step_weights(cfg, layers, dtype), [int(r) for r in a.rows.split(",")], a.warmups, a.runs)
-        bench_attention(k, cfg, a.context, dtype, layers, a.warmups, a.runs)
+        bench_linear(k, step_weights(cfg, layers, dtype), [int(r) for r in a.rows.split(",")], a.warmups, a.runs,
+                     a.quant, a.group_size)
+        if not a.no_attention:
+            bench_attention(k, cfg, a.context, dtype, layers, a.warmups, a.runs)
 
 
 if __name__ == "__main__":

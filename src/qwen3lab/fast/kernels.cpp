@@ -2,7 +2,8 @@
 // torch.utils.cpp_extension, once per path (avx512, avx2, portable; simd.h says what differs), the best path
 // the CPU has chosen at run time. A pure-PyTorch fallback runs when none can be built.
 //
-// y[m, n] = sum_k x[m, k] * W[n, k] (* scale[n] for int8), W row-major [N, K] as checkpoints store it.
+// y[m, n] = sum_k x[m, k] * W[n, k] (* scale[n] for int8, per group for int4), W row-major [N, K] as checkpoints
+// store it.
 // - Small M (decode, a few sequences): each thread streams a contiguous band of W rows, a block of rows at a
 //   time, against a block of input rows held in fp32; bf16 weights are widened to fp32 by integer shifts
 //   (exact) and multiplied with FMA, fp32 accumulation throughout, one rounding to the output dtype at the end.
@@ -10,7 +11,11 @@
 //   <= 1.5e-5 of the row's largest element, far below int8's own ~4e-3) and int8 weights, sign-extended to
 //   int16, are multiplied in pairs into exact int32 sums (vpdpwssd with AVX512-VNNI, vpmaddwd on AVX2 and
 //   AVX-512, shifts and multiplies elsewhere): a third of the instructions of widening to float32 + FMA.
-// - Large M (prefill): W is widened to fp32 a band of rows at a time (cache-resident) and handed to sgemm.
+// - int4 weights (packed two a byte, a float32 scale per group of 32 or 128 along K, llama.cpp Q4_0's nibble
+//   order): the nibbles are unpacked in registers and multiplied with the same int16 inputs into exact int32
+//   sums per group, each scaled into float32 accumulators (linear_q4; see "int4 weights" below).
+// - Large M (prefill): W is widened to fp32 a band of rows at a time (cache-resident) and handed to sgemm
+//   (int4: dequantised to q * scale, linear_q4_large).
 // - Leaf ops of the model: RMSNorm, RoPE, SiLU(gate) * up, single-query attention that writes the new
 //   key/value into each sequence's cache and attends over it. Each rounds to the model dtype exactly where the
 //   eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE product), so the fast path
@@ -366,7 +371,9 @@ void check_2d(const at::Tensor& t, const char* what) {
 // int8) into int32 sums; each group's sum starts from -8 * (the group's sum of x) (the `bias` vectors, lane 0)
 // so it ends exactly sum q * x (|.| <= 128 * 15 * 32767 < 2^31). It is converted to float32 and multiplied by
 // the group's scale into float32 accumulators (one convert and one FMA a vector per group), times the row's x
-// scale at the end. Measured against unpacking to signed int8 first (two more ops a block): ~X% faster.
+// scale at the end. On AVX2 a block of one row against one input row is 9 instructions (vpmovzxbw, and, shift,
+// 2 x (vpmaddwd + add), with the group's convert + FMA shared by 4 blocks at G = 128); sign-extending through
+// int8 with generic conversions compiled to ~20.
 constexpr int BV = 32 / (2 * W);  // int16 vectors (2W lanes) a block fills: 2 on the 8-float paths, 1 on AVX-512
 static_assert(BV * sizeof(vs2) == 2 * sizeof(vw16), "a block is 32 int16");
 
@@ -481,19 +488,19 @@ bool q4_linear(const at::Tensor& x, const uint8_t* Wp, int64_t N, int64_t K, con
 
 // Weight rows [n0, n0 + nc) of packed int4 dequantised to float32 (q * scale, one rounding) into out [nc, K].
 void widen_q4_rows(const uint8_t* qw, const float* sc, int64_t K, int64_t G, int64_t n0, int64_t nc, float* out) {
-  typedef int8_t vbw __attribute__((vector_size(W)));
-  typedef int8_t vc16 __attribute__((vector_size(16)));
   const int64_t rb = K / 2, ng = K / G;
   at::parallel_for(n0, n0 + nc, 16, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       float* o = out + (n - n0) * K;
-      for (int64_t k = 0; k < K; k += 32) {
-        const vq16 v = load<vq16>(qw + n * rb + k / 2);
-        int8_t q[32];
-        store(q, (vc16)(v & 15) - 8);
-        store(q + 16, (vc16)(v >> 4) - 8);
-        const vf s = splat(sc[n * ng + k / G]);
-        for (int i = 0; i < 32; i += W) store(o + k + i, __builtin_convertvector(load<vbw>(q + i), vf) * s);
+      for (int64_t g = 0; g < ng; ++g) {
+        const vf s = splat(sc[n * ng + g]), eight = splat(8.f);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+          const vq16 v = load<vq16>(qw + n * rb + k / 2);
+          uint8_t nib[32];  // the block's nibbles q + 8 in column order
+          store(nib, v & 15);
+          store(nib + 16, v >> 4);
+          for (int i = 0; i < 32; i += W) store(o + k + i, (u8_to_float(nib + i) - eight) * s);
+        }
       }
     }
   });

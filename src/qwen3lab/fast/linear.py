@@ -1,9 +1,10 @@
 """Linear layers for the fast path: the checkpoint's [N, K] weight, y = x @ W.T, through the C++ kernels.
 
 Notable:
-- `FastLinear` (bfloat16 / float32 weights) and `Int8Linear` (int8 weights, one float32 scale per output
-  row) are drop-in replacements for bias-free nn.Linear; `optimize` / `quantise` (fast/__init__.py,
-  fast/quant.py) swap them in from outside the model file.
+- `FastLinear` (bfloat16 / float32 weights), `Int8Linear` (int8 weights, one float32 scale per output
+  row) and `Int4Linear` (packed int4, one float32 scale per group of 32 / 128 weights along K; its docstring
+  gives the exact format) are drop-in replacements for bias-free nn.Linear; `optimize` / `quantise`
+  (fast/__init__.py, fast/quant.py) swap them in from outside the model file.
 - Few rows (decode: up to SMALL_M tokens in the packed batch) go to the streaming kernel `linear_small`; more
   rows (prefill) with bfloat16 activations to whichever GEMM measured faster on this CPU (fast/tune.py):
   `linear_large` (bf16 / int8 widened to float32 a band of rows at a time + BLAS sgemm) or torch's bf16 matmul
@@ -11,7 +12,7 @@ Notable:
 - `weight` stays a Parameter for the HF-named modules; a fused module (qkv_proj, gate_up_proj) holds its
   weight as a non-persistent buffer instead, so `parameters()` and `state_dict()` still list each checkpoint
   tensor exactly once (the HF modules' Parameters are row views of it).
-- Without the kernels (fast/build.py) the same modules run PyTorch ops: F.linear, and for int8 a float32
+- Without the kernels (fast/build.py) the same modules run PyTorch ops: F.linear, and for int8 / int4 a float32
   F.linear over the dequantised weight (the same arithmetic as the kernel, slower).
 """
 
@@ -248,7 +249,12 @@ class Int4Linear(nn.Module):
         if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
             if x2.shape[0] <= SMALL_M:
                 y = k.linear_q4(x2, self.weight, self.scales, self.group_size)
-            else:  # always the dequantised-band sgemm: see benchmarks/bench_fast_kernels.py for the measurement
+            else:
+                # always the dequantised-band sgemm, no tune.py choice: torch's _weight_int4pack_mm_for_cpu was
+                # slower at every M measured (bench_fast_kernels.py --quant int4; Zen 3, 2 threads, M = 64:
+                # 703 vs 558 ms for 8 layers' weights) and rounds the scales to x's dtype. On that machine the
+                # streaming linear_q4 was faster still at M = 64 (341 ms) and 128 (1031 vs 1190): its sgemm is
+                # slow; a "stream vs band" measurement per CPU is left to do.
                 y = k.linear_q4_large(x2, self.weight, self.scales, self.group_size, _band_rows(self.in_features))
         else:  # what the kernels compute, in float32 over the dequantised weight
             y = F.linear(x2.float(), self.dequantized()).to(x.dtype)

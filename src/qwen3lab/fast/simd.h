@@ -169,6 +169,20 @@ inline vw16 widen_u8(vq16 b) {
 #endif
 }
 
+// W uint8 from p to float32 (exact): a zero-extend and a convert where there is AVX2 (GCC 12 converts the generic
+// vector one lane at a time).
+inline vf u8_to_float(const uint8_t* p) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  vf f;
+  for (int i = 0; i < W; ++i) f[i] = float(p[i]);
+  return f;
+#endif
+}
+
 // Two vectors of 16 int16 laid end to end as 32 int16 in `out`: one vector of 2W int16 on AVX-512 (an insert
 // rather than two stores and a wider reload, which stalls store forwarding), two on the 8-float paths.
 inline void join16(vw16 lo, vw16 hi, vs2* out) {
