@@ -25,7 +25,7 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "decades, printing shops had spread to more than two hundred cities across Europe, and the cost of books "
         "fell so quickly that reading stopped being a privilege of the clergy and the rich.")
 PATHS = [("fp32 fast", "torch-fast", "float32"), ("bf16 fast", "torch-fast", "bfloat16"),
-         ("bf16 eager", "torch", "bfloat16"), ("int8 fast", "torch-fast", "int8")]
+         ("bf16 eager", "torch", "bfloat16"), ("int8 fast", "torch-fast", "int8"), ("int4 fast", "torch-fast", "int4")]
 
 
 def agreement(ref: np.ndarray, got: np.ndarray, margins: list[float]) -> dict:

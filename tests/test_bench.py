@@ -189,8 +189,11 @@ def test_dtype_lists_are_checked():
 
     assert parse_dtypes("bfloat16, float32,int8,bfloat16", "generate") == ["bfloat16", "float32", "int8"]
     assert parse_dtypes("float16", "attention") == ["float16"]
-    with pytest.raises(InputError, match="--dtype 'int4' in --dtype bfloat16,int4: not one of"):
-        parse_dtypes("bfloat16,int4", "generate")
+    assert parse_dtypes("int4,int8", "generate") == ["int4", "int8"]
+    with pytest.raises(InputError, match="--dtype 'int3' in --dtype bfloat16,int3: not one of"):
+        parse_dtypes("bfloat16,int3", "generate")
+    with pytest.raises(InputError, match="int4 is for bench generate"):
+        parse_dtypes("int4", "attention")
     with pytest.raises(InputError, match="bench attention takes one dtype"):
         run_bench_command("attention", **{**TINY_ATTN, "dtype": "bfloat16,float32"})
     with pytest.raises(InputError, match="bench moe takes one dtype"):
@@ -483,8 +486,29 @@ def test_int8_decode_bytes_by_hand():
     experts = 8 * (q(32, 64) + q(32, 64) + q(64, 32)) * 2 / 8
     want = 2 * (attn + norms + router + experts) + 2 * 64 + q(151936, 64)
     assert decode_bytes(moe, "int8", context=1, batch=1)["weights_bytes"] == pytest.approx(want, rel=1e-12)
-    with pytest.raises(ValueError, match="int4"):
-        decode_bytes(cfg, "int4", context=1)
+    with pytest.raises(ValueError, match="int3"):
+        decode_bytes(cfg, "int3", context=1)
+
+
+def test_int4_decode_bytes_by_hand():
+    # tiny-moe: half a byte a weight + a float32 scale per group; 128 does not divide the experts' K = 32... nor
+    # 64, so the group is 32 (fast/quant.py's fallback); on Qwen3-0.6B's shapes it is 128
+    moe = preset_config("tiny-moe")
+
+    def q(rows, cols, group=32):
+        return rows * cols / 2 + 4 * rows * cols // group
+
+    attn = q(128, 64) + q(64, 64) + q(64, 64) + q(64, 128)
+    norms = 2 * (32 + 32 + 64 + 64)
+    router = 8 * 64 * 2
+    experts = 8 * (q(32, 64) + q(32, 64) + q(64, 32)) * 2 / 8
+    want = 2 * (attn + norms + router + experts) + 2 * 64 + q(151936, 64)
+    assert decode_bytes(moe, "int4", context=1, batch=1)["weights_bytes"] == pytest.approx(want, rel=1e-12)
+    big = preset_config("qwen3-0.6b")  # D 1024, I 3072, 28 layers, Hq 16, Hkv 8, Dh 128, tied
+    layer = q(4096, 1024, 128) + q(1024, 2048, 128) + q(6144, 1024, 128) + q(1024, 3072, 128) + 2 * (128 + 128
+                                                                                                      + 1024 + 1024)
+    want = 28 * layer + 2 * 1024 + q(151936, 1024, 128)
+    assert decode_bytes(big, "int4", context=1, batch=1)["weights_bytes"] == pytest.approx(want, rel=1e-12)
 
 
 def test_moe_decode_reads_only_the_experts_hit():

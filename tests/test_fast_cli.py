@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import qwen3lab
 from qwen3lab.cli import main
 from qwen3lab.errors import InputError
-from qwen3lab.fast import FastLinear, Int8Linear, build
+from qwen3lab.fast import FastLinear, Int4Linear, Int8Linear, build
 from qwen3lab.make_model import make_model
 from qwen3lab.qwen3 import Qwen3ForCausalLM
 
@@ -97,6 +97,32 @@ def test_int8_generate_loads_int8_weights(tiny_dir, spy, args, act, what):
     assert len(spy["results"][0].token_ids) == 4 and "tok/s" in res.stderr
 
 
+@pytest.mark.parametrize("args,act,group", [
+    (["--dtype", "int4"], torch.bfloat16, 32),  # the default: 128 does not divide the tiny model's hidden 64
+    (["--dtype", "float32", "--quant", "int4", "--group-size", "32"], torch.float32, 32),
+], ids=["dtype-int4", "quant-fp32"])
+def test_int4_generate_loads_int4_weights(tiny_dir, spy, args, act, group):
+    res = invoke("generate", "--model", tiny_dir, *args, "--max-steps", 4, "Hello")
+    assert res.exit_code == 0, res.output
+    lm = spy["lm"][0]
+    assert lm.model.quant == "int4" and lm.model.dtype == act and lm.dtype == "int4"
+    down = lm.model.model.layers[0].mlp.down_proj
+    assert isinstance(down, Int4Linear) and down.weight.dtype == torch.uint8 and down.group_size == group
+    assert down.weight.shape[1] * 2 == down.in_features and down.scales.shape[1] == down.in_features // group
+    asked = " (groups of 32)" if "--group-size" in args else ""  # the line says what was asked; kernels: what ran
+    assert f"int4 weights{asked}, {str(act).removeprefix('torch.')} activations" in loading_line(res)
+    assert f"-int4-g{group}" in next(ln for ln in res.stderr.splitlines() if ln.startswith("kernels: linear"))
+    assert len(spy["results"][0].token_ids) == 4
+
+
+def test_int4_group_that_does_not_divide_k_is_one_line(tiny_dir, spy):
+    res = invoke("generate", "--model", tiny_dir, "--dtype", "int4", "--group-size", "128", "Hello")  # hidden 64
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: int4: group size 128 does not fit weight of shape [128, 64]: it must be one of 32, 128 and divide "
+        "K = 64"), res.stderr
+
+
 def test_threads_option_sets_torchs_threads(tiny_dir, spy):
     before = torch.get_num_threads()
     want = 2 if before != 2 else 1
@@ -128,7 +154,10 @@ def test_chat_takes_the_same_options(tiny_dir, spy):
     (["--threads", 0], "--threads must be >= 1, got 0"),
     (["--dtype", "int8", "--no-fast"], "int8 weights need the fast path; drop --no-fast"),
     (["--dtype", "bfloat16", "--quant", "int8", "--no-fast"], "--quant int8: int8 weights need the fast path"),
-], ids=["int8-cuda", "quant-cuda", "quant-fp16", "quant-fp64", "threads-0", "int8-plain", "quant-plain"])
+    (["--dtype", "int4", "--no-fast"], "--dtype int4: int4 weights need the fast path; drop --no-fast"),
+    (["--dtype", "bfloat16", "--group-size", "32"], "--group-size 32 is for int4 weights only"),
+], ids=["int8-cuda", "quant-cuda", "quant-fp16", "quant-fp64", "threads-0", "int8-plain", "quant-plain",
+        "int4-plain", "group-no-int4"])
 def test_bad_combinations_are_one_line_exit_2(tiny_dir, spy, args, msg):
     for cmd in (["generate", "--model", tiny_dir, *args, "Hi"], ["chat", "--model", tiny_dir, *args]):
         res = invoke(*cmd, input="/exit\n")
@@ -144,7 +173,8 @@ def test_unknown_dtype_is_refused_by_click(tiny_dir):
 
 
 # ---- verify --candidate torch-fast ---------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,tol", [("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")])
+@pytest.mark.parametrize("dtype,tol", [("float32", "float32"), ("bfloat16", "bfloat16"), ("int8", "int8"),
+                                       ("int4", "int4")])
 def test_verify_torch_fast_passes_with_its_label_and_tolerance(tiny_dir, tmp_path, dtype, tol):
     out = tmp_path / "r.json"
     res = invoke("verify", "--model-path", tiny_dir, "--candidate", "torch-fast", "--dtype", dtype,
@@ -197,9 +227,10 @@ def test_sweep_has_torch_fast_rows(tiny_dir):
     cells = run_sweep(tiny_dir, devices=["cpu"], dtypes=("float32",), console=console)
     got = [(c.backend, c.dtype) for c in cells]
     assert got == [("torch", "float32"), ("torch-fast", "float32"), ("torch-fast", "bfloat16"),
-                   ("torch-fast", "int8")], got
+                   ("torch-fast", "int8"), ("torch-fast", "int4")], got
     assert all(c.report is not None and c.report.overall_success for c in cells), [c.error for c in cells]
-    assert cells[-1].report.tolerance.name == "int8" and cells[-1].report.candidate == "torch-fast (int8, cpu)"
+    for c, q in zip(cells[-2:], ("int8", "int4"), strict=True):
+        assert c.report.tolerance.name == q and c.report.candidate == f"torch-fast ({q}, cpu)"
     assert "torch-fast" in console.export_text()
 
 
@@ -216,11 +247,12 @@ def test_accuracy_script_compares_each_fast_path_with_the_oracle(tiny_dir):
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
-    assert lines[1].startswith("| path | logit cosine") and len(lines) == 8, lines
+    assert lines[1].startswith("| path | logit cosine") and len(lines) == 9, lines
     rep = json.loads(lines[-1])
     res = rep["results"]
-    assert set(res) == {"fp32 fast", "bf16 fast", "bf16 eager", "int8 fast"}
+    assert set(res) == {"fp32 fast", "bf16 fast", "bf16 eager", "int8 fast", "int4 fast"}
     assert res["fp32 fast"]["cos_min"] > 1 - 1e-6 and res["fp32 fast"]["top1"] == 1.0
-    assert all(0.9 < r["cos_min"] <= r["cos_mean"] <= 1 + 1e-9 for r in res.values()), res
+    assert all(0.9 < r["cos_min"] <= r["cos_mean"] <= 1 + 1e-9 for k, r in res.items() if k != "int4 fast"), res
+    assert 0.5 < res["int4 fast"]["cos_min"] <= res["int4 fast"]["cos_mean"] <= 1 + 1e-9, res  # int4 tolerance
     totals = {m: {r["top1_clear"][m][1] for r in res.values()} for m in ("0.05", "0.2")}
     assert all(len(t) == 1 for t in totals.values()), totals  # same oracle, same clear positions

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from qwen3lab.errors import InputError
 from qwen3lab.fast import Int4Linear, build, describe, optimize, quantise
 from qwen3lab.fast.linear import SMALL_M, pack_int4, quantise_int4, unpack_int4
-from qwen3lab.models.torch_model import Qwen3CausalLM, Span
+from qwen3lab.models.batch import ForwardBatch
+from qwen3lab.models.torch_model import Qwen3CausalLM
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg
 from test_fast_kernels import k  # noqa: F401  (the fixture: one module per kernel path this CPU has)
@@ -226,9 +227,9 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
     c = model.new_cache(T_)
     t = torch.tensor(ids)
     with torch.inference_mode():
-        out = [model(t[:P], torch.arange(P), [Span(c, 0, P)], torch.tensor([P - 1]))]
+        out = [model(ForwardBatch.single(t[:P], c, last_only=True))]
         for j in range(P, T_):
-            out.append(model(t[j:j + 1], torch.tensor([j]), [Span(c, j, 1)]))
+            out.append(model(ForwardBatch.single(t[j:j + 1], c, start=j)))
     return torch.cat(out)
 
 
@@ -258,7 +259,8 @@ def test_quantise_int4_model_close_to_float(mode, moe, dtype):
     q4 = optimize(Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype), quant="int4",
                   group_size=32)
     assert q4.quant == "int4" and q4.group_size == 32
-    assert describe(q4)["linear"] == (f"{build.path()}-int4" if mode == "kernels" else "torch-int4")
+    g = q4.group_size  # describe() names the group the weights were quantised with
+    assert describe(q4)["linear"] == (f"{build.path()}-int4-g{g}" if mode == "kernels" else f"torch-int4-g{g}")
     ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     a, b = _logits(plain, ids), _logits(q4, ids)
     assert b.dtype == dtype and torch.isfinite(b).all()

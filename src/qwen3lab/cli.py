@@ -77,7 +77,8 @@ def _sampling_options(fn):
                      help="int8 (per-row scales) or int4 (per-group scales) weights with --dtype float32 or "
                           "bfloat16 activations (CPU)"),
         click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
-                     help="int4: weights per scale [default: 128]"),
+                     help="int4: weights per scale [default: 128, or 32 where 128 does not divide a weight's "
+                          "input size]"),
         click.option("--no-fast", is_flag=True, help="run the plain eager model instead of the fast CPU path"),
         click.option("--threads", type=int, default=None,
                      help="torch intra-op threads [default: torch's, one per core]"),
@@ -249,7 +250,11 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
               help="terminal rows: one per layer, per sublayer, or per tap")
 @click.option("--probs", is_flag=True, help="also compare attention probabilities (O(T*S) memory)")
 @click.option("--sweep", is_flag=True, help="torch in float32, bfloat16, float16 (every device) and torch-fast in "
-                                          "float32, bfloat16, int8 (CPU) against the oracle")
+                                          "float32, bfloat16, int8, int4 (CPU) against the oracle")
+@click.option("--quantised-reference", is_flag=True,
+              help="with a quantised candidate (torch-fast --dtype int8 / int4): the oracle runs on the same "
+                   "quantised weights, judged at the activations' tolerance (checks the arithmetic, not the "
+                   "format's rounding loss)")
 @click.option("--self-test", is_flag=True, help="plant known bugs and show verify names each one")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first

@@ -33,8 +33,8 @@ ACT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTS = ("int8", "int4")  # weight-only formats of the fast CPU path
 QUANT_ACT_DTYPES = ("float32", "bfloat16")  # activations the quantised kernels take
 RUN_DTYPES = ACT_DTYPES + QUANTS  # a quant name as dtype: bfloat16 activations + those weights
-GROUP_SIZES = (32, 128)  # int4: weights per scale along the input dim
-DEFAULT_GROUP = 128
+GROUP_SIZES = (32, 128)  # int4: weights per scale along the input dim (default: 128, or 32 where 128 does not
+# divide a weight's input size: fast/quant.py decides, as it sees the model)
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
             "fp64": "float64", "double": "float64"}
 
@@ -113,7 +113,7 @@ class RunSpec:
     device: str = "cpu"  # torch device string, checked to exist
     dtype: str = "bfloat16"  # activations (ACT_DTYPES)
     quant: str | None = None  # weight-only format (QUANTS) or None: weights in `dtype`
-    group_size: int | None = None  # int4: weights per scale (GROUP_SIZES); None otherwise
+    group_size: int | None = None  # int4: weights per scale (GROUP_SIZES); None: the default (fast/quant.py)
     fast: bool = True  # the fast CPU path (fused projections + kernels) is used
     kernels: str | None = None  # QWEN3LAB_KERNELS's set, None: the best this CPU has
     threads: int | None = None  # torch intra-op threads; None: torch's default
@@ -148,8 +148,7 @@ class RunSpec:
             what = o("quant", quant) if quant else ""
         if group_size is not None and quant != "int4":
             raise InputError(f"{o('group_size', group_size)} is for int4 weights only")
-        if quant == "int4":
-            group_size = DEFAULT_GROUP if group_size is None else group_size
+        if quant == "int4" and group_size is not None:
             if group_size not in GROUP_SIZES:
                 raise InputError(f"{'--group-size' if cli else 'group_size'} must be one of "
                                  f"{', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")

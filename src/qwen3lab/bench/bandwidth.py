@@ -9,9 +9,11 @@ Notable:
   bandwidth: every decode step reads every weight once (embedding rows aside: one row per token), the
   lm_head fully, the KV cache of each sequence, and for MoE only the experts the step's tokens hit
   (expected distinct experts for a batch of B tokens: E * (1 - (1 - K/E)^B)).
-- int8 (weight-only, what `--dtype int8` runs: qwen3lab.fast.quant): every projection matrix (q/k/v, o,
-  gate/up, down, experts, lm_head) is read as 1 byte per weight plus one float32 scale per output row; the
-  norms and the MoE router stay bfloat16, as do the KV cache and the embedding rows (a gather).
+- int8 / int4 (weight-only, what `--dtype int8` / `int4` runs: qwen3lab.fast.quant): every projection matrix
+  (q/k/v, o, gate/up, down, experts, lm_head) is read as 1 byte per weight plus one float32 scale per output
+  row (int8), or half a byte per weight plus one float32 scale per group of 128 along the row (int4, the
+  default group size); the norms and the MoE router stay bfloat16, as do the KV cache and the embedding rows
+  (a gather).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from ..shapes import expected_shapes
 from .harness import clock
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-# weight-only formats: (activation / KV / unquantised-tensor dtype, bytes per weight, bytes per output-row scale)
-QUANT_FORMATS = {"int8": ("bfloat16", 1, 4)}
+# weight-only formats: (activation / KV / unquantised-tensor dtype, bytes per weight, bytes per scale, weights
+# per scale: None = one scale per output row)
+QUANT_FORMATS = {"int8": ("bfloat16", 1, 4, None), "int4": ("bfloat16", 0.5, 4, 128)}
+INT4_FALLBACK_GROUP = 32  # what fast/quant.py uses when 128 does not divide every projection's input size
 
 
 def _quantised(name: str, shape) -> bool:
-    """Whether qwen3lab.fast.quant makes this checkpoint tensor int8: the 2-D projections, not the
+    """Whether qwen3lab.fast.quant quantises this checkpoint tensor: the 2-D projections, not the
     embedding (a gather), not the MoE router (`mlp.gate`, it decides which experts run), not the norms."""
     return len(shape) == 2 and name != "model.embed_tokens.weight" and not name.endswith(".mlp.gate.weight")
 
@@ -103,17 +107,19 @@ def decode_bytes(cfg, dtype: str, context: int, batch: int = 1,
                  bytes_per_param: float | None = None) -> dict[str, float]:
     """Bytes one decode step of `batch` sequences at `context` positions reads from memory.
 
-    Returns weights_bytes (shared by the batch; int8 scales included), kv_bytes (all sequences), embed_bytes
-    (rows gathered). dtype: a float dtype, or "int8" (QUANT_FORMATS: int8 projections with float32 row
-    scales, bfloat16 for the rest). `bytes_per_param` overrides a float dtype's weight element size; the KV
-    cache stays at `dtype`.
+    Returns weights_bytes (shared by the batch; quantisation scales included), kv_bytes (all sequences),
+    embed_bytes (rows gathered). dtype: a float dtype, or "int8" / "int4" (QUANT_FORMATS: quantised projections
+    with their float32 scales, bfloat16 for the rest). `bytes_per_param` overrides a float dtype's weight element
+    size; the KV cache stays at `dtype`.
     """
-    act, qbytes, sbytes = QUANT_FORMATS.get(dtype, (dtype, None, 0))
+    act, qbytes, sbytes, group = QUANT_FORMATS.get(dtype, (dtype, None, 0, None))
     if act not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join([*DTYPE_BYTES, *QUANT_FORMATS])}")
     esize = DTYPE_BYTES[act]
     wsize = esize if bytes_per_param is None else bytes_per_param
     shapes = expected_shapes(cfg, include_lm_head=True)
+    if group is not None and any(s[1] % group for n, s in shapes.items() if qbytes is not None and _quantised(n, s)):
+        group = INT4_FALLBACK_GROUP
     weights = 0.0
     for name, shape in shapes.items():
         n = 1
@@ -122,7 +128,8 @@ def decode_bytes(cfg, dtype: str, context: int, batch: int = 1,
         if name == "model.embed_tokens.weight":
             continue  # a gather: one row per token, counted below
         if qbytes is not None and _quantised(name, shape):
-            nbytes = n * qbytes + shape[0] * sbytes  # int8 weights + one scale per output row
+            scales = shape[0] if group is None else n // group  # per output row, or per group of a row
+            nbytes = n * qbytes + scales * sbytes
         else:
             nbytes = n * (esize if qbytes is not None else wsize)
         if ".mlp.experts." in name:

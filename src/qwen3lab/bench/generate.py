@@ -15,10 +15,11 @@ Notable:
 - ours and HF are loaded one after the other, the first freed before the second, so each peak is its own.
 - several dtypes (`--dtype bfloat16,float32,int8`): each in turn, ours then HF, every model freed before the
   next; records carry their dtype, so the ours-vs-HF ratio only ever pairs records of the same dtype.
-- int8 (ours: bfloat16 activations + int8 weights on the fast CPU path): HF transformers has no CPU int8 path,
-  so HF is skipped for int8, with a one-line note; the int8 rows have no ratio (read them against HF's
-  bfloat16 rows). The int8 roofline counts 1 byte per projection weight plus its float32 row scales
-  (bandwidth.py).
+- int8 / int4 (ours: bfloat16 activations + int8 / int4 weights on the fast CPU path): HF transformers has no
+  CPU path for them, so HF is skipped there, with a one-line note; those rows have no ours-vs-HF ratio (read
+  them against HF's bfloat16 rows, or llama.cpp's Q8_0 / Q4_0). Their roofline counts the bytes the kernels
+  read: int8 1 byte per projection weight plus a float32 scale per row, int4 half a byte plus a float32
+  scale per group of 128 (bandwidth.py).
 - peer "llama.cpp" (`--peer llama.cpp`): llama.cpp's llama-bench on a GGUF of the same checkpoint, after ours
   and HF for each dtype (llama_cpp.py); skipped with one line when llama.cpp is not built (`make peer`).
 - ours runs the fast CPU path (qwen3lab.fast) unless fast=False (`--no-fast`): the plain eager model, so the
@@ -46,8 +47,8 @@ DEFAULT_BATCHES = (1, 8)
 DEFAULT_NEW_TOKENS = 64
 DEFAULT_WARMUPS, DEFAULT_RUNS = 1, 3
 FIRST_SPECIAL_ID = 151643  # Qwen3's special tokens start here: random prompts stay below it
-HF_SKIPPED = {"int8": "HF transformers has no CPU int8 path: the int8 rows are ours only, with no ours-vs-HF "
-                      "ratio (read them against HF's bfloat16 rows)"}
+HF_SKIPPED = {q: f"HF transformers has no CPU {q} path: the {q} rows are ours only, with no ours-vs-HF ratio "
+                 f"(read them against HF's bfloat16 rows)" for q in ("int8", "int4")}
 
 
 def random_prompts(cfg: Qwen3Config, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -63,7 +64,7 @@ class OursGenerate:
     def __init__(self, path: Path, device: torch.device, dtype: str, fast: bool = True):
         from ..qwen3 import Qwen3ForCausalLM
 
-        # dtype "int8": bfloat16 activations + int8 weights (fast path); fast=False: the plain eager model
+        # dtype "int8" / "int4": bfloat16 activations + those weights (fast path); fast=False: plain eager
         self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, fast=fast)
         self.cfg = self.lm.config
 

@@ -6,11 +6,12 @@ Notable:
   it is not there the peer is skipped with one line saying how to build it; nothing here builds it.
 - the checkpoint is written as a GGUF by llama.cpp's own converter (convert_hf_to_gguf.py with its gguf-py), once
   per checkpoint and type, cached beside the build under a key of the directory, its config and its weight files'
-  sizes and times: bfloat16 -> BF16, float32 -> F32, float16 -> F16, int8 -> Q8_0 (llama.cpp's llama-quantize
-  from the BF16 file: int8 with a float16 scale per 32 weights, ours one float32 scale per row).
+  sizes and times: bfloat16 -> BF16, float32 -> F32, float16 -> F16, int8 -> Q8_0, int4 -> Q4_0 (llama.cpp's
+  llama-quantize from the BF16 file: int8 / int4 with a float16 scale per 32 weights; ours int8 one float32
+  scale per row, int4 one float32 scale per 128 weights).
 - figures come from llama-bench (JSON): prefill = `-p L -n 0` (tok/s over the prompt, depth 0, as ours' TTFT
   rate); decode = `-p 0 -n N -d P`, N tokens generated after a P-token context, batch 1, as ours' decode record
-  `batch=1 prompt=P new=N`. The KV cache is the activation dtype (bf16 / f16; int8: bf16, as ours;
+  `batch=1 prompt=P new=N`. The KV cache is the activation dtype (bf16 / f16; int8, int4: bf16, as ours;
   float32: f16, as llama-bench has no f32 cache). Threads: the same count as ours. Records carry impl
   "llama.cpp" and the case strings of ours, so each pairs with ours' record of the same phase, case and dtype.
 """
@@ -31,9 +32,9 @@ from ..errors import InputError
 from . import harness as H
 
 IMPL = "llama.cpp"
-GGUF_TYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "int8": "q8_0"}
+GGUF_TYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "int8": "q8_0", "int4": "q4_0"}
 # llama-bench takes no f32 KV cache (f16, bf16 and quantised types only): float32 runs keep its default, f16
-CACHE_TYPE = {"bfloat16": "bf16", "float32": "f16", "float16": "f16", "int8": "bf16"}
+CACHE_TYPE = {"bfloat16": "bf16", "float32": "f16", "float16": "f16", "int8": "bf16", "int4": "bf16"}
 BUILD_HINT = "build it once with `make peer` (about 10 minutes on 2 cores; cached outside the repo)"
 
 

@@ -102,7 +102,7 @@ def parse_dtypes(text, kind: str) -> list[str]:
         if x not in allowed:
             where = f" in --dtype {','.join(items)}" if len(items) > 1 else ""
             raise InputError(f"--dtype {x!r}{where}: not one of {', '.join(allowed)}"
-                             + (" (int8 is for bench generate)" if x == "int8" else ""))
+                             + (f" ({x} is for bench generate)" if x in ("int8", "int4") else ""))
     return list(dict.fromkeys(items))
 
 
@@ -271,8 +271,8 @@ def click_options(kind: str):
     """Decorator adding the options of `qwen3lab bench KIND` to a click command (keyword names as above)."""
     import click
 
-    dtype_help = (f"one or more, comma-separated, run one after the other: {', '.join(GENERATE_DTYPES)} (int8: "
-                  f"bfloat16 activations + int8 weights, ours only)" if kind == "generate"
+    dtype_help = (f"one or more, comma-separated, run one after the other: {', '.join(GENERATE_DTYPES)} (int8, "
+                  f"int4: bfloat16 activations + those weights, ours and llama.cpp only)" if kind == "generate"
                   else f"one of {', '.join(BENCH_DTYPES)}")
     common = [
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N"),

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from .. import pages
-from ..runspec import DEFAULT_GROUP
 from . import tune
 from .build import kernels, status
 from .linear import FastLinear, Int4Linear, Int8Linear
@@ -115,7 +114,7 @@ def align_weights(model, file_ranges=None, align: int = 64) -> int:
 
 def optimize(model, quant: str | None = None, fuse: bool = True, group_size: int | None = None):
     """Make `model` (a Qwen3CausalLM on CPU) fast in place and return it. quant: None, "int8" or "int4"
-    (group_size: int4's group along K, 32 or 128; None: 128)."""
+    (group_size: int4's group along K, 32 or 128; None: 128, or 32 where 128 does not divide every K)."""
     if quant is not None and quant not in QUANT_MODES:
         from ..errors import InputError
 
@@ -124,7 +123,7 @@ def optimize(model, quant: str | None = None, fuse: bool = True, group_size: int
     if fuse:
         fuse_projections(model, ranges)
     if quant is not None:
-        quantise(model, quant, ranges, group_size=DEFAULT_GROUP if group_size is None else group_size)
+        quantise(model, quant, ranges, group_size=group_size)
     _swap_linears(model)
     align_weights(model, ranges)
     set_kernels(model, kernels())  # built now (once), not inside the first timed forward
@@ -154,7 +153,8 @@ def set_kernels(model, k) -> int:
 
 
 def describe(model) -> dict[str, str]:
-    """Which kernel each kind of leaf of `model` runs, e.g. {"linear": "avx2-bf16", "norm": "avx2", ...}."""
+    """Which kernel each kind of leaf of `model` runs, e.g. {"linear": "avx2-bf16", "norm": "avx2", ...}
+    (int4 linears: "avx2-int4-g128", with their group size)."""
     leaves = [m for m in model.modules() if "kernel" in type(m).__dict__]
     k = leaves[0].kernel if leaves else None
     path = k.PATH if k is not None else "torch"
@@ -164,7 +164,9 @@ def describe(model) -> dict[str, str]:
                   if any(isinstance(m, cls) for m in mods)), None)
     lk = kernels() if quant or any(isinstance(m, FastLinear) for m in mods) else None
     weights = quant or {torch.bfloat16: "bf16", torch.float32: "f32"}.get(model.dtype, "")
-    linear = f"{lk.PATH}-{weights}" if lk is not None else f"torch-{quant}" if quant else "torch"
+    if quant == "int4":  # the group size the weights were quantised with
+        weights += f"-g{next(m.group_size for m in mods if isinstance(m, Int4Linear))}"
+    linear = f"{lk.PATH}-{weights}" if lk is not None else f"torch-{weights}" if quant else "torch"
     attn = next((m for m in leaves if hasattr(m, "sdpa_dtype")), None)  # the attention leaf owns the rule
     sdpa = "sdpa-f32" if attn is not None and attn.sdpa_dtype(model.dtype) == torch.float32 else "sdpa"
     return {"linear": linear, "norm": path, "rope": path, "silu_mul": path,

@@ -54,10 +54,20 @@ def _views(fused: nn.Module, parts: list[str], owner: nn.Module) -> None:
         start += n
 
 
-def quantise(model, mode: str = "int8", file_ranges=None, group_size: int = 128):
+def int4_group(model) -> int | None:
+    """The default int4 group size for `model`: the largest of INT4_GROUPS (128, else 32) dividing every
+    projection's K; None when none does (quantise then names the weight)."""
+    ks = {mod.weight.shape[1] for mod in model.modules() if isinstance(mod, (nn.Linear, FastLinear))}
+    return next((g for g in sorted(INT4_GROUPS, reverse=True) if all(k % g == 0 for k in ks)), None)
+
+
+def quantise(model, mode: str = "int8", file_ranges=None, group_size: int | None = None):
     """Replace the model's projection weights by int8 / int4 ones in place (see module docstring); returns model.
-    group_size: int4's group along K (32 or 128; it must divide every projection's K, else InputError)."""
+    group_size: int4's group along K (32 or 128; it must divide every projection's K, else InputError); None:
+    int4_group(model), 128 for every Qwen3 checkpoint."""
     assert mode in QUANT_MODES, mode
+    if mode == "int4" and group_size is None:
+        group_size = int4_group(model) or max(INT4_GROUPS)
     if mode == "int4":  # every shape checked before any module is replaced: no half-quantised model on error
         for mod in model.modules():
             if isinstance(mod, (nn.Linear, FastLinear)) and (group_size not in INT4_GROUPS or

@@ -2,9 +2,9 @@
 
 Specs:
 - `numpy` (the float64 oracle), `torch` (ours; --device/--dtype), `torch-fast` (ours through qwen3lab.fast:
-  fused projections and the C++ kernels, CPU; --dtype float32 (default), bfloat16, or int8 = int8 weights with
-  bfloat16 activations, judged at the int8 tolerance), `hf` (transformers, extra `[hf]`); --dtype int8
-  is refused for every backend but torch-fast, naming the backend;
+  fused projections and the C++ kernels, CPU; --dtype float32 (default), bfloat16, or int8 / int4 = those
+  weights with bfloat16 activations, judged at the int8 / int4 tolerance), `hf` (transformers, extra `[hf]`);
+  --dtype int8 / int4 is refused for every backend but torch-fast, naming the backend;
 - `dump:FILE`: a safetensors tap dump (DESIGN.md format) written by any program. Its metadata is checked:
   `config_sha256` against the model's config.json (sha256 of the file's bytes, or of Qwen3Config.sha256()),
   `input_ids` against the ids being verified, `dtype` against --dtype. Differences become `problems` in the

@@ -5,7 +5,7 @@ Exit codes: 0 everything compared passes (self-test: every planted bug named); 1
 
 Options (the CLI flag is the option name with dashes): model_path, reference ("numpy"), candidate
 ("torch"; "torch-fast" is the fast CPU path), device ("cpu"), dtype (candidate's; None = its default, float32
-for torch and torch-fast; "int8" = int8 weights, torch-fast only), test_input, ids
+for torch and torch-fast; "int8" / "int4" = those weights, torch-fast only), test_input, ids
 ("1,2,3"), layers ("0-4"), decode_steps, isolate (None = automatic, True/False), output (JSON path),
 html (HTML path), cos_min, mse_max, rel_max, preset ("simple"), taps ("layer" | "sublayer" | "all": rows of
 the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test.
@@ -22,7 +22,7 @@ from .report_terminal import ROWS, RichProgress, render
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
-         "sweep", "self_test"}
+         "sweep", "self_test", "quantised_reference"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -42,7 +42,7 @@ def run_verify_command(console: Console | None = None, **opts) -> int:
 def _run(console: Console, model_path=None, reference="numpy", candidate="torch", device="cpu", dtype=None,
          test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
-         sweep=False, self_test=False) -> int:
+         sweep=False, self_test=False, quantised_reference=False) -> int:
     from ..api import resolve_model_path
 
     taps = taps or "layer"
@@ -70,7 +70,7 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
     rep = verify(reference, candidate, ids, model_path=path, test_input=test_input, device=device, dtype=dtype,
                  layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
-                 progress=RichProgress(), **tol_kw)
+                 progress=RichProgress(), quantised_reference=quantised_reference, **tol_kw)
     render(rep, console, rows=taps)
     if output:
         from .report_json import write_json

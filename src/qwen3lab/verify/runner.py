@@ -29,7 +29,7 @@ from .compare import FAILING, Comparator, TapResult, layer_selected
 from .isolate import attach_isolated, label_origins
 from .report import VerifyReport
 from .store import DiskStore, MemoryStore, Without
-from .tolerances import Tolerance, tolerance_for
+from .tolerances import Tolerance, normalize_dtype, tolerance_for
 
 DEFAULT_TEST_INPUT = "Hello, this is a test input"
 STREAM_BYTES = 1 << 30  # spill the reference's taps to disk past this estimated size
@@ -116,7 +116,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
            layers=None, decode_steps: int = 0, isolate: bool | None = None, probs: bool = False,
            tolerance: Tolerance | None = None, preset: str | None = None, cos_min: float | None = None,
            mse_max: float | None = None, rel_max: float | None = None, stream: bool | None = None,
-           stream_bytes: int = STREAM_BYTES, progress: Progress | None = None) -> VerifyReport:
+           stream_bytes: int = STREAM_BYTES, progress: Progress | None = None,
+           quantised_reference: bool = False) -> VerifyReport:
     """Compare `candidate` against `reference` tap by tap; find the first divergence and the culprit op.
 
     reference / candidate: a spec string ("numpy", "torch", "hf", "dump:FILE", "module:Class",
@@ -126,7 +127,10 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     [0, 1] or None (all). `isolate`: None = when a tap fails and the candidate can graft. `probs`: also
     compare the attention probabilities (O(T*S) memory). Tolerance: `tolerance`, else `preset` ("simple"),
     else per-dtype defaults, then cos_min / mse_max / rel_max override. `stream`: None = automatic
-    (reference taps spilled to disk past `stream_bytes`).
+    (reference taps spilled to disk past `stream_bytes`). `quantised_reference`: for a candidate with quantised
+    weights (torch-fast --dtype int8 / int4), the NumPy oracle runs on the same weights quantised by the
+    format's rules (models/numpy_quant.py) and the tolerance is that of the candidate's activations: the port's
+    arithmetic is checked, not the format's rounding loss.
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -139,6 +143,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt)
     cfg = cfg or ref.cfg
     cand = resolve(candidate, path, cfg, device=device, dtype=dtype)
+    if quantised_reference:
+        ref = _quantised_reference(reference, cand, path)
     timings["load_s"] = time.perf_counter() - t
     problems = ref.problems + cand.problems + _same_config(ref.cfg, cand.cfg)
 
@@ -168,6 +174,29 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     run = _DecodeRun if decode_steps else _PrefillRun
     run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
     return report
+
+
+def _quantised_reference(reference, cand: Side, path: Path | None) -> Side:
+    """The oracle over the candidate's weight format (verify's quantised_reference); the candidate's tolerance
+    becomes its activations'. Refused, naming what is missing, for anything but numpy vs our quantised model."""
+    from ..models.numpy_quant import quantise_weights
+    from ..models.numpy_ref import NumpyBackend
+    from ..weights import load_weights
+
+    model = getattr(getattr(cand.backend, "inner", cand.backend), "model", None)
+    fmt = getattr(model, "quant", None)
+    if reference != "numpy" or fmt is None or path is None:
+        got = f"reference {reference!r}" if reference != "numpy" else (
+            "no checkpoint dir" if path is None else f"candidate {cand.spec!r} with unquantised weights")
+        raise InputError(f"--quantised-reference needs the numpy reference, a checkpoint dir and a candidate with "
+                         f"quantised weights (torch-fast --dtype int8 / int4); got {got}")
+    import torch
+
+    group = getattr(model, "group_size", None) if fmt == "int4" else None
+    w = quantise_weights(load_weights(path, cand.cfg, dtype=torch.float64), cand.cfg, fmt, group)
+    cand.precision = normalize_dtype(str(model.dtype))  # the activations: what is left to check
+    what = f"{fmt}-g{group}" if group else fmt
+    return Side(NumpyBackend(w, cand.cfg), "numpy", label=f"numpy (float64, {what} weights)")
 
 
 def _kernels_of(backend) -> dict[str, str] | None:

@@ -1,6 +1,6 @@
 """`qwen3lab verify --sweep`: the torch backend in float32, bfloat16 and float16 on every available device, and
-the fast CPU path (torch-fast) in float32, bfloat16 and int8, against the NumPy float64 oracle, as one matrix
-of worst errors. The reference runs once and is reused."""
+the fast CPU path (torch-fast) in float32, bfloat16, int8 and int4, against the NumPy float64 oracle, as one
+matrix of worst errors. The reference runs once and is reused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from .report import VerifyReport, fmt
 
 SWEEP_DTYPES = ("float32", "bfloat16", "float16")
-FAST_SWEEP_DTYPES = ("float32", "bfloat16", "int8")  # torch-fast, CPU only
+FAST_SWEEP_DTYPES = ("float32", "bfloat16", "int8", "int4")  # torch-fast, CPU only
 
 
 def available_devices() -> list[str]:
