@@ -13,3 +13,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["kernels", "fallback"])
+def mode(request):
+    """Each test twice: on the compiled kernels (skipped, with the reason, where they cannot be built) and on
+    the pure-PyTorch fallback leaves."""
+    from qwen3lab.fast import build
+
+    build.reset(enabled=request.param == "kernels")
+    if request.param == "kernels" and build.kernels() is None:
+        build.reset()
+        pytest.skip(f"kernels unavailable: {build.status()}")
+    yield request.param
+    build.reset()

@@ -233,16 +233,6 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.fixture(params=["kernels", "fallback"])
-def mode(request):
-    build.reset(enabled=request.param == "kernels")
-    if request.param == "kernels" and build.kernels() is None:
-        build.reset()
-        pytest.skip(f"kernels unavailable: {build.status()}")
-    yield request.param
-    build.reset()
-
-
 # Calibration (these configs, seed 0, 40 prompt tokens, G = 32; G = 128 does not divide hidden 64): logit cosine
 # to the float model 0.9707-0.9731 over dense / MoE x fp32 / bf16, each step's row >= 0.956; seeds 1 and 2 gave
 # 0.93-0.96. That is int4's own cost on random weights: int8 on the same models gives 0.9997-0.9998, and

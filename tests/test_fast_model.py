@@ -17,7 +17,7 @@ import torch
 from qwen3lab import taps as T
 from qwen3lab.engine.sampler import SamplingParams
 from qwen3lab.engine.task import InferTask
-from qwen3lab.fast import FastLinear, build, optimize
+from qwen3lab.fast import FastLinear, optimize
 from qwen3lab.models.batch import ForwardBatch
 from qwen3lab.models.torch_model import Qwen3CausalLM, TorchBackend
 from qwen3lab.qwen3 import Qwen3ForCausalLM
@@ -26,16 +26,6 @@ from small_configs import small_cfg as make_cfg
 
 CASES = {"dense": make_cfg(), "gqa4-odd": make_cfg(num_attention_heads=8, head_dim=20, hidden_size=72),
          "moe": make_cfg(moe=True)}
-
-
-@pytest.fixture(params=["kernels", "fallback"])
-def mode(request):
-    build.reset(enabled=request.param == "kernels")
-    if request.param == "kernels" and build.kernels() is None:
-        build.reset()
-        pytest.skip(f"kernels unavailable: {build.status()}")
-    yield request.param
-    build.reset()
 
 
 def _pair(cfg, dtype):

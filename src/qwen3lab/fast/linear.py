@@ -46,6 +46,18 @@ def int8_gemm_bf16(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, band_r
     return y
 
 
+def _rows(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Size]:
+    """x [..., K] as contiguous rows [M, K] (what the kernels take), and its leading shape to restore."""
+    x2 = x.reshape(-1, K)
+    return (x2 if x2.is_contiguous() else x2.contiguous()), x.shape[:-1]
+
+
+def _quant_kernels(x: torch.Tensor):
+    """The kernels for a quantised linear over x, or None: they take CPU float32 / bfloat16 activations."""
+    k = kernels()
+    return k if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) else None
+
+
 class FastLinear(nn.Module):
     """Bias-free linear over a bfloat16 or float32 weight [N, K] (shared, not copied)."""
 
@@ -63,10 +75,7 @@ class FastLinear(nn.Module):
         W = self.weight
         if k is None or x.dtype != W.dtype or W.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu":
             return F.linear(x, W)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        x2, lead = _rows(x, self.in_features)
         M = x2.shape[0]
         if M <= SMALL_M:
             y = k.linear_small(x2, W, None)
@@ -122,12 +131,9 @@ class Int8Linear(nn.Module):
         return (self.weight.float() * self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        k = kernels()
-        if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+        x2, lead = _rows(x, self.in_features)
+        k = _quant_kernels(x)
+        if k is not None:
             if x2.shape[0] <= SMALL_M:
                 y = k.linear_small(x2, self.weight, self.scale)
             elif x2.dtype == torch.bfloat16 and tune.choose("int8") == "torch":
@@ -241,12 +247,9 @@ class Int4Linear(nn.Module):
         return (q * self.scales[:, :, None]).view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        k = kernels()
-        if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+        x2, lead = _rows(x, self.in_features)
+        k = _quant_kernels(x)
+        if k is not None:
             if x2.shape[0] <= SMALL_M:
                 y = k.linear_q4(x2, self.weight, self.scales, self.group_size)
             else:
