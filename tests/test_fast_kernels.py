@@ -309,3 +309,21 @@ def test_many_row_linears_agree_with_float64_either_way(k, fresh_tune, monkeypat
     lin, q8 = FastLinear(W.bfloat16()), Int8Linear.from_float(W)
     assert _rel(lin(x), x.double() @ W.bfloat16().double().T) < 2 ** -8
     assert _rel(q8(x), x.double() @ (q8.weight.double() * q8.scale.double()[:, None]).T) < 2 ** -7
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A killed build leaves torch's lock file behind and every later build would wait on it forever."""
+    import os
+    import time
+    import warnings
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not build.clear_stale_lock(tmp_path) and lock.exists()  # a live build's: kept
+    old = time.time() - build.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert build.clear_stale_lock(tmp_path) and not lock.exists()
+    assert "stale kernel build lock" in str(w[0].message)
+    assert not build.clear_stale_lock(tmp_path) and not build.clear_stale_lock(None)  # nothing to remove

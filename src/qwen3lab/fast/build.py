@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..runspec import KERNEL_ENV, KERNEL_PATHS, KERNEL_SETS, available_paths, cp
 SOURCE = Path(__file__).with_name("kernels.cpp")
 HEADER = Path(__file__).with_name("simd.h")
 ENV, PATHS, CHOICES = KERNEL_ENV, KERNEL_PATHS, KERNEL_SETS  # the names QWEN3LAB_KERNELS takes (runspec.py)
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build (clear_stale_lock)
 
 # -fopenmp: at::parallel_for is a header template that only runs in parallel when compiled with OpenMP; the
 # libgomp it links is the one torch already loaded (same soname), so there is one thread pool, torch's.
@@ -67,6 +69,39 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
 
 
+def _build_dir(name: str) -> Path | None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # where load() builds `name`
+    except ImportError:
+        return None
+    return Path(_get_build_directory(name, False))
+
+
+def clear_stale_lock(build_dir: Path | None, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock older than max_age_s; returns whether one was removed.
+
+    torch's extension builder holds a lock file in the build directory while it compiles (or checks that
+    the cached build is current) and waits, forever, while that file exists. A build that was killed
+    (Ctrl-C, a timeout) leaves it behind, and every later process would then hang at its first forward. A
+    build here takes about a minute, so a lock older than STALE_LOCK_S belongs to no live build."""
+    if build_dir is None:
+        return False
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age <= max_age_s:
+        return False
+    try:
+        lock.unlink()
+    except OSError:
+        return False
+    warnings.warn(f"removed a stale kernel build lock {lock} ({age:.0f} s old, left by an interrupted build)",
+                  stacklevel=2)
+    return True
+
+
 def build(path: str):
     """Compile (or load from the cache) the kernels for `path` and return the module; raises on failure.
     Tests use it to run every path the CPU has; the model uses kernels()."""
@@ -78,7 +113,9 @@ def build(path: str):
     _ninja_on_path()
     flags = _cflags(path)
     digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    module = load(name=f"qwen3lab_{path}_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
+    name = f"qwen3lab_{path}_{digest}"
+    clear_stale_lock(_build_dir(name))
+    module = load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
                   extra_ldflags=LDFLAGS, extra_include_paths=[str(SOURCE.parent)], verbose=False)
     _built[path] = module
     return module
