@@ -117,8 +117,8 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, g
 
     from .qwen3 import Qwen3ForCausalLM
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     path = resolve_model_path(model)
     click.echo(f"loading {path} ({spec.describe()}, {device}, {_threads(torch.get_num_threads())}, "
                f"{_path_line(device, not no_fast)})", err=True)

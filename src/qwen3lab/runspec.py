@@ -33,8 +33,16 @@ ACT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 QUANTS = ("int8", "int4")  # weight-only formats of the fast CPU path
 QUANT_ACT_DTYPES = ("float32", "bfloat16")  # activations the quantised kernels take
 RUN_DTYPES = ACT_DTYPES + QUANTS  # a quant name as dtype: bfloat16 activations + those weights
-GROUP_SIZES = (32, 128)  # int4: weights per scale along the input dim (default: 128, or 32 where 128 does not
-# divide a weight's input size: fast/quant.py decides, as it sees the model)
+GROUP_SIZES = (32, 128)  # int4: weights per scale along the input dim (default_group below picks one)
+
+
+def default_group(in_sizes) -> int | None:
+    """int4's default group size for weights of these input sizes K: the largest of GROUP_SIZES dividing every
+    one (128 for every Qwen3 checkpoint, 32 for some small test models); None when none does."""
+    ks = set(in_sizes)
+    return next((g for g in sorted(GROUP_SIZES, reverse=True) if all(k % g == 0 for k in ks)), None)
+
+
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
             "fp64": "float64", "double": "float64"}
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..runspec import default_group
 from ..shapes import expected_shapes
 from .harness import clock
 
@@ -30,7 +31,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # weight-only formats: (activation / KV / unquantised-tensor dtype, bytes per weight, bytes per scale, weights
 # per scale: None = one scale per output row)
 QUANT_FORMATS = {"int8": ("bfloat16", 1, 4, None), "int4": ("bfloat16", 0.5, 4, 128)}
-INT4_FALLBACK_GROUP = 32  # what fast/quant.py uses when 128 does not divide every projection's input size
 
 
 def _quantised(name: str, shape) -> bool:
@@ -118,8 +118,8 @@ def decode_bytes(cfg, dtype: str, context: int, batch: int = 1,
     esize = DTYPE_BYTES[act]
     wsize = esize if bytes_per_param is None else bytes_per_param
     shapes = expected_shapes(cfg, include_lm_head=True)
-    if group is not None and any(s[1] % group for n, s in shapes.items() if qbytes is not None and _quantised(n, s)):
-        group = INT4_FALLBACK_GROUP
+    if group is not None:  # the group fast/quant.py picks for these shapes (runspec.default_group)
+        group = default_group(s[1] for n, s in shapes.items() if _quantised(n, s)) or group
     weights = 0.0
     for name, shape in shapes.items():
         n = 1

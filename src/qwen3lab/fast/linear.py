@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import pages
+from ..errors import InputError
+from ..runspec import GROUP_SIZES
 from . import tune
 from .build import kernels
 
@@ -152,7 +154,15 @@ class Int8Linear(nn.Module):
 
 
 # ---- int4 ----------------------------------------------------------------------------------------------------
-INT4_GROUPS = (32, 128)  # group sizes the kernels take (both multiples of the 32-weight packing block)
+INT4_GROUPS = GROUP_SIZES  # group sizes the kernels take (both multiples of the 32-weight packing block)
+
+
+def check_int4_group(shape, group_size: int) -> None:
+    """InputError naming the weight shape unless group_size is one the kernels take and divides K."""
+    K = shape[1]
+    if group_size not in INT4_GROUPS or K % group_size:
+        raise InputError(f"int4: group size {group_size} does not fit weight of shape {list(shape)}: it must be "
+                         f"one of {', '.join(map(str, INT4_GROUPS))} and divide K = {K}")
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -225,11 +235,7 @@ class Int4Linear(nn.Module):
         never float32 all at once); with `file_ranges` (qwen3lab.pages.file_ranges()) each block's memory-mapped
         file pages are given back as soon as it is quantised, as Int8Linear.from_float does."""
         N, K = weight.shape
-        if group_size not in INT4_GROUPS or K % group_size:
-            from ..errors import InputError
-
-            raise InputError(f"int4: group size {group_size} does not fit weight of shape {list(weight.shape)}: "
-                             f"it must be one of {', '.join(map(str, INT4_GROUPS))} and divide K = {K}")
+        check_int4_group(weight.shape, group_size)
         qw = torch.empty(N, K // 2, dtype=torch.uint8, device=weight.device)  # [N, K/2]
         scales = torch.empty(N, K // group_size, dtype=torch.float32, device=weight.device)  # [N, K/G]
         with torch.no_grad():

@@ -22,10 +22,10 @@ import functools
 from torch import nn
 
 from .. import pages
-from ..errors import InputError
-from .linear import INT4_GROUPS, FastLinear, Int4Linear, Int8Linear
+from ..runspec import QUANTS, default_group
+from .linear import INT4_GROUPS, FastLinear, Int4Linear, Int8Linear, check_int4_group
 
-QUANT_MODES = ("int8", "int4")
+QUANT_MODES = QUANTS  # runspec.py's table: what RunSpec offers is what quantise does
 
 
 def _q_mod(mod: nn.Module, ranges, fused: bool = False, mode: str = "int8", group_size: int = 128) -> nn.Module:
@@ -55,10 +55,13 @@ def _views(fused: nn.Module, parts: list[str], owner: nn.Module) -> None:
 
 
 def int4_group(model) -> int | None:
-    """The default int4 group size for `model`: the largest of INT4_GROUPS (128, else 32) dividing every
-    projection's K; None when none does (quantise then names the weight)."""
-    ks = {mod.weight.shape[1] for mod in model.modules() if isinstance(mod, (nn.Linear, FastLinear))}
-    return next((g for g in sorted(INT4_GROUPS, reverse=True) if all(k % g == 0 for k in ks)), None)
+    """The default int4 group size for `model` (runspec.default_group over every projection's K); None when
+    none fits (quantise then names the weight)."""
+    return default_group(mod.weight.shape[1] for mod in _linears(model))
+
+
+def _linears(model):
+    return [mod for mod in model.modules() if isinstance(mod, (nn.Linear, FastLinear))]
 
 
 def quantise(model, mode: str = "int8", file_ranges=None, group_size: int | None = None):
@@ -69,12 +72,8 @@ def quantise(model, mode: str = "int8", file_ranges=None, group_size: int | None
     if mode == "int4" and group_size is None:
         group_size = int4_group(model) or max(INT4_GROUPS)
     if mode == "int4":  # every shape checked before any module is replaced: no half-quantised model on error
-        for mod in model.modules():
-            if isinstance(mod, (nn.Linear, FastLinear)) and (group_size not in INT4_GROUPS or
-                                                              mod.weight.shape[1] % group_size):
-                raise InputError(f"int4: group size {group_size} does not fit weight of shape "
-                                 f"{list(mod.weight.shape)}: it must be one of {', '.join(map(str, INT4_GROUPS))} "
-                                 f"and divide K = {mod.weight.shape[1]}")
+        for mod in _linears(model):
+            check_int4_group(mod.weight.shape, group_size)
     ranges = pages.file_ranges() if file_ranges is None else file_ranges
     _q = functools.partial(_q_mod, ranges=ranges, mode=mode, group_size=group_size)
     for layer in model.model.layers:
