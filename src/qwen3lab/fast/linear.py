@@ -132,6 +132,10 @@ class Int8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.scale[:, None]).to(dtype)
 
+    def rows(self, start: int, n: int) -> Int8Linear:
+        """Output rows start..start+n-1 as their own module over views of this one's weight and scales."""
+        return Int8Linear(self.weight[start:start + n], self.scale[start:start + n])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _rows(x, self.in_features)
         k = _quant_kernels(x)
@@ -247,6 +251,10 @@ class Int4Linear(nn.Module):
                 if file_ranges is not None:
                     pages.release([block], file_ranges)
         return cls(qw, scales, group_size, fused=fused)
+
+    def rows(self, start: int, n: int) -> Int4Linear:
+        """Output rows start..start+n-1 as their own module over views of this one's weight and scales."""
+        return Int4Linear(self.weight[start:start + n], self.scales[start:start + n], self.group_size)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_int4(self.weight).float().view(self.out_features, -1, self.group_size)  # [N, groups, G]

@@ -46,11 +46,7 @@ def _views(fused: nn.Module, parts: list[str], owner: nn.Module) -> None:
     start = 0
     for name in parts:
         n = getattr(owner, name).weight.shape[0]
-        if isinstance(fused, Int8Linear):
-            part = Int8Linear(fused.weight[start:start + n], fused.scale[start:start + n])
-        else:
-            part = Int4Linear(fused.weight[start:start + n], fused.scales[start:start + n], fused.group_size)
-        setattr(owner, name, part)
+        setattr(owner, name, fused.rows(start, n))
         start += n
 
 
