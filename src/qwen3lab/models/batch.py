@@ -65,16 +65,20 @@ class ForwardBatch:
              device: str | torch.device | None = None) -> ForwardBatch:
         """Several sequences (cache, start, new ids) packed into one stream; last_only: logits of each
         sequence's last row only (what sampling needs)."""
-        parts, positions, spans, rows, n = [], [], [], [], 0
+        ids_all: list[int] = []
+        positions: list[int] = []
+        spans, rows = [], []
         for cache, start, ids in seqs:
-            t = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
-            parts.append(t)
-            positions.append(torch.arange(start, start + t.numel(), device=t.device))
-            spans.append(Span(cache, int(start), t.numel()))
-            n += t.numel()
-            rows.append(n - 1)
-        logits_rows = torch.tensor(rows, dtype=torch.long, device=parts[0].device) if last_only else None
-        return cls(torch.cat(parts), torch.cat(positions), spans, logits_rows)
+            if isinstance(ids, torch.Tensor):
+                device = device if device is not None else ids.device
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors, arrays, lists alike
+            ids = ids if isinstance(ids, list) else [ids]  # a 0-d tensor's tolist() is one int
+            ids_all += ids
+            positions += range(int(start), int(start) + len(ids))
+            spans.append(Span(cache, int(start), len(ids)))
+            rows.append(len(ids_all) - 1)
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return cls(as_t(ids_all), as_t(positions), spans, as_t(rows) if last_only else None)
 
     @property
     def num_tokens(self) -> int:
