@@ -144,7 +144,7 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     cfg = cfg or ref.cfg
     cand = resolve(candidate, path, cfg, device=device, dtype=dtype)
     if quantised_reference:
-        ref = _quantised_reference(reference, cand, path)
+        ref, cand.precision = _quantised_reference(reference, cand, path)  # judged at its activations' tolerance
     timings["load_s"] = time.perf_counter() - t
     problems = ref.problems + cand.problems + _same_config(ref.cfg, cand.cfg)
 
@@ -176,9 +176,10 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     return report
 
 
-def _quantised_reference(reference, cand: Side, path: Path | None) -> Side:
-    """The oracle over the candidate's weight format (verify's quantised_reference); the candidate's tolerance
-    becomes its activations'. Refused, naming what is missing, for anything but numpy vs our quantised model."""
+def _quantised_reference(reference, cand: Side, path: Path | None) -> tuple[Side, str]:
+    """The oracle over the candidate's weight format (verify's quantised_reference), and the candidate's
+    activation dtype (what is left to check). Refused, naming what is missing, for anything but numpy vs our
+    quantised model."""
     from ..models.numpy_quant import quantise_weights
     from ..models.numpy_ref import NumpyBackend
     from ..weights import load_weights
@@ -194,9 +195,9 @@ def _quantised_reference(reference, cand: Side, path: Path | None) -> Side:
 
     group = getattr(model, "group_size", None) if fmt == "int4" else None
     w = quantise_weights(load_weights(path, cand.cfg, dtype=torch.float64), cand.cfg, fmt, group)
-    cand.precision = normalize_dtype(str(model.dtype))  # the activations: what is left to check
     what = f"{fmt}-g{group}" if group else fmt
-    return Side(NumpyBackend(w, cand.cfg), "numpy", label=f"numpy (float64, {what} weights)")
+    return Side(NumpyBackend(w, cand.cfg), "numpy", label=f"numpy (float64, {what} weights)"), \
+        normalize_dtype(str(model.dtype))
 
 
 def _kernels_of(backend) -> dict[str, str] | None:
