@@ -102,8 +102,29 @@ def test_linear_rejects_bad_inputs(k):
         k.linear_small(torch.randn(1, 8), torch.randn(4, 8).bfloat16(), None)
     with pytest.raises(RuntimeError, match="scale"):
         k.linear_small(torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8), None)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        k.linear_small(torch.randn(8, 2).T, torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="contiguous"):  # a weight is never copied behind the caller's back
+        k.linear_small(torch.randn(1, 8), torch.randn(8, 4).T, None)
+
+
+def test_kernels_take_any_leading_shape_and_strides(k):
+    """The model's leaves hand the kernels x [..., C] as it is (strided slices included) and expect [..., N] back:
+    the same numbers as the contiguous 2-d rows."""
+    torch.manual_seed(0)
+    W = torch.randn(12, 16)
+    x = torch.randn(2, 3, 40)[..., 4:20]  # [2, 3, 16], not contiguous
+    want = k.linear_small(x.reshape(-1, 16).contiguous(), W, None).view(2, 3, 12)
+    got = k.linear_small(x, W, None)
+    assert got.shape == (2, 3, 12) and torch.equal(got, want), (got - want).abs().max()
+    w = torch.randn(16)
+    assert torch.equal(k.rmsnorm(x, w, 1e-6), k.rmsnorm(x.reshape(6, 16).contiguous(), w, 1e-6).view(2, 3, 16))
+    gu = torch.randn(1, 3, 32)
+    assert k.silu_mul(gu).shape == (1, 3, 16)
+    assert torch.equal(k.silu_mul(gu), k.silu_mul(gu[0]).unsqueeze(0))
+    q = torch.randn(1, 3, 2, 8)  # [1, N, H, Dh] with cos / sin [1, N, 1, Dh]
+    cos, sin = torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8)
+    assert torch.equal(k.rope(q, cos, sin), k.rope(q[0].contiguous(), cos.view(3, 8), sin.view(3, 8)).unsqueeze(0))
+    with pytest.raises(RuntimeError, match=r"cos/sin \[M, Dh\], got \[3, 2, 8\] and \[2, 8\]"):
+        k.rope(q, torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
 
 
 def _close_in_dtype(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:

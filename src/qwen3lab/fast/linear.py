@@ -29,6 +29,7 @@ from . import tune
 from .build import kernels
 
 SMALL_M = 32  # rows up to which the streaming kernel beats the many-row GEMMs (bench_fast_kernels.py; on Zen 4 ~24)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the activations / weights the kernels take
 BAND_BYTES = 8 << 20  # float32 band of widened weight rows for linear_large (2048 rows of 1024: ~3% over 1024)
 
 
@@ -57,7 +58,7 @@ def _rows(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Size]:
 def _quant_kernels(x: torch.Tensor):
     """The kernels for a quantised linear over x, or None: they take CPU float32 / bfloat16 activations."""
     k = kernels()
-    return k if k is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) else None
+    return k if k is not None and x.is_cpu and x.dtype in _KERNEL_DTYPES else None
 
 
 class FastLinear(nn.Module):
@@ -73,19 +74,16 @@ class FastLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernels take x [..., K] as it is and return [..., N] (kernels.cpp rows_of): no Python reshaping
         k = kernels()
         W = self.weight
-        if k is None or x.dtype != W.dtype or W.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu":
+        if k is None or x.dtype != W.dtype or W.dtype not in _KERNEL_DTYPES or not x.is_cpu:
             return F.linear(x, W)
-        x2, lead = _rows(x, self.in_features)
-        M = x2.shape[0]
-        if M <= SMALL_M:
-            y = k.linear_small(x2, W, None)
-        elif W.dtype == torch.bfloat16 and tune.choose("bfloat16") == "ours":
-            y = k.linear_large(x2, W, None, _band_rows(self.in_features))
-        else:
-            y = F.linear(x2, W)
-        return y.view(*lead, self.out_features)
+        if x.numel() <= SMALL_M * self.in_features:
+            return k.linear_small(x, W, None)
+        if W.dtype == torch.bfloat16 and tune.choose("bfloat16") == "ours":
+            return k.linear_large(x, W, None, _band_rows(self.in_features))
+        return F.linear(x, W)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
@@ -137,12 +135,12 @@ class Int8Linear(nn.Module):
         return Int8Linear(self.weight[start:start + n], self.scale[start:start + n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _rows(x, self.in_features)
         k = _quant_kernels(x)
+        if k is not None and x.numel() <= SMALL_M * self.in_features:  # decode: x [..., K] as it is
+            return k.linear_small(x, self.weight, self.scale)
+        x2, lead = _rows(x, self.in_features)
         if k is not None:
-            if x2.shape[0] <= SMALL_M:
-                y = k.linear_small(x2, self.weight, self.scale)
-            elif x2.dtype == torch.bfloat16 and tune.choose("int8") == "torch":
+            if x2.dtype == torch.bfloat16 and tune.choose("int8") == "torch":
                 y = int8_gemm_bf16(x2, self.weight, self.scale)
             else:
                 y = k.linear_large(x2, self.weight, self.scale, _band_rows(self.in_features))
@@ -261,18 +259,17 @@ class Int4Linear(nn.Module):
         return (q * self.scales[:, :, None]).view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, lead = _rows(x, self.in_features)
         k = _quant_kernels(x)
+        if k is not None and x.numel() <= SMALL_M * self.in_features:  # decode: x [..., K] as it is
+            return k.linear_q4(x, self.weight, self.scales, self.group_size)
+        x2, lead = _rows(x, self.in_features)
         if k is not None:
-            if x2.shape[0] <= SMALL_M:
-                y = k.linear_q4(x2, self.weight, self.scales, self.group_size)
-            else:
-                # always the dequantised-band sgemm, no tune.py choice: torch's _weight_int4pack_mm_for_cpu was
-                # slower at every M measured (bench_fast_kernels.py --quant int4; Zen 3, 2 threads, M = 64:
-                # 703 vs 558 ms for 8 layers' weights) and rounds the scales to x's dtype. On that machine the
-                # streaming linear_q4 was faster still at M = 64 (341 ms) and 128 (1031 vs 1190): its sgemm is
-                # slow; a "stream vs band" measurement per CPU is left to do.
-                y = k.linear_q4_large(x2, self.weight, self.scales, self.group_size, _band_rows(self.in_features))
+            # always the dequantised-band sgemm, no tune.py choice: torch's _weight_int4pack_mm_for_cpu was
+            # slower at every M measured (bench_fast_kernels.py --quant int4; Zen 3, 2 threads, M = 64:
+            # 703 vs 558 ms for 8 layers' weights) and rounds the scales to x's dtype. On that machine the
+            # streaming linear_q4 was faster still at M = 64 (341 ms) and 128 (1031 vs 1190): its sgemm is
+            # slow; a "stream vs band" measurement per CPU is left to do.
+            y = k.linear_q4_large(x2, self.weight, self.scales, self.group_size, _band_rows(self.in_features))
         else:  # what the kernels compute, in float32 over the dequantised weight
             y = F.linear(x2.float(), self.dequantized()).to(x.dtype)
         return y.view(*lead, self.out_features)

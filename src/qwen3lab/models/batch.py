@@ -46,6 +46,11 @@ class AttnPlan:
     is_causal: bool
     mask: torch.Tensor | None  # [T, S] bool (True = may attend), only for a prefill after a cached past
 
+    @property
+    def decode(self) -> bool:
+        """One new token continuing a cache: what the single-query decode attention kernel takes."""
+        return self.T == 1 and self.cache is not None
+
 
 @dataclass
 class ForwardBatch:

@@ -62,10 +62,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---- building blocks ------------------------------------------------------------------------------------
-def _on_kernel(kernel, x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether a leaf's C++ kernel takes x (and the tensors it is combined with): CPU, float32/bfloat16."""
-    return (kernel is not None and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu"
-            and all(o.dtype == x.dtype for o in others))
+def _on_kernel(kernel, x: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether a leaf's C++ kernel takes x and the tensor it is combined with: CPU, float32/bfloat16, one dtype.
+    The kernels take x of any leading shape and strides and give the leading shape back (fast/kernels.cpp
+    rows_of): a decode step calls ~12 leaves a layer, so the leaves do no reshaping of their own."""
+    return kernel is not None and x.dtype in _KERNEL_DTYPES and x.is_cpu and other.dtype == x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -77,13 +78,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _on_kernel(self.kernel, x, self.weight):  # same roundings: float32 norm, dtype, times the weight
-            D = x.shape[-1]
-            return self.kernel.rmsnorm(x.reshape(-1, D).contiguous(), self.weight, self.eps).view(x.shape)
+        w = self.weight
+        if _on_kernel(self.kernel, x, w):  # same roundings: float32 norm, dtype, times the weight
+            return self.kernel.rmsnorm(x, w, self.eps)
         dt = x.dtype
         h = x.to(_compute_dtype(dt))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dt)  # weight applied in the model dtype, as HF does
+        return w * h.to(dt)  # weight applied in the model dtype, as HF does
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +95,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel=None) -> torch.Tensor:
     """x [1, N, H, Dh]; cos/sin [1, N, 1, Dh] (already scaled and in x's dtype). kernel: the C++ leaf."""
-    if _on_kernel(kernel, x, cos, sin):  # the same three roundings in one pass
-        _, N, H, Dh = x.shape
-        return kernel.rope(x.reshape(N, H, Dh).contiguous(), cos.reshape(N, Dh), sin.reshape(N, Dh)).view(x.shape)
+    if _on_kernel(kernel, x, cos):  # the same three roundings in one pass (sin: cos's dtype, one table pair)
+        return kernel.rope(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 
@@ -104,9 +104,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, gate_up: torch.Tensor | None 
     """silu(gate) * up [..., I]. gate_up: the fused [..., 2I] tensor gate and up are the halves of, if any
     (the kernel then reads it as it is instead of a concatenated copy)."""
     if _on_kernel(kernel, gate, up):
-        I = gate.shape[-1]
-        gu = gate_up if gate_up is not None else torch.cat((gate, up), dim=-1)
-        return kernel.silu_mul(gu.reshape(-1, 2 * I).contiguous()).view(gate.shape)
+        return kernel.silu_mul(gate_up if gate_up is not None else torch.cat((gate, up), dim=-1))
     return F.silu(gate) * up
 
 
@@ -218,7 +216,7 @@ class Qwen3Attention(nn.Module):
         k = tap(names["k_norm"], self.k_norm(k))
         q = tap(names["q_rot"], apply_rope(q, cos, sin, self.kernel))
         k = tap(names["k_rot"], apply_rope(k, cos, sin, self.kernel))
-        if (_on_kernel(self.kernel, q, k, v) and all(p.cache is not None and p.T == 1 for p in plans)
+        if (_on_kernel(self.kernel, q, k) and v.dtype == q.dtype and all(p.decode for p in plans)
                 and not wants(names["probs"])):
             o = self._attend_decode(q, k, v, plans)
         elif len(plans) == 1:
@@ -237,10 +235,8 @@ class Qwen3Attention(nn.Module):
         into its sequence's cache and attends over it, one call for the batch. q [1, B, Hq, Dh] ->
         [1, B, Hq, Dh]; float32 scores and softmax, as SDPA's CPU kernel."""
         i = self.layer_idx
-        o = self.kernel.attend_decode(q[0].contiguous(), k[0].contiguous(), v[0].contiguous(),
-                                      [p.cache.k[i] for p in plans], [p.cache.v[i] for p in plans],
-                                      [p.start for p in plans], self.scaling)  # [B, Hq, Dh]
-        return o.unsqueeze(0)
+        return self.kernel.attend_decode(q, k, v, [p.cache.k[i] for p in plans], [p.cache.v[i] for p in plans],
+                                         [p.start for p in plans], self.scaling)  # [1, B, Hq, Dh]
 
     def sdpa_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
         """The dtype a prefill's SDPA runs in when not the model's (None): float32 for a kernel-leaf bf16 model,
