@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint clean peer
+.PHONY: install run test lint clean peer fuzz
 
 # The venv reuses a torch the system Python already has (CUDA or not); otherwise it installs the
 # pinned CPU wheel, because an unpinned torch pulls several GB of CUDA packages.
@@ -36,6 +36,12 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
+
+# The fuzz tests (tests/test_fuzz_*.py) with 20x their default Hypothesis examples and fresh random seeds: for a
+# nightly run (about 10 minutes); `make test` runs them at 1x, derandomised.
+FUZZ_SCALE ?= 20
+fuzz: $(STAMP)
+	QWEN3LAB_FUZZ_EXAMPLES=$(FUZZ_SCALE) $(PY) -m pytest -q tests/test_fuzz_*.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -60,10 +60,11 @@ def _linears(model):
     return [mod for mod in model.modules() if isinstance(mod, (nn.Linear, FastLinear))]
 
 
-def quantise(model, mode: str = "int8", file_ranges=None, group_size: int | None = None):
+def quantise(model, mode: str = "int8", file_ranges=None, group_size: int | None = None, before_layer=None):
     """Replace the model's projection weights by int8 / int4 ones in place (see module docstring); returns model.
     group_size: int4's group along K (32 or 128; it must divide every projection's K, else InputError); None:
-    int4_group(model), 128 for every Qwen3 checkpoint."""
+    int4_group(model), 128 for every Qwen3 checkpoint. before_layer(layer): run on each decoder layer just before
+    it is quantised (fast.optimize fuses its projections there)."""
     assert mode in QUANT_MODES, mode
     if mode == "int4" and group_size is None:
         group_size = int4_group(model) or max(INT4_GROUPS)
@@ -73,6 +74,8 @@ def quantise(model, mode: str = "int8", file_ranges=None, group_size: int | None
     ranges = pages.file_ranges() if file_ranges is None else file_ranges
     _q = functools.partial(_q_mod, ranges=ranges, mode=mode, group_size=group_size)
     for layer in model.model.layers:
+        if before_layer is not None:
+            before_layer(layer)
         attn = layer.self_attn
         if attn.qkv_proj is not None:
             attn.qkv_proj = _q(attn.qkv_proj, fused=True)
