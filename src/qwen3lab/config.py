@@ -135,7 +135,7 @@ class Qwen3Config:
             raise ConfigError(f"{source}: field 'use_sliding_window' is true: sliding-window attention is not "
                               f"supported (no released Qwen3 uses it); set it to false")
         prf = d.get("partial_rotary_factor", 1.0)
-        if prf != 1.0:
+        if isinstance(prf, bool) or not isinstance(prf, (int, float)) or prf != 1.0:
             raise ConfigError(f"{source}: field 'partial_rotary_factor' must be 1.0 (Qwen3 rotates the whole "
                               f"head; partial RoPE is not supported), got {show(prf)}")
         cfg.validate()
@@ -428,7 +428,8 @@ class _Reader:
         if not nullable and key in self.d:
             _check_int(self.src, key, None)
         if default is _REQUIRED:
-            raise ConfigError(f"{self.src}: missing field {key!r} (required for model_type {self.model_type!r})")
+            alias = "".join(f" or {k!r}" for k in alts)
+            raise ConfigError(f"{self.src}: missing field {key!r}{alias} (required for model_type {self.model_type!r})")
         return default
 
     def number(self, key: str, default: float, above: float) -> int | float:
@@ -466,6 +467,10 @@ def _rope(d: dict[str, Any], src: str) -> tuple[int | float, dict[str, Any] | No
             theta, theta_key = params["rope_theta"], "rope_parameters.rope_theta"
         if _rope_type(src, "rope_parameters", params) is not None:
             scaling, scaling_key = {k: v for k, v in params.items() if k != "rope_theta"}, "rope_parameters"
+    elif scaling is not None and scaling.get("rope_theta") is not None:
+        # transformers reads rope_scaling as its rope_parameters, whose own rope_theta wins over the top level
+        theta, theta_key = scaling["rope_theta"], "rope_scaling.rope_theta"
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
     if theta is None:
         if params is not None:
             raise ConfigError(f"{src}: missing field 'rope_parameters.rope_theta'")
