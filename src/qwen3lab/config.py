@@ -3,6 +3,11 @@
 Reads both the transformers-4 layout (`rope_theta`, `rope_scaling`, `num_experts`) and the
 transformers-5 layout (`rope_parameters: {rope_theta, rope_type, ...}`, `num_local_experts`).
 Qwen3's head_dim is explicit (128 for every released model) and is NOT hidden_size / heads.
+
+One strict schema: each key is checked as it is read -- booleans only true/false, integers only JSON
+integers within the bounds of limits.py, floats finite, rope objects with the keys their type needs --
+and a ConfigError names the key, its value (shortened when huge) and what is allowed. Keys qwen3lab does
+not read are ignored, as transformers ignores them.
 """
 
 from __future__ import annotations
@@ -201,8 +206,7 @@ class Qwen3Config:
                 f"(Qwen3-235B-A22B has 94 x 128)"
             )
         _layer_list(src, "mlp_only_layers", self.mlp_only_layers, self.num_hidden_layers)
-        dense_layers = [i for i in range(self.num_hidden_layers) if not self.is_moe_layer(i)]
-        if dense_layers:
+        if not all(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             _check_int(src, "intermediate_size", self.intermediate_size)  # dense layers of a MoE model use it
 
     # ---- writing -------------------------------------------------------------------------
