@@ -496,10 +496,10 @@ def _rope_type(src: str, key: str, rs: dict[str, Any]) -> str | None:
     files); None for plain RoPE: "default", or an object with nothing but rope_theta."""
     rtype = rs.get("rope_type", rs.get("type"))
     if rtype is None:
-        extra = sorted(str(k) for k in rs if k not in ("rope_theta", "rope_type", "type"))
+        extra = [k for k in rs if k not in ("rope_theta", "rope_type", "type")]
         if extra:  # transformers would read this as plain RoPE and silently drop e.g. a factor
             raise ConfigError(f"{src}: field '{key}.rope_type' is missing (one of {', '.join(ROPE_TYPES)}) "
-                              f"but {key} sets {', '.join(extra[:5])}")
+                              f"but {key} sets {show(extra)}")
         return None
     if not isinstance(rtype, str) or rtype not in ROPE_TYPES:
         raise ConfigError(f"{src}: field '{key}.rope_type' {show(rtype)} is not supported "
