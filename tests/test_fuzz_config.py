@@ -120,6 +120,8 @@ def expect(base: str, key: str, v):
         return ("same",)  # a dense Qwen3 ignores MoE keys, as transformers' Qwen3Config does
     if key == "rope_theta" and "rope_parameters" in d:
         return ("same",)  # rope_parameters.rope_theta wins (transformers 5)
+    if key == "num_experts" and v is None and "num_local_experts" in d:
+        return ("same",)  # null means absent: its transformers-5 name still gives the count
     if key in ("num_key_value_heads", "head_dim") and v is None:  # null means absent, as in transformers
         return ("set", d["num_attention_heads"] if key == "num_key_value_heads"
                 else d["hidden_size"] // d["num_attention_heads"])
