@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError, NumericsError, WeightsError
-from .jsonio import read_json
+from .jsonio import LIMITS, check_regular_file, read_json
 from .pages import file_ranges, release
 from .shapes import expected_shapes
 
@@ -90,20 +92,21 @@ def _refuse_pickles(where: Path, pickles: list[Path]) -> WeightsError:
 
 def _read_index(index: Path) -> dict[str, Path]:
     """weight_map of a sharded checkpoint as {tensor name: shard path}."""
-    d = read_json(index, WeightsError, "the checkpoint index")
+    d = read_json(index, WeightsError, "the checkpoint index", max_bytes=LIMITS["index"])
     wm = d.get("weight_map") if isinstance(d, dict) else None
     if not isinstance(wm, dict) or not wm:
-        raise WeightsError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+        got = type(d).__name__ if not isinstance(d, dict) else type(wm).__name__ if wm is not None else "nothing"
+        raise WeightsError(f"{index}: no 'weight_map' object mapping tensor names to shard files (got {got})")
     out: dict[str, Path] = {}
     for name, shard in wm.items():
-        if not isinstance(shard, str) or not shard:
-            raise WeightsError(f"{index}: weight_map[{name!r}] must be a shard file name, got {shard!r}")
+        if not isinstance(shard, str) or not shard or "\0" in shard:
+            raise WeightsError(f"{index}: weight_map[{name!r}] must be a shard file name, got {_short(shard)}")
         p = Path(shard)
         # Shards live next to the index; refuse paths that leave the checkpoint dir.
         if p.is_absolute() or ".." in p.parts:
             raise WeightsError(f"{index}: weight_map[{name!r}] = {shard!r} points outside the checkpoint dir")
         out[name] = index.parent / p
-    missing = sorted({p for p in out.values() if not p.is_file()})
+    missing = sorted({p for p in out.values() if not _exists(p, index)})
     if missing:
         first = next(n for n, p in out.items() if p == missing[0])
         raise WeightsError(
@@ -113,12 +116,32 @@ def _read_index(index: Path) -> dict[str, Path]:
     return out
 
 
+def _short(v, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _exists(p: Path, index: Path) -> bool:
+    """Whether a shard named in the index exists (anything there; _open refuses what is not a regular file)."""
+    try:
+        os.stat(p)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:  # a name too long, a path through a file, ...
+        raise WeightsError(f"{index}: shard {str(p.name)[:80]!r} cannot be opened ({e.strerror or e})") from None
+
+
 def resolve_files(path: str | Path) -> tuple[Path, dict[str, Path] | None, list[Path]]:
     """(where, weight_map or None, safetensors files) for a checkpoint dir, index file or single file."""
     path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such checkpoint file or directory")
-    if path.is_file():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such checkpoint file or directory") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise WeightsError(f"{path}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+    if not is_dir:  # a file, or a FIFO/device that _open and read_json refuse by name
         if path.name.endswith(".index.json"):
             wm = _read_index(path)
             return path, wm, sorted(set(wm.values()))
@@ -127,12 +150,13 @@ def resolve_files(path: str | Path) -> tuple[Path, dict[str, Path] | None, list[
         if path.suffix in PICKLE_SUFFIXES:
             raise _refuse_pickles(path, [path])
         raise WeightsError(f"{path}: not a safetensors file or {INDEX_FILE}")
+    # exists(), not is_file(): a FIFO or directory under these names is refused by name, not skipped
     index = path / INDEX_FILE
-    if index.is_file():
+    if index.exists():
         wm = _read_index(index)
         return index, wm, sorted(set(wm.values()))
     single = path / SINGLE_FILE
-    if single.is_file():
+    if single.exists():
         return single, None, [single]
     others = sorted(path.glob("*.safetensors"))
     if len(others) == 1:
@@ -149,13 +173,25 @@ def resolve_files(path: str | Path) -> tuple[Path, dict[str, Path] | None, list[
 
 
 def _open(file: Path):
+    # safe_open would block forever on a FIFO and fail obscurely on a device: refuse those by name first
+    check_regular_file(file, WeightsError, "safetensors file")
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except SafetensorError as e:
-        # safetensors reports truncated data as "incomplete metadata, file not fully covered"
+        # safetensors validates the header (length, JSON, dtypes, shapes, offsets covering the data exactly);
+        # truncated data reads as "incomplete metadata, file not fully covered"
         raise WeightsError(f"{file}: truncated or corrupt safetensors file ({e})") from None
     except OSError as e:
         raise WeightsError(f"{file}: cannot open ({e.strerror or e})") from None
+
+
+def _header(file: Path, h, name: str) -> tuple[str, tuple[int, ...]]:
+    """(safetensors dtype string, shape) of one tensor, from the header only."""
+    try:
+        sl = h.get_slice(name)
+        return sl.get_dtype(), tuple(sl.get_shape())
+    except (SafetensorError, TypeError, ValueError, AttributeError) as e:  # a dtype torch has no type for
+        raise WeightsError(f"{file}: tensor {name!r} cannot be read ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,8 +229,7 @@ def load_weights(
         for name in h.keys():
             if weight_map is not None and weight_map.get(name) != f:
                 continue  # the index is authoritative; a stray copy in another shard is not read
-            sl = h.get_slice(name)
-            found[name] = (f, sl.get_dtype(), tuple(sl.get_shape()))
+            found[name] = (f, *_header(f, h, name))
     if weight_map is not None:
         absent = [n for n in weight_map if n not in found]
         if absent:
