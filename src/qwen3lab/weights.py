@@ -105,6 +105,8 @@ def _read_index(index: Path) -> dict[str, Path]:
         # Shards live next to the index; refuse paths that leave the checkpoint dir.
         if p.is_absolute() or ".." in p.parts:
             raise WeightsError(f"{index}: weight_map[{name!r}] = {shard!r} points outside the checkpoint dir")
+        if not p.parts:  # "." or "./": the directory itself
+            raise WeightsError(f"{index}: weight_map[{name!r}] = {shard!r} is not a shard file name")
         out[name] = index.parent / p
     missing = sorted({p for p in out.values() if not _exists(p, index)})
     if missing:
@@ -180,9 +182,64 @@ def _open(file: Path):
     except SafetensorError as e:
         # safetensors validates the header (length, JSON, dtypes, shapes, offsets covering the data exactly);
         # truncated data reads as "incomplete metadata, file not fully covered"
-        raise WeightsError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+        culprit = _bad_entry(file)
+        msg = str(e) if not culprit or len(str(e)) <= 160 else str(e)[:157] + "..."
+        raise WeightsError(f"{file}: truncated or corrupt safetensors file ({msg})"
+                           + (f"; {culprit}" if culprit else "")) from None
     except OSError as e:
         raise WeightsError(f"{file}: cannot open ({e.strerror or e})") from None
+
+
+# bits per element of each safetensors dtype (to name the tensor whose header entry is inconsistent)
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+               "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+               "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64, "F64": 64}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header length
+
+
+def _bad_entry(file: Path) -> str | None:
+    """'tensor NAME: what is wrong' for the first header entry safetensors would refuse, or None. Its errors
+    ("invalid shape, data type, or offset for tensor", "unknown variant") often do not say which tensor."""
+    try:
+        with open(file, "rb") as fh:  # a regular file: _open checked
+            size = os.fstat(fh.fileno()).st_size
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= min(size - 8, _MAX_HEADER):
+                return None
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, RecursionError, MemoryError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    spans = []
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(e, dict):
+            return f"tensor {name!r}: header entry is {_short(e)}, not an object"
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if dtype not in _DTYPE_BITS:
+            return f"tensor {name!r}: unknown dtype {_short(dtype)}"
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            return f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers"
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {name!r}: data_offsets {_short(offsets)} is not [start, end] with 0 <= start <= end"
+        nbytes = math.prod(shape) * _DTYPE_BITS[dtype]
+        if nbytes % 8 or nbytes // 8 != offsets[1] - offsets[0]:
+            return (f"tensor {name!r}: shape {shape} of {dtype} takes {nbytes / 8:g} bytes but data_offsets "
+                    f"{offsets} span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            return f"tensor {name!r}: data starts at byte {start}, expected {end} (gap or overlap)"
+        end = stop
+    if end != size - 8 - n:
+        return f"the tensors' data ends at byte {end} but the file holds {size - 8 - n} data bytes"
+    return None
 
 
 def _header(file: Path, h, name: str) -> tuple[str, tuple[int, ...]]:
