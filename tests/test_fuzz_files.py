@@ -111,136 +111,6 @@ def _tokenizer_json() -> str:
     return HFTokenizer(WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).to_str()
 
 
-# ---- FIFOs: never opened, never block (one subprocess, under a timeout) ------------------------------
-FIFO_SCRIPT = r'''
-import json, os, sys, traceback
-from pathlib import Path
-import numpy as np, torch
-from click.testing import CliRunner
-from qwen3lab.cli import main
-from qwen3lab.config import Qwen3Config, load_config
-from qwen3lab.errors import Qwen3LabError
-from qwen3lab.taps import read_dump
-from qwen3lab.tiny.config import tiny_config
-from qwen3lab.tiny.weights import init_weights, read_weights
-from qwen3lab.tokenizer import Tokenizer
-from qwen3lab.weights import load_weights, save_checkpoint
-
-root, tokjson = Path(sys.argv[1]), sys.argv[2]
-cfg = tiny_config()
-tensors = {k: torch.from_numpy(v).float() for k, v in init_weights(cfg, "arange").items()}
-
-def fifo(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    return path
-
-def ckpt(name, **kw):
-    return save_checkpoint(root / name, cfg, tensors, dtype="float32", **kw)
-
-def tokdir(name):
-    d = root / name
-    d.mkdir()
-    (d / "tokenizer.json").write_text(tokjson)
-    return d
-
-def cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    lines = [l for l in r.output.splitlines() if l.startswith("error:")]
-    if r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output:
-        raise Qwen3LabError(lines[0])
-    raise RuntimeError(f"exit {r.exit_code}: {r.output!r} {r.exception!r}")
-
-def single_fifo():
-    d = ckpt("s1"); (d / "model.safetensors").unlink(); fifo(d / "model.safetensors")
-    return load_weights(d, cfg)
-
-def index_fifo():
-    d = ckpt("s2", shard_size=300); (d / "model.safetensors.index.json").unlink()
-    fifo(d / "model.safetensors.index.json")
-    return load_weights(d, cfg)
-
-def shard_fifo():
-    d = ckpt("s3", shard_size=300); s = sorted(d.glob("model-*.safetensors"))[0]; s.unlink(); fifo(s)
-    return load_weights(d, cfg)
-
-def tok_fifo(name):
-    d = tokdir("t_" + name); fifo(d / name)
-    return Tokenizer.from_dir(d)
-
-CASES = {
-    "config_dir": lambda: load_config(fifo(root / "c1" / "config.json").parent),
-    "config_file": lambda: Qwen3Config.from_file(fifo(root / "c2" / "config.json")),
-    "weights_single": single_fifo,
-    "weights_file": lambda: load_weights(fifo(root / "w" / "x.safetensors"), cfg),
-    "weights_index": index_fifo,
-    "weights_shard": shard_fifo,
-    "dump": lambda: read_dump(fifo(root / "d" / "taps.safetensors")),
-    "tiny_json": lambda: read_weights(fifo(root / "tj" / "w.json"), cfg),
-    "tiny_npz": lambda: read_weights(fifo(root / "tn" / "w.npz"), cfg),
-    "tiny_safetensors": lambda: read_weights(fifo(root / "ts" / "w.safetensors"), cfg),
-    "tokenizer_json": lambda: Tokenizer.from_dir(fifo(root / "tk" / "tokenizer.json").parent),
-    "tokenizer_config": lambda: tok_fifo("tokenizer_config.json"),
-    "generation_config": lambda: tok_fifo("generation_config.json"),
-    "chat_template": lambda: tok_fifo("chat_template.jinja"),
-    "cli_params": lambda: cli("params", "--config", fifo(root / "p" / "config.json")),
-    "cli_tiny_weights": lambda: cli("tiny", "--weights", fifo(root / "tw" / "w.json")),
-}
-for name, fn in CASES.items():
-    print("START", name, flush=True)
-    try:
-        fn()
-        out = {"case": name, "error": None, "msg": "loaded"}
-    except Qwen3LabError as e:
-        out = {"case": name, "error": type(e).__name__, "msg": str(e)}
-    except Exception as e:
-        out = {"case": name, "error": "traceback", "msg": traceback.format_exc()}
-    print(json.dumps(out), flush=True)
-'''
-
-FIFO_CASES = {  # case -> (error type, what the message must name besides "FIFO")
-    "config_dir": ("ConfigError", "config.json"), "config_file": ("ConfigError", "config.json"),
-    "weights_single": ("WeightsError", "model.safetensors"), "weights_file": ("WeightsError", "x.safetensors"),
-    "weights_index": ("WeightsError", INDEX_FILE), "weights_shard": ("WeightsError", "model-00001-of-"),
-    "dump": ("DumpError", "taps.safetensors"), "tiny_json": ("WeightsError", "w.json"),
-    "tiny_npz": ("WeightsError", "w.npz"), "tiny_safetensors": ("WeightsError", "w.safetensors"),
-    "tokenizer_json": ("TokenizerError", "tokenizer.json"),
-    "tokenizer_config": ("TokenizerError", "tokenizer_config.json"),
-    "generation_config": ("TokenizerError", "generation_config.json"),
-    "chat_template": ("TokenizerError", "chat_template.jinja"),
-    "cli_params": ("Qwen3LabError", "config.json"), "cli_tiny_weights": ("Qwen3LabError", "w.json"),
-}
-
-
-@pytest.fixture(scope="module")
-def fifo_results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fifo")
-    env = {**os.environ, "PYTHONPATH": str(Path(qwen3lab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    try:
-        proc = subprocess.run([sys.executable, "-c", FIFO_SCRIPT, str(root), _tokenizer_json()], env=env,
-                              capture_output=True, text=True, timeout=60)
-        out = proc.stdout
-    except subprocess.TimeoutExpired as e:  # a reader blocked: the cases after START without a result fail
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
-    results = {}
-    for line in out.splitlines():
-        if line.startswith("START "):
-            results[line.split()[1]] = {"error": "hang", "msg": "blocked on the FIFO (timed out)"}
-        elif line.startswith("{"):
-            d = json.loads(line)
-            results[d["case"]] = d
-    return results
-
-
-@pytest.mark.parametrize("case", list(FIFO_CASES))
-def test_fifo_is_refused_without_blocking(fifo_results, case):
-    assert case in fifo_results, f"{case} never ran (an earlier case blocked?)"
-    r = fifo_results[case]
-    err, name = FIFO_CASES[case]
-    assert r["error"] == err, r
-    assert name in r["msg"] and "FIFO" in r["msg"], r["msg"]
-
-
 # ---- /dev/zero, directories, oversized, deeply nested, huge integers ---------------------------------
 def _tok_dir(tmp_path: Path) -> Path:
     (tmp_path / "tokenizer.json").write_text(_tokenizer_json())
@@ -588,6 +458,17 @@ def test_dump_tensor_dtype(tmp_path, dtype):
         _raises(DumpError, lambda: read_dump(f), f, "'layers.0.q'", dtype)
 
 
+def test_cli_verify_float8_dump(tmp_path):
+    """The issue's example: a float8 tensor in a dump was a traceback; now one error line naming it."""
+    from qwen3lab.make_model import make_model
+
+    model = make_model(tmp_path / "m", preset="tiny", dtype="float32", seed=3)
+    f = _raw_safetensors(tmp_path / "f8.safetensors", [("layers.0.q", "F8_E4M3", [8], bytes(8))],
+                         meta={"format": "qwen3lab.taps"})
+    line = _cli_error("verify", "--model-path", model, "--candidate", f"dump:{f}")
+    assert str(f) in line and "'layers.0.q'" in line and "F8_E4M3" in line, line
+
+
 def test_dump_garbage(tmp_path):
     f = tmp_path / "taps.safetensors"
     f.write_bytes(b"garbage, not a dump")
@@ -723,3 +604,144 @@ def test_tiny_safetensors_dtype(tmp_path, cfg, base, dtype):
         np.testing.assert_array_equal(read_weights(f, cfg)["model.norm.weight"], np.zeros(8))
     else:
         _raises(WeightsError, lambda: read_weights(f, cfg), f, "'model.norm.weight'", dtype)
+
+
+# ---- FIFOs: never opened, never block (one subprocess, under a timeout; last in the module) ----------------
+FIFO_SCRIPT = r'''
+import json, os, sys, traceback
+from pathlib import Path
+import numpy as np, torch
+from click.testing import CliRunner
+from qwen3lab.cli import main
+from qwen3lab.config import Qwen3Config, load_config
+from qwen3lab.errors import Qwen3LabError
+from qwen3lab.taps import read_dump
+from qwen3lab.tiny.config import tiny_config
+from qwen3lab.tiny.weights import init_weights, read_weights
+from qwen3lab.tokenizer import Tokenizer
+from qwen3lab.weights import load_weights, save_checkpoint
+
+root, tokjson = Path(sys.argv[1]), sys.argv[2]
+cfg = tiny_config()
+tensors = {k: torch.from_numpy(v).float() for k, v in init_weights(cfg, "arange").items()}
+
+def fifo(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+def ckpt(name, **kw):
+    return save_checkpoint(root / name, cfg, tensors, dtype="float32", **kw)
+
+def tokdir(name):
+    d = root / name
+    d.mkdir()
+    (d / "tokenizer.json").write_text(tokjson)
+    return d
+
+def cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    lines = [l for l in r.output.splitlines() if l.startswith("error:")]
+    if r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output:
+        raise Qwen3LabError(lines[0])
+    raise RuntimeError(f"exit {r.exit_code}: {r.output!r} {r.exception!r}")
+
+def single_fifo():
+    d = ckpt("s1"); (d / "model.safetensors").unlink(); fifo(d / "model.safetensors")
+    return load_weights(d, cfg)
+
+def index_fifo():
+    d = ckpt("s2", shard_size=300); (d / "model.safetensors.index.json").unlink()
+    fifo(d / "model.safetensors.index.json")
+    return load_weights(d, cfg)
+
+def shard_fifo():
+    d = ckpt("s3", shard_size=300); s = sorted(d.glob("model-*.safetensors"))[0]; s.unlink(); fifo(s)
+    return load_weights(d, cfg)
+
+def tok_fifo(name):
+    d = tokdir("t_" + name); fifo(d / name)
+    return Tokenizer.from_dir(d)
+
+CASES = {
+    "config_dir": lambda: load_config(fifo(root / "c1" / "config.json").parent),
+    "config_file": lambda: Qwen3Config.from_file(fifo(root / "c2" / "config.json")),
+    "weights_single": single_fifo,
+    "weights_file": lambda: load_weights(fifo(root / "w" / "x.safetensors"), cfg),
+    "weights_index": index_fifo,
+    "weights_shard": shard_fifo,
+    "dump": lambda: read_dump(fifo(root / "d" / "taps.safetensors")),
+    "tiny_json": lambda: read_weights(fifo(root / "tj" / "w.json"), cfg),
+    "tiny_npz": lambda: read_weights(fifo(root / "tn" / "w.npz"), cfg),
+    "tiny_safetensors": lambda: read_weights(fifo(root / "ts" / "w.safetensors"), cfg),
+    "tokenizer_json": lambda: Tokenizer.from_dir(fifo(root / "tk" / "tokenizer.json").parent),
+    "tokenizer_config": lambda: tok_fifo("tokenizer_config.json"),
+    "generation_config": lambda: tok_fifo("generation_config.json"),
+    "chat_template": lambda: tok_fifo("chat_template.jinja"),
+    "cli_params": lambda: cli("params", "--config", fifo(root / "p" / "config.json")),
+    "cli_tiny_weights": lambda: cli("tiny", "--weights", fifo(root / "tw" / "w.json")),
+}
+for name, fn in CASES.items():
+    print("START", name, flush=True)
+    try:
+        fn()
+        out = {"case": name, "error": None, "msg": "loaded"}
+    except Qwen3LabError as e:
+        out = {"case": name, "error": type(e).__name__, "msg": str(e)}
+    except Exception as e:
+        out = {"case": name, "error": "traceback", "msg": traceback.format_exc()}
+    print(json.dumps(out), flush=True)
+'''
+
+FIFO_CASES = {  # case -> (error type, what the message must name besides "FIFO")
+    "config_dir": ("ConfigError", "config.json"), "config_file": ("ConfigError", "config.json"),
+    "weights_single": ("WeightsError", "model.safetensors"), "weights_file": ("WeightsError", "x.safetensors"),
+    "weights_index": ("WeightsError", INDEX_FILE), "weights_shard": ("WeightsError", "model-00001-of-"),
+    "dump": ("DumpError", "taps.safetensors"), "tiny_json": ("WeightsError", "w.json"),
+    "tiny_npz": ("WeightsError", "w.npz"), "tiny_safetensors": ("WeightsError", "w.safetensors"),
+    "tokenizer_json": ("TokenizerError", "tokenizer.json"),
+    "tokenizer_config": ("TokenizerError", "tokenizer_config.json"),
+    "generation_config": ("TokenizerError", "generation_config.json"),
+    "chat_template": ("TokenizerError", "chat_template.jinja"),
+    "cli_params": ("Qwen3LabError", "config.json"), "cli_tiny_weights": ("Qwen3LabError", "w.json"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fifo_proc(tmp_path_factory):
+    """The FIFO cases' subprocess, started with the module's first test so that it runs (mostly importing
+    torch) beside the other tests; its results are read by the FIFO tests at the end of the module."""
+    root = tmp_path_factory.mktemp("fifo")
+    env = {**os.environ, "PYTHONPATH": str(Path(qwen3lab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", FIFO_SCRIPT, str(root), _tokenizer_json()], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def fifo_results(fifo_proc):
+    try:
+        out, _ = fifo_proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a reader blocked: the case after the last START without a result fails
+        fifo_proc.kill()
+        out, _ = fifo_proc.communicate()
+    results = {}
+    for line in out.splitlines():
+        if line.startswith("START "):
+            results[line.split()[1]] = {"error": "hang", "msg": "blocked on the FIFO (timed out)"}
+        elif line.startswith("{"):
+            d = json.loads(line)
+            results[d["case"]] = d
+    return results
+
+
+@pytest.mark.parametrize("case", list(FIFO_CASES))
+def test_fifo_is_refused_without_blocking(fifo_results, case):
+    assert case in fifo_results, f"{case} never ran (an earlier case blocked?)"
+    r = fifo_results[case]
+    err, name = FIFO_CASES[case]
+    assert r["error"] == err, r
+    assert name in r["msg"] and "FIFO" in r["msg"], r["msg"]

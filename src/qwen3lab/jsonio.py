@@ -20,14 +20,15 @@ from typing import Any
 
 _MiB = 2**20
 
-# The most bytes each kind of file may have; generous for any real Qwen3 checkpoint (config.json ~1 KB,
-# tokenizer_config.json ~10 KB, the index of a 235B MoE ~10 MB, tokenizer.json ~11 MB), small enough that
-# a wrong or hostile file is refused before it is read into memory.
+# The most bytes each kind of file may have; generous for any real checkpoint (config.json ~1 KB,
+# tokenizer_config.json ~10 KB, the index of a 235B MoE ~10 MB, tokenizer.json 11 MB for Qwen3, ~35 MB for
+# the largest vocabularies), small enough that a wrong or hostile file is refused before it is read (parsed
+# JSON takes several times its size in memory).
 LIMITS = {
     "config": 4 * _MiB,  # config.json, generation_config.json, tokenizer_config.json
     "index": 64 * _MiB,  # model.safetensors.index.json
-    "tokenizer": 256 * _MiB,  # tokenizer.json
-    "tiny_weights": 256 * _MiB,  # `tiny --weights` JSON
+    "tokenizer": 128 * _MiB,  # tokenizer.json
+    "tiny_weights": 96 * _MiB,  # `tiny --weights` JSON: at most 2M parameters (tiny.config), ~25 bytes each
     "dump_metadata": 16 * _MiB,  # one JSON value in a dump's metadata (input_ids of a 1M-token prompt ~8 MB)
 }
 
