@@ -16,7 +16,9 @@ Init rules, per tensor:
 Files (chosen by extension): `.safetensors`, `.npz`, `.json` ({name: nested lists}, one matrix row per
 line, float64 repr so a round trip is exact). Reading checks every tensor against the config: missing
 tensors, unexpected tensors and wrong shapes are WeightsErrors naming them. NaN/Inf are allowed on
-purpose: planting one is how a person sees what the stability check reports.
+purpose: planting one is how a person sees what the stability check reports. Reading is safe with any
+file: a FIFO or device is refused before it is opened, .npz object arrays are never unpickled, JSON
+leaves must be numbers (not true/null/"0.5") and tensors integer or float.
 """
 
 from __future__ import annotations
