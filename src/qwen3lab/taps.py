@@ -260,7 +260,9 @@ _ID_MAX = 2**63 - 1  # ids and positions are int64 in every backend
 
 
 def read_dump(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a dump: (taps in file order, metadata with input_ids/positions decoded)."""
+    """Read a dump: (taps in file order, metadata with input_ids/positions decoded). Anything malformed is a
+    DumpError naming the file and the tensor or metadata key: a non-regular file (never opened), a corrupt
+    header, a tensor dtype NumPy cannot hold (float8, ...), ids that are not a JSON list of integers."""
     from safetensors import SafetensorError, safe_open
 
     from .jsonio import check_regular_file

@@ -12,6 +12,8 @@ Notable:
   (`mlp.experts.gate_up_proj` [E, 2I, D], gate rows first; `mlp.experts.down_proj` [E, D, I]); fused ones are
   split into per-expert views.
 - Pickle checkpoints (`*.bin`, `*.pt`, `*.pth`) are refused, never unpickled: unpickling runs arbitrary code.
+- Only regular files are opened (a FIFO would block safe_open forever); safetensors validates each header,
+  and when its error names no tensor, the tensor at fault is found and named (`_bad_entry`).
 """
 
 from __future__ import annotations
