@@ -253,35 +253,67 @@ def write_dump(path: str | Path, taps: Mapping[str, Any], *, backend: str, dtype
     return path
 
 
+# Tensor dtypes a dump may hold: what NumPy represents (bfloat16 is widened to float32 through torch).
+# float8/float4/complex taps are refused: nothing qwen3lab compares them with.
+DUMP_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
+_ID_MAX = 2**63 - 1  # ids and positions are int64 in every backend
+
+
 def read_dump(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a dump: (taps in file order, metadata with input_ids/positions decoded)."""
+    """Read a dump: (taps in file order, metadata with input_ids/positions decoded). Anything malformed is a
+    DumpError naming the file and the tensor or metadata key: a non-regular file (never opened), a corrupt
+    header, a tensor dtype NumPy cannot hold (float8, ...), ids that are not a JSON list of integers."""
     from safetensors import SafetensorError, safe_open
 
+    from .jsonio import check_regular_file
+
     path = Path(path)
-    if not path.exists():
-        raise DumpError(f"{path}: dump file not found")
+    # before safe_open: it would block forever on a FIFO
+    check_regular_file(path, DumpError, "dump file")
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
-            keys = list(f.keys())
-            taps = {}
-            for k in keys:
-                try:
-                    taps[k] = f.get_tensor(k)
-                except (TypeError, ValueError):  # bfloat16 has no NumPy dtype: read through torch
-                    taps[k] = _read_via_torch(path, k)
+            taps = {k: _read_tap(f, path, k) for k in f.keys()}
     except SafetensorError as e:
         raise DumpError(f"{path}: not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise DumpError(f"{path}: cannot read the dump file ({e.strerror or e})") from None
     if meta.get("format") not in (None, DUMP_FORMAT):
-        raise DumpError(f"{path}: metadata format is {meta.get('format')!r}, expected {DUMP_FORMAT!r}")
+        raise DumpError(f"{path}: metadata format is {_short(meta.get('format'))}, expected {DUMP_FORMAT!r}")
     for key in ("input_ids", "positions"):
         if key in meta:
-            try:
-                meta[key] = [int(v) for v in json.loads(meta[key])]
-            except (ValueError, TypeError):
-                raise DumpError(f"{path}: metadata {key!r} is not a JSON list of integers: {meta[key]!r}") from None
+            meta[key] = _id_list(path, key, meta[key])
     # keep the tensors in dataflow order even if the writer sorted them by name
     return dict(sorted(taps.items(), key=lambda kv: dataflow_key(kv[0]))), meta
+
+
+def _read_tap(f, path: Path, key: str) -> np.ndarray:
+    dtype = f.get_slice(key).get_dtype()
+    if dtype not in DUMP_DTYPES:
+        raise DumpError(f"{path}: tensor {key!r} has dtype {dtype}; dump tensors are float (F32, F16, BF16, F64), "
+                        f"integer or bool")
+    if dtype == "BF16":  # no NumPy dtype: read through torch
+        return _read_via_torch(path, key)
+    return f.get_tensor(key)
+
+
+def _id_list(path: Path, key: str, text: str) -> list[int]:
+    """A metadata JSON list of token ids / positions: non-negative int64 integers, nothing else."""
+    from .jsonio import LIMITS, loads_json
+
+    what = f"{path}: metadata {key!r}"
+    v = loads_json(text, DumpError, what, max_chars=LIMITS["dump_metadata"])
+    if not isinstance(v, list):
+        raise DumpError(f"{what} must be a JSON list of integers, got {type(v).__name__}: {_short(text)}")
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= _ID_MAX:
+            raise DumpError(f"{what}[{i}] is {_short(x)}; it must be an integer in 0..2**63-1")
+    return v
+
+
+def _short(v, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def _read_via_torch(path: Path, key: str) -> np.ndarray:

@@ -32,7 +32,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import InputError, TokenizerError
-from .jsonio import read_json
+from .jsonio import LIMITS, check_regular_file, read_json, read_text
 
 BUNDLED = "bundled Qwen3 tokenizer (qwen3lab/data/qwen3-tokenizer, Apache-2.0, Qwen)"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -48,7 +48,7 @@ def bundled_file_text(name: str) -> str:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    d = read_json(path, TokenizerError, what)
+    d = read_json(path, TokenizerError, what, max_bytes=LIMITS["config"])
     if not isinstance(d, dict):
         raise TokenizerError(f"{path}: expected a JSON object in {what}, got {type(d).__name__}")
     return d
@@ -193,7 +193,9 @@ class Tokenizer:
         if not path.is_dir():
             raise TokenizerError(f"{path}: no such checkpoint directory")
         tj = path / "tokenizer.json"
-        if not tj.is_file():
+        # exists(), not is_file(): a FIFO or directory under a tokenizer file's name is refused by name, never
+        # skipped (nor opened: read_text checks it is a regular file of sane size first)
+        if not tj.exists():
             tok = cls.bundled()
             tok.note = f"{path} has no tokenizer.json; using the {BUNDLED}"
             warnings.warn(tok.note, stacklevel=2)
@@ -201,17 +203,15 @@ class Tokenizer:
             if eos:
                 tok.eos_token_ids = eos
             return tok
-        try:
-            text = tj.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{tj}: cannot read ({e})") from None
+        text = read_text(tj, TokenizerError, "tokenizer.json", max_bytes=LIMITS["tokenizer"])
         hf = _tokenizer_from_str(text, str(tj))
         tc_path = path / "tokenizer_config.json"
-        tcfg = _read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
+        tcfg = _read_json(tc_path, "tokenizer_config.json") if tc_path.exists() else {}
         tmpl_source = str(tc_path)
         # transformers 5 saves the template in its own file; it wins over tokenizer_config.json
         jinja_file = path / "chat_template.jinja"
-        if jinja_file.is_file():
+        if jinja_file.exists():
+            check_regular_file(jinja_file, TokenizerError, "chat template")  # a FIFO would block the read
             try:
                 tcfg["chat_template"] = jinja_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
@@ -223,7 +223,7 @@ class Tokenizer:
     def _eos_from_dir(path: Path) -> list[int] | None:
         for name in ("generation_config.json", "config.json"):
             f = path / name
-            if f.is_file():
+            if f.exists():
                 v = _read_json(f, name).get("eos_token_id")
                 if v is not None:
                     eos = _eos_list(v)

@@ -16,18 +16,22 @@ Init rules, per tensor:
 Files (chosen by extension): `.safetensors`, `.npz`, `.json` ({name: nested lists}, one matrix row per
 line, float64 repr so a round trip is exact). Reading checks every tensor against the config: missing
 tensors, unexpected tensors and wrong shapes are WeightsErrors naming them. NaN/Inf are allowed on
-purpose: planting one is how a person sees what the stability check reports.
+purpose: planting one is how a person sees what the stability check reports. Reading is safe with any
+file: a FIFO or device is refused before it is opened, .npz object arrays are never unpickled, JSON
+leaves must be numbers (not true/null/"0.5") and tensors integer or float.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import WeightsError
-from ..jsonio import read_json
+from ..jsonio import LIMITS, check_regular_file, read_json
 from ..shapes import expected_shapes
 
 INITS = ("random", "identity", "ones", "arange")
@@ -109,6 +113,11 @@ def _format(path: Path) -> str:
     return suffix
 
 
+# Tensor dtypes a weights file may hold (safetensors names; .npz arrays likewise of integer or float kind):
+# each converts to float64 exactly or by rounding. bool, complex, float8/float4 are refused, not reinterpreted.
+TENSOR_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
+
+
 def read_weights(path: str | Path, cfg) -> dict[str, np.ndarray]:
     """Read a weights file (by extension), check it against cfg, return float64 arrays."""
     path = Path(path)
@@ -118,41 +127,85 @@ def read_weights(path: str | Path, cfg) -> dict[str, np.ndarray]:
     if fmt == ".safetensors":
         raw = _read_safetensors(path)
     elif fmt == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                raw = {k: z[k] for k in z.files}
-        except (ValueError, OSError) as e:
-            raise WeightsError(f"{path}: not a readable .npz file ({e})") from None
+        raw = _read_npz(path)
     else:
         raw = _read_json(path)
-    for name, arr in raw.items():
-        if not np.issubdtype(np.asarray(arr).dtype, np.number):
-            raise WeightsError(f"{path}: tensor {name!r} is not numeric (dtype {np.asarray(arr).dtype})")
     return check_weights(raw, cfg, str(path))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    check_regular_file(path, WeightsError, "the weights file")  # np.load would block forever on a FIFO
+    try:
+        # allow_pickle=False: an object array in the file is refused, never unpickled (that can run code)
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raw = None  # a single .npy array
+        else:
+            with z:
+                raw = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise WeightsError(f"{path}: not a readable .npz file ({e})") from None
+    except MemoryError:
+        raise WeightsError(f"{path}: an array in the .npz file is too large to read into memory") from None
+    if raw is None:
+        raise WeightsError(f"{path}: a single .npy array, not an .npz archive of named tensors")
+    for name, arr in raw.items():
+        if arr.dtype.kind not in "iuf":
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {arr.dtype}; weights are integer or float numbers")
+    return raw
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
+    check_regular_file(path, WeightsError, "the weights file")  # safe_open would block forever on a FIFO
     try:
         # through torch: bfloat16 files have no NumPy dtype
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k).double().numpy() for k in f.keys()}
+            out = {}
+            for k in f.keys():
+                dtype = f.get_slice(k).get_dtype()
+                if dtype not in TENSOR_DTYPES:
+                    raise WeightsError(f"{path}: tensor {k!r} has dtype {dtype}; weights are one of "
+                                       f"{', '.join(TENSOR_DTYPES)}")
+                out[k] = f.get_tensor(k).double().numpy()
+            return out
     except SafetensorError as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the weights file ({e.strerror or e})") from None
 
 
 def _read_json(path: Path) -> dict[str, np.ndarray]:
-    d = read_json(path, WeightsError, "the weights file")
+    d = read_json(path, WeightsError, "the weights file", max_bytes=LIMITS["tiny_weights"])
     if not isinstance(d, dict):
         raise WeightsError(f"{path}: expected a JSON object {{tensor name: nested lists}}, got {type(d).__name__}")
-    out = {}
-    for name, v in d.items():
-        try:
-            out[name] = np.array(v, dtype=np.float64)
-        except (ValueError, TypeError):
-            raise WeightsError(f"{path}: tensor {name!r} is not a rectangular list of numbers") from None
-    return out
+    return {name: _json_tensor(path, name, v) for name, v in d.items()}
+
+
+def _json_tensor(path: Path, name: str, v) -> np.ndarray:
+    """float64 array of a rectangular nested list of JSON numbers; true/false, null, strings and ragged rows are
+    errors, not silently 1.0 / NaN / parsed (what np.array(v, dtype=float64) alone would do)."""
+    bad = f"{path}: tensor {name!r} is not a rectangular list of numbers"
+    if not isinstance(v, list):
+        raise WeightsError(f"{bad} (got {type(v).__name__})")
+    try:
+        # dtype=object keeps each leaf as the JSON value it was; a ragged level stays a list leaf
+        leaves = np.array(v, dtype=object)
+    except ValueError as e:  # more than NumPy's 64 dimensions, or ragged in a way NumPy cannot hold
+        raise WeightsError(f"{bad} ({e})") from None
+    for x in leaves.reshape(-1).tolist():
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise WeightsError(f"{bad}: it holds {_short(x)}")
+    try:
+        return leaves.astype(np.float64)
+    except OverflowError:
+        raise WeightsError(f"{path}: tensor {name!r} holds an integer too large for a float64") from None
+
+
+def _short(v, n: int = 60) -> str:
+    r = json.dumps(v) if isinstance(v, (bool, list, dict, str)) or v is None else repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def write_weights(path: str | Path, weights: dict[str, np.ndarray], cfg) -> Path:
