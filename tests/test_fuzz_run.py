@@ -310,6 +310,10 @@ MALICIOUS = {
     "list bomb": ("{% set a = [0] * 10**9 %}", "repeated"),
     "nested string loops": ("{% for a in 'ab' * 400000 %}{% for b in 'cd' * 400000 %}{% endfor %}{% endfor %}",
                             "elements a render may produce"),
+    "nested loops over a literal": ("{% set s = '" + "ab" * 300_000 + "' %}{% for a in s %}{% for b in s %}{% endfor %}"
+                                    "{% endfor %}", "loops go past 1,000,000 iterations"),
+    "loop over a joined range": ("{% for c in range(200000) | join %}{% endfor %}",  # 1,088,890 characters
+                                 "loops go past 1,000,000 iterations"),
     "power": ("{{ 2 ** 10000000 }}", "bits"),
     "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
     "dunder": ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "raised"),

@@ -122,6 +122,7 @@ def _strftime_now(fmt):
 # one-line error instead of exhausting memory or time (a 100 MB template aborted the process with signal 6).
 MAX_TEMPLATE_CHARS = 1_000_000  # checked before compiling
 MAX_RENDER_ITEMS = 1_000_000  # elements produced by range() and by `*` on a string / list, per render
+MAX_LOOP_STEPS = 1_000_000  # {% for %} iterations, all loops of a render together (nested loops multiply)
 MAX_RENDER_CHARS = 50_000_000  # the rendered prompt
 MAX_POW_BITS = 4096  # int ** int results; 10 ** 10 ** 10 would otherwise compute for ever
 
@@ -130,11 +131,23 @@ class TemplateLimitError(jinja2.exceptions.SecurityError):
     """A chat template went past one of the limits above."""
 
 
+_LOOP = "_qwen3lab_loop"  # the name every {% for %}'s iterable is passed through (_ChatSandbox._parse)
+
+
 class _RenderBudget:
-    """What one render may still produce; a fresh one per render (passed in as `range`, shadowing the global)."""
+    """What one render may still produce and iterate; a fresh one per render (passed in as `range`, shadowing
+    the global, and as _LOOP)."""
 
     def __init__(self):
         self.items = MAX_RENDER_ITEMS
+        self.steps = MAX_LOOP_STEPS
+
+    def loop(self, iterable):
+        for x in iterable:
+            self.steps -= 1
+            if self.steps < 0:
+                raise TemplateLimitError(f"the template's loops go past {MAX_LOOP_STEPS:,} iterations")
+            yield x
 
     def take(self, n: int, what: str) -> None:
         self.items -= n
@@ -151,6 +164,14 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
     """transformers' sandbox plus bounds on `*` and `**`, the operators that blow up from a few characters."""
 
     intercepted_binops = frozenset(["*", "**"])  # also stops compile-time constant folding of them
+
+    def _parse(self, source, name, filename):
+        # Every loop's iterable goes through the render budget: a loop over a long string nested in another
+        # runs for ever without producing anything, and nothing else in jinja would notice.
+        tree = super()._parse(source, name, filename)
+        for node in tree.find_all(jinja2.nodes.For):
+            node.iter = jinja2.nodes.Call(jinja2.nodes.Name(_LOOP, "load"), [node.iter], [], None, None)
+        return tree
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":
@@ -192,7 +213,7 @@ def _render(template: str, variables: dict[str, Any]) -> str:
     budget = _RenderBudget()
     out: list[str] = []
     size = 0
-    for chunk in _compile_template(template).generate({**variables, "range": budget.range}):
+    for chunk in _compile_template(template).generate({**variables, "range": budget.range, _LOOP: budget.loop}):
         size += len(chunk)
         if size > MAX_RENDER_CHARS:
             raise TemplateLimitError(f"the rendered prompt goes past {MAX_RENDER_CHARS:,} characters")
