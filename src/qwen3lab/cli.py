@@ -70,7 +70,8 @@ def make_model_cmd(out_dir, preset, layers, dtype, seed, shard_size, overwrite):
 def _sampling_options(fn):
     for opt in reversed([
         click.option("--model", "model", default=None, help=MODEL_HELP),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="cpu, cuda, cuda:1, mps: one this machine has"),
         click.option("--dtype", type=click.Choice(RUN_DTYPES), default="bfloat16", show_default=True,
                      help="int8 / int4: bfloat16 activations + those weights (CPU fast path)"),
         click.option("--quant", type=click.Choice(QUANTS), default=None,
@@ -82,11 +83,12 @@ def _sampling_options(fn):
         click.option("--no-fast", is_flag=True, help="run the plain eager model instead of the fast CPU path"),
         click.option("--threads", type=int, default=None,
                      help="torch intra-op threads [default: torch's, one per core]"),
-        click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most"),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most (>= 1)"),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0 = greedy, else >= 0.01 (below it, sampling is greedy in effect)"),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="in (0, 1]; 1 = off"),
+        click.option("--seed", type=int, default=None, help="0..2**64-1 [default: a fresh random seed]"),
     ]):
         fn = opt(fn)
     return fn
