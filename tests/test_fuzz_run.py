@@ -340,6 +340,16 @@ def test_malicious_templates_are_one_line_errors_naming_the_file(name):
     assert len(msg) < 600, msg
 
 
+def test_a_slow_loop_body_is_stopped_by_the_render_deadline(monkeypatch):
+    # within every count limit, but each step is a megabyte of work: the wall clock ends it (here after 0.5 s)
+    monkeypatch.setattr("qwen3lab.tokenizer.MAX_RENDER_SECONDS", 0.5)
+    t = ("{% set big = range(150000) | join %}{% for i in range(999) %}{% for j in range(999) %}"
+         "{% set x = big | upper %}{% endfor %}{% endfor %}")
+    with deadline(20), pytest.raises(TokenizerError, match=re.escape(f"{SOURCE}: chat_template raised: rendering "
+                                                                     f"took more than 0.5 s")):
+        tok_with(t).apply_chat_template(MSGS)
+
+
 def test_the_sandbox_holds():
     # unsafe attributes read as undefined (empty), as in transformers; nothing of Python's objects leaks
     t = "[{{ '{0.__class__}'.format(messages) }}][{{ messages.__class__ }}][{{ range.__self__ }}]"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 import warnings
 from datetime import datetime
 from functools import lru_cache
@@ -123,6 +124,7 @@ def _strftime_now(fmt):
 MAX_TEMPLATE_CHARS = 1_000_000  # checked before compiling
 MAX_RENDER_ITEMS = 1_000_000  # elements produced by range() and by `*` on a string / list, per render
 MAX_LOOP_STEPS = 1_000_000  # {% for %} iterations, all loops of a render together (nested loops multiply)
+MAX_RENDER_SECONDS = 10.0  # checked at each loop step and output chunk: a loop whose body is slow work
 MAX_RENDER_CHARS = 50_000_000  # the rendered prompt
 MAX_POW_BITS = 4096  # int ** int results; 10 ** 10 ** 10 would otherwise compute for ever
 
@@ -141,12 +143,18 @@ class _RenderBudget:
     def __init__(self):
         self.items = MAX_RENDER_ITEMS
         self.steps = MAX_LOOP_STEPS
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"rendering took more than {MAX_RENDER_SECONDS:g} s")
 
     def loop(self, iterable):
         for x in iterable:
             self.steps -= 1
             if self.steps < 0:
                 raise TemplateLimitError(f"the template's loops go past {MAX_LOOP_STEPS:,} iterations")
+            self.check_time()
             yield x
 
     def take(self, n: int, what: str) -> None:
@@ -215,6 +223,7 @@ def _render(template: str, variables: dict[str, Any]) -> str:
     size = 0
     for chunk in _compile_template(template).generate({**variables, "range": budget.range, _LOOP: budget.loop}):
         size += len(chunk)
+        budget.check_time()
         if size > MAX_RENDER_CHARS:
             raise TemplateLimitError(f"the rendered prompt goes past {MAX_RENDER_CHARS:,} characters")
         out.append(chunk)
