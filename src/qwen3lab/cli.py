@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from .errors import Qwen3LabError
+from .errors import InputError, Qwen3LabError, TokenizerError
 from .runspec import ACT_DTYPES, GROUP_SIZES, QUANTS, RUN_DTYPES
 
 MODEL_HELP = "checkpoint dir (config.json + safetensors + tokenizer.json); default: the embedded default model"
@@ -70,7 +70,8 @@ def make_model_cmd(out_dir, preset, layers, dtype, seed, shard_size, overwrite):
 def _sampling_options(fn):
     for opt in reversed([
         click.option("--model", "model", default=None, help=MODEL_HELP),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="cpu, cuda, cuda:1, mps: one this machine has"),
         click.option("--dtype", type=click.Choice(RUN_DTYPES), default="bfloat16", show_default=True,
                      help="int8 / int4: bfloat16 activations + those weights (CPU fast path)"),
         click.option("--quant", type=click.Choice(QUANTS), default=None,
@@ -82,14 +83,36 @@ def _sampling_options(fn):
         click.option("--no-fast", is_flag=True, help="run the plain eager model instead of the fast CPU path"),
         click.option("--threads", type=int, default=None,
                      help="torch intra-op threads [default: torch's, one per core]"),
-        click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most"),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most (>= 1)"),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0 = greedy, else >= 0.01 (below it, sampling is greedy in effect)"),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="in (0, 1]; 1 = off"),
+        click.option("--seed", type=int, default=None, help="0..2**64-1 [default: a fresh random seed]"),
     ]):
         fn = opt(fn)
     return fn
+
+
+def _run_options(max_steps, temperature, top_k, top_p, seed):
+    """generate / chat's sampling options checked before any model loads: SamplingParams, named as options."""
+    from .engine.sampler import SamplingParams, check_max_tokens
+
+    check_max_tokens(max_steps, "max_steps", cli=True)
+    return SamplingParams.make(temperature, top_k, top_p, seed, cli=True)
+
+
+def _utf8(text: str, what: str) -> str:
+    """text, or InputError when it holds bytes that are not UTF-8. Python keeps such bytes of a command line
+    (and of stdin, as chat reads it) in the str as lone surrogates (surrogateescape); the tokenizer cannot
+    encode them. Refused rather than replaced: a port must see exactly the text it was given, or nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X} (a lone surrogate)"
+        raise InputError(f"{what} is not valid UTF-8: {bad} at character {e.start}; give UTF-8 text") from None
+    return text
 
 
 def _path_line(device: str, fast: bool) -> str:
@@ -152,14 +175,17 @@ def _stream_text(_tok: int, delta: str) -> None:
 @friendly_errors
 def generate_cmd(prompt, model, device, dtype, quant, group_size, no_fast, threads, max_steps, temperature, top_k,
                  top_p, seed, as_chat, no_think, stop):
-    """Continue PROMPT with the model, streaming tokens as they come; tokens/s at the end."""
+    """Continue PROMPT (UTF-8 text) with the model, streaming tokens as they come; tokens/s at the end."""
+    prompt = _utf8(prompt, "PROMPT")
+    stop = [_utf8(s, "--stop") for s in stop]
+    sampling = _run_options(max_steps, temperature, top_k, top_p, seed)
     lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
     if as_chat:
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                   add_generation_prompt=True, enable_thinking=not no_think)
     click.echo(prompt, nl=False)
-    res = lm.generate(prompt, max_steps=max_steps, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                      stop=list(stop) or None, stream=_stream_text)
+    res = lm.generate(prompt, max_steps=max_steps, temperature=sampling.temperature, top_k=sampling.top_k,
+                      top_p=sampling.top_p, seed=sampling.seed, stop=stop or None, stream=_stream_text)
     _print_stats(res)
 
 
@@ -170,11 +196,17 @@ def generate_cmd(prompt, model, device, dtype, quant, group_size, no_fast, threa
 @friendly_errors
 def chat_cmd(model, device, dtype, quant, group_size, no_fast, threads, max_steps, temperature, top_k, top_p, seed,
              system, no_think):
-    """Interactive chat with the chat template; replies stream. /exit quits, /reset clears the history."""
+    """Interactive chat with the chat template; replies stream. /exit quits, /reset clears the history.
+    A line that is not UTF-8, or that would take the conversation past the model's context, is refused
+    with a message and not sent; the session and its history go on."""
+    if system is not None:
+        system = _utf8(system, "--system")
+    sampling = _run_options(max_steps, temperature, top_k, top_p, seed)
     lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     click.echo("chat: /exit to quit, /reset to clear the history, /think or /no_think to switch thinking", err=True)
     think = not no_think
+    _stdin_surrogateescape()
     while True:
         try:
             line = click.prompt(click.style("you", fg="cyan"), prompt_suffix="> ", default="", show_default=False)
@@ -194,13 +226,37 @@ def chat_cmd(model, device, dtype, quant, group_size, no_fast, threads, max_step
             continue
         if not cmd:
             continue
+        try:
+            ids = _chat_turn_ids(lm, history + [{"role": "user", "content": _utf8(line, "this line")}], think)
+        except (InputError, TokenizerError) as e:  # this message only: the session goes on
+            click.secho(f"error: {e}. Not sent; the history is kept (/reset clears it).", fg="red", err=True)
+            continue
         history.append({"role": "user", "content": line})
-        prompt = lm.tokenizer.apply_chat_template(history, add_generation_prompt=True, enable_thinking=think)
         click.echo(click.style("qwen3", fg="green") + "> ", nl=False)
-        res = lm.generate(prompt, max_steps=max_steps, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stream=_stream_text)
+        res = lm.generate(ids, max_steps=max_steps, temperature=sampling.temperature, top_k=sampling.top_k,
+                          top_p=sampling.top_p, seed=sampling.seed, stream=_stream_text)
         history.append({"role": "assistant", "content": res.text})
         _print_stats(res)
+
+
+def _chat_turn_ids(lm, messages: list[dict], think: bool) -> list[int]:
+    """Token ids of the conversation with its next user message; InputError when it leaves no room in the
+    context (the check generate makes, made before the message joins the history)."""
+    from .engine.runner import check_prompt
+
+    prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=think)
+    ids = lm.encode(prompt)
+    check_prompt(ids, lm.model.cfg, "the conversation with this message")
+    return ids
+
+
+def _stdin_surrogateescape() -> None:
+    """Read stdin with errors="surrogateescape" for the rest of the process, so that a line of bad UTF-8 is one
+    refused line (_utf8): a strict decoder raises inside readline and loses the buffered lines after it.
+    (Not undone: a text stream cannot be reconfigured once read.)"""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
 
 
 # ---- params ----------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ class RunSpec:
             if group_size not in GROUP_SIZES:
                 raise InputError(f"{'--group-size' if cli else 'group_size'} must be one of "
                                  f"{', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
-        dev = _parse_device(device)
+        dev = _parse_device(device, cli)
         if quant is not None and dev.type != "cpu":
             raise InputError(f"{what}: {quant} weights run on the CPU fast path only, got {o('device', device)}")
         if quant is not None and fast is False:
@@ -169,7 +169,7 @@ class RunSpec:
         if fast is True and dev.type != "cpu":
             raise InputError(f"{fast_name} runs on the CPU only (its kernels are CPU ones), got "
                              f"{o('device', device)}")
-        _check_present(dev, device, ndev)
+        _check_present(dev, device, ndev, cli)
         use_fast = fast is not False and dev.type == "cpu"
         return cls(device=str(dev), dtype=act, quant=quant, group_size=group_size, fast=use_fast,
                    kernels=kernel_choice() if use_fast else None, threads=threads, ndev=ndev)
@@ -193,22 +193,57 @@ class RunSpec:
         return f"{self.quant} weights{groups}, {self.dtype} activations"
 
 
-def _parse_device(device):
+def available_devices() -> list[str]:
+    """The devices this machine offers, as torch spells them: cpu, cuda:0 .. cuda:N-1, mps."""
     import torch
 
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def _offers() -> str:
+    return f"this machine offers {', '.join(available_devices())}"
+
+
+def _parse_device(device, cli: bool = False):
+    import torch
+
+    name = "--device" if cli else "device"
+    # bool is an int to torch.device (True -> cuda:1); only a str, an index or a torch.device names a device
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise InputError(f"{name} must be a device name like 'cpu' or 'cuda:0', got {type(device).__name__}; "
+                         f"{_offers()}")
     try:
         return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"invalid device {device!r}: {e}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"invalid {name} {str(device)[:100]!r} ({msg}); {_offers()}") from None
 
 
-def _check_present(dev, device, ndev: int) -> None:
-    """The device (and ndev of them) exist on this machine, or InputError / MultiDeviceError naming it."""
+def _check_present(dev, device, ndev: int, cli: bool = False) -> None:
+    """The device (and ndev of them) exist on this machine, or InputError / MultiDeviceError naming it and
+    listing what the machine has. Only cpu / cuda / mps run a model here (meta holds no data, and a torch build
+    may know device types, like xpu, that the models were never run on)."""
     import torch
 
+    name = "--device" if cli else "device"
     n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if dev.type == "cuda" and n_cuda == 0:
-        raise InputError(f"device {device!r} asked for, but no CUDA device is available (torch {torch.__version__})")
+        raise InputError(f"{name} {str(device)!r} asked for, but no CUDA device is available "
+                         f"(torch {torch.__version__}); {_offers()}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= n_cuda:
+        raise InputError(f"{name} {str(device)!r}: this machine has {n_cuda} CUDA device(s); {_offers()}")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise InputError(f"{name} {str(device)!r}: there is one cpu device; {_offers()}")
+    if dev.type == "mps" and "mps" not in available_devices():
+        raise InputError(f"{name} {str(device)!r}: MPS (Apple GPU) is not available here; {_offers()}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"{name} {str(device)!r}: qwen3lab runs models on cpu, cuda or mps only; {_offers()}")
     if ndev > 1:
         if n_cuda < ndev:
             raise MultiDeviceError(f"ndev={ndev} needs {ndev} CUDA devices; this machine has {n_cuda}. Use ndev=1.")

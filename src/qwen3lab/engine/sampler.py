@@ -10,6 +10,7 @@ raw logits (the first index on a tie, like torch.argmax and HF greedy search).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,24 +18,104 @@ import torch
 
 from ..errors import InputError
 
+# The smallest temperature above 0. Sampling divides float32 logits by it: below ~1e-38 the divisor itself
+# rounds to 0 in float32 (the issue's --temperature 1e-300 gave inf / NaN probabilities), and at 1e-2 a logit
+# of 1e4 becomes 1e6, far from float32's 3.4e38, so softmax stays finite. It is vLLM's _MAX_TEMP too (it raises
+# smaller temperatures to it); below it sampling is greedy in all but name, so 0 says that honestly.
+MIN_TEMPERATURE = 1e-2
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a uint64
+
+
+def _name(name: str, cli: bool) -> str:
+    """An option as the caller spells it: --top-p (command line) or top_p (Python), as RunSpec does."""
+    return f"--{name.replace('_', '-')}" if cli else name
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _got(v) -> str:
+    """The bad value for a message, shortened when huge (a 5000-digit int must not flood the terminal)."""
+    if _is_int(v) and abs(v) >= 10**40:  # repr() of a 5000-digit int raises (Python's int/str limit)
+        return f"an integer of {int(v).bit_length()} bits"
+    r = repr(v)
+    return r if len(r) <= 40 else f"{r[:20]}...{r[-10:]} ({len(r)} chars)"
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int past float64's range
+        return False
+
+
+def check_temperature(t, cli: bool = False) -> float:
+    if not _is_real(t) or not _finite(t) or not (t == 0 or t >= MIN_TEMPERATURE):
+        raise InputError(f"{_name('temperature', cli)} must be 0 (greedy) or a finite number >= "
+                         f"{MIN_TEMPERATURE}, got {_got(t)}")
+    return float(t)
+
+
+def check_top_k(k, cli: bool = False) -> int:
+    if not _is_int(k) or k < 0:
+        raise InputError(f"{_name('top_k', cli)} must be an integer >= 0 (0 = off), got {_got(k)}")
+    return int(k)
+
+
+def check_top_p(p, cli: bool = False) -> float:
+    if not _is_real(p) or not 0 < p <= 1:  # NaN fails the comparison too
+        raise InputError(f"{_name('top_p', cli)} must be a number in (0, 1] (1 = off), got {_got(p)}")
+    return float(p)
+
+
+def check_seed(seed, cli: bool = False) -> int | None:
+    if seed is None:
+        return None
+    if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
+        raise InputError(f"{_name('seed', cli)} must be an integer in 0..2**64-1 (none: a fresh random seed), "
+                         f"got {_got(seed)}")
+    return int(seed)
+
+
+def check_max_tokens(n, name: str = "max_steps", cli: bool = False) -> int:
+    """A count of new tokens: an integer >= 1 (0 would generate nothing, yet still load and prefill)."""
+    if not _is_int(n) or n < 1:
+        raise InputError(f"{_name(name, cli)} must be an integer >= 1, got {_got(n)}")
+    return int(n)
+
+
+def _checked(temperature, top_k, top_p, seed, cli: bool) -> tuple:
+    return (check_temperature(temperature, cli), check_top_k(top_k, cli), check_top_p(top_p, cli),
+            check_seed(seed, cli))
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    """How the next token is chosen. Built here only: every value is checked (one clear InputError naming the
+    parameter) and stored as a plain float / int, whether it came from the CLI (`make(..., cli=True)`) or
+    Python."""
+
+    temperature: float = 0.0  # 0 = greedy, else >= MIN_TEMPERATURE
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # None = a fresh nondeterministic seed
+    seed: int | None = None  # None = a fresh nondeterministic seed; else 0..2**64-1
 
     def __post_init__(self):
-        t, k, p = self.temperature, self.top_k, self.top_p
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise InputError(f"top_p must be a number in (0, 1] (1 = off), got {p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InputError(f"seed must be an integer or None, got {self.seed!r}")
+        # numpy scalars and the like become plain Python numbers, so torch sees exactly what was checked
+        checked = _checked(self.temperature, self.top_k, self.top_p, self.seed, cli=False)
+        for name, v in zip(("temperature", "top_k", "top_p", "seed"), checked, strict=True):
+            object.__setattr__(self, name, v)
+
+    @classmethod
+    def make(cls, temperature=0.0, top_k=0, top_p=1.0, seed=None, *, cli: bool = False) -> SamplingParams:
+        """Like the constructor, but a refusal names the options as the caller spells them (cli=True:
+        `--top-p`)."""
+        return cls(*_checked(temperature, top_k, top_p, seed, cli))
 
     @property
     def greedy(self) -> bool:

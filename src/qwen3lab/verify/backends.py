@@ -229,14 +229,26 @@ def _short(ids: list[int], n: int = 12) -> str:
 class PluginBackend:
     """A user's class behind the backend contract: its dict of taps becomes a RunResult."""
 
-    def __init__(self, obj, cfg: Qwen3Config, spec: str, dtype: str | None):
+    def __init__(self, obj, cfg: Qwen3Config, spec: str, dtype: str | None, role: str = "plugin"):
         self.obj = obj
         self.cfg = cfg
         self.name = spec
-        self.dtype = normalize_dtype(getattr(obj, "dtype", None) or dtype or "float32")
-        self.supports_graft = bool(getattr(obj, "supports_graft", True)) and _takes(obj.run, "graft")
-        if callable(getattr(obj, "run_decode", None)):
+        self.role = role  # "candidate" / "reference": how its errors name it
+        self.dtype = normalize_dtype(self._call(getattr, "its dtype", obj, "dtype", None) or dtype or "float32")
+        self.supports_graft = bool(self._call(getattr, "its supports_graft", obj, "supports_graft", True)) \
+            and _takes(obj.run, "graft")
+        if callable(self._call(getattr, "its run_decode", obj, "run_decode", None)):
             self.run_decode = self._run_decode
+
+    def _call(self, fn, where: str, *args, **kwargs):
+        """fn(*args, **kwargs) on the user's object; whatever it raises is one line naming the plugin, where
+        and the exception ("the candidate raised ZeroDivisionError: ..."), not a traceback out of verify."""
+        try:
+            return fn(*args, **kwargs)
+        except Qwen3LabError:
+            raise  # already one clear line
+        except Exception as e:  # noqa: BLE001 - the user's code: any exception is its own
+            raise Qwen3LabError(plugin_raised(self.role, self.name, where, e)) from None
 
     def _wrap(self, out, where: str) -> RunResult:
         if isinstance(out, RunResult):
@@ -256,8 +268,8 @@ class PluginBackend:
 
     def run(self, input_ids, taps=None, graft=None) -> RunResult:
         ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
-        out = self.obj.run(ids, graft=graft) if graft is not None else self.obj.run(ids)
-        res = self._wrap(out, "run()")
+        kw = {"graft": graft} if graft is not None else {}
+        res = self._wrap(self._call(self.obj.run, "run()", ids, **kw), "run()")
         if taps is not None:
             rec = _taps.record(taps)
             res.taps = {k: v for k, v in res.taps.items() if rec.selects(k, optional=True)}
@@ -266,7 +278,15 @@ class PluginBackend:
     def _run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
         ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
         kw = {"graft": graft} if graft is not None else {}
-        return self._wrap(self.obj.run_decode(ids, decode_steps, **kw), "run_decode()")
+        return self._wrap(self._call(self.obj.run_decode, "run_decode()", ids, decode_steps, **kw), "run_decode()")
+
+
+def plugin_raised(role: str, spec: str, where: str, e: BaseException) -> str:
+    """"the candidate raised ZeroDivisionError: division by zero (backend 'port.py:Port', in run())": one line,
+    the message shortened when long."""
+    msg = " ".join(str(e).split())
+    msg = msg if len(msg) <= 300 else msg[:300] + "..."
+    return f"the {role} raised {type(e).__name__}{': ' + msg if msg else ''} (backend {spec!r}, in {where})"
 
 
 def _takes(fn, name: str) -> bool:
@@ -311,8 +331,9 @@ def load_plugin_class(spec: str):
 
 # ---- resolution ------------------------------------------------------------------------------------
 def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, device: str = "cpu",
-            dtype: str | None = None) -> Side:
-    """A spec string (or a backend object) -> Side. `dtype` None picks the backend's default."""
+            dtype: str | None = None, role: str = "plugin") -> Side:
+    """A spec string (or a backend object) -> Side. `dtype` None picks the backend's default. role ("candidate",
+    "reference") names a plugin in its errors."""
     if not isinstance(spec, str):
         if not callable(getattr(spec, "run", None)) or getattr(spec, "cfg", None) is None:
             raise Qwen3LabError(f"{spec!r} is not a backend (needs .cfg and .run(input_ids, taps=, graft=))")
@@ -349,10 +370,9 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
             obj = cls(str(model_path) if model_path is not None else None, **opts)
         except Qwen3LabError:
             raise  # already one clear line
-        except Exception as e:  # the user's constructor
-            raise Qwen3LabError(f"backend {spec!r}: {cls.__name__}({model_path!s}, {opts}) failed: "
-                                f"{type(e).__name__}: {e}") from None
-        b = PluginBackend(obj, cfg, spec, dtype)
+        except Exception as e:  # noqa: BLE001 - the user's constructor
+            raise Qwen3LabError(plugin_raised(role, spec, f"{cls.__name__}({model_path!s}, {opts})", e)) from None
+        b = PluginBackend(obj, cfg, spec, dtype, role)
         return Side(b, spec, label=f"{spec} ({b.dtype})")
     raise Qwen3LabError(f"unknown backend {spec!r}; use one of {', '.join(BUILTIN)}, dump:FILE, module:Class "
                         f"or path/to/file.py:Class")

@@ -140,9 +140,10 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         raise InputError(f"{path}: no config.json (expected a checkpoint directory)")
     cfg = Qwen3Config.from_file(path) if path is not None else None
     ref_dt = reference_dtype or "float64"
-    ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt)
+    ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt,
+                  role="reference")
     cfg = cfg or ref.cfg
-    cand = resolve(candidate, path, cfg, device=device, dtype=dtype)
+    cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate")
     if quantised_reference:
         ref, cand.precision = _quantised_reference(reference, cand, path)  # judged at its activations' tolerance
     timings["load_s"] = time.perf_counter() - t
