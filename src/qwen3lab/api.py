@@ -27,6 +27,8 @@ def shorten(value, limit: int = 80) -> str:
 
 def check_int(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     """An integer argument in minimum..maximum; bools, floats and strings are refused, naming the argument."""
+    if type(value) is int and value >= minimum and (maximum is None or value <= maximum):
+        return value  # the common case, cheaply: the engine checks counts on every round
     allowed = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputError(f"{name} must be an integer {allowed}, got {shorten(value)} ({type(value).__name__})")
