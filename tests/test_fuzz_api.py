@@ -483,3 +483,21 @@ def test_issue_one_task_twice_corrupts_its_cache(small):
     refused(lambda: m.batch_infer_one_round([t, t]), "tasks 0 and 1 are the same task")
     assert t.cache is None and t.tokens == [1, 2, 3]
     assert run_out(m, t) == run_out(m, m.new_task([1, 2, 3], max_new_tokens=4))
+
+
+def test_a_task_whose_generator_fails_leaves_every_cache_untouched(small, monkeypatch):
+    """Random generators are made before any cache work: a seed torch cannot take (say) fails the round before
+    the forward, instead of after it with the caches advanced past the tokens."""
+    m, fwd = small
+    ok, bad = m.new_task([5, 6], max_new_tokens=3), m.new_task([7, 8], temperature=1.0, seed=4, max_new_tokens=3)
+    m.batch_infer_one_round([ok])
+
+    def fails(device):
+        raise ValueError("Overflow when unpacking long long")
+
+    monkeypatch.setattr(bad, "rng", fails)
+    before, state = fwd.n, (list(ok.tokens), ok.cache.length)
+    with pytest.raises(ValueError, match="Overflow"):
+        m.batch_infer_one_round([ok, bad])
+    assert fwd.n == before and (ok.tokens, ok.cache.length) == state and bad.cache is None
+    assert run_out(m, ok) == run_out(m, m.new_task([5, 6], max_new_tokens=3))

@@ -87,6 +87,8 @@ def batch_infer_one_round(model: Qwen3CausalLM, tasks: Sequence[InferTask]) -> l
                              f"{cfg.max_position_embeddings} (max_position_embeddings)")
         else:  # tokens appended since the last round (usually the one sampled then)
             check_ids(task.tokens[task.cache.length:], cfg, f"{what} (tokens after position {task.cache.length})")
+    dev = model.device
+    gens = [t.rng(dev) for t in tasks]  # before any cache work: a failure after the forward would corrupt them
     seqs = []  # (cache, start, new ids) of each task
     for task in tasks:
         if task.cache is None:
@@ -94,9 +96,8 @@ def batch_infer_one_round(model: Qwen3CausalLM, tasks: Sequence[InferTask]) -> l
             task.cache = model.new_cache(len(task.tokens) + room)
         new = task.tokens[task.cache.length:]
         seqs.append((task.cache, task.cache.reserve(len(new)), [int(t) for t in new]))
-    dev = model.device
     logits = model(ForwardBatch.pack(seqs, last_only=True, device=dev))  # [B, V]: each task's last position
-    out = sample_rows(logits, [t.sampling for t in tasks], [t.rng(dev) for t in tasks])
+    out = sample_rows(logits, [t.sampling for t in tasks], gens)
     ctx = cfg.max_position_embeddings
     for task, tok in zip(tasks, out, strict=True):
         task.tokens.append(tok)
