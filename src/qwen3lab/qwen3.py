@@ -12,7 +12,10 @@
 
 Notable: stop = eos ids (tokenizer's generation_config + config.json) plus `stop` (ids and/or strings);
 ndev > 1 is refused with a clear error: tensor parallelism is not implemented yet (a single process runs on
-one device), and without that many CUDA devices it could not run anyway.
+one device), and without that many CUDA devices it could not run anyway. Every argument is checked here, at
+the boundary, with an InputError naming it: paths str / os.PathLike, prompts a str or integer ids (bytes is
+neither), step counts integers >= 1, stream a callable, a batch of distinct InferTasks (one task twice would
+feed its cache twice).
 """
 
 from __future__ import annotations
@@ -181,7 +184,8 @@ class Qwen3ForCausalLM:
 
     def batch_infer_one_round(self, tasks: Sequence[InferTask]) -> list[int]:
         """One round for a batch: prefill tasks without a cache, decode the rest, all in one forward; the
-        next token of each task is appended to it and returned."""
+        next token of each task is appended to it and returned. Each task may appear once; every task is
+        checked before anything runs."""
         return batch_infer_one_round(self.model, tasks)
 
     def __repr__(self) -> str:
