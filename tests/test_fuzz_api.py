@@ -174,6 +174,23 @@ def test_valid_path_spellings_resolve_to_the_checkpoint(ckpt):
     assert int(np.argmax(logits)) == m.generate([9707, 11], max_steps=1).token_ids[0]
 
 
+class DefaultModel(Exception):
+    pass
+
+
+@pytest.mark.parametrize("p", [None, "default", Path("default")])
+def test_none_and_default_still_mean_the_default_model(monkeypatch, p):
+    import qwen3lab.make_model
+
+    def default():
+        raise DefaultModel  # reached the default model: the argument passed the checks
+
+    monkeypatch.setattr(qwen3lab.make_model, "ensure_default_model", default)
+    for entry in ("load", "from_pretrained"):
+        with pytest.raises(DefaultModel):
+            PATH_ENTRIES[entry](p)
+
+
 # ---- prompts -----------------------------------------------------------------------------------------------
 PROMPT_ENTRIES = {
     "generate": lambda m, p: m.generate(p, max_steps=2),

@@ -85,7 +85,8 @@ class Qwen3ForCausalLM:
 
         if spec is not None and not isinstance(spec, RunSpec):
             raise InputError(f"spec must be a RunSpec or None, got {type(spec).__name__} {shorten(spec)}")
-        path = check_path(path)  # before the spec: a wrong type is named as the argument `path`
+        if path is not None:  # None: the default model; a wrong type is named as `path` before the spec's errors
+            check_path(path)
         spec = spec or _spec(device, dtype, quant, fast, ndev, group_size)
         path = resolve_model_path(path)
         cfg = Qwen3Config.from_file(path)
