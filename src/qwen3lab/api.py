@@ -9,6 +9,8 @@ runspec.RunSpec's.
 
 from __future__ import annotations
 
+import numbers
+import os
 from pathlib import Path
 
 from .errors import InputError, Qwen3LabError
@@ -17,16 +19,53 @@ BACKENDS = ("torch", "torch-fast", "numpy", "hf")
 QUANT_BACKEND = "torch-fast"  # the one backend with quantised (int8 / int4) weights
 
 
-def resolve_model_path(path: str | Path | None) -> Path:
+def shorten(value, limit: int = 80) -> str:
+    """repr of a value for an error message, cut to about `limit` characters (a prompt may be megabytes)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 20]}...{r[-12:]} ({len(r)} chars)"
+
+
+def check_int(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer argument in minimum..maximum; bools, floats and strings are refused, naming the argument."""
+    if type(value) is int and value >= minimum and (maximum is None or value <= maximum):
+        return value  # the common case, cheaply: the engine checks counts on every round
+    allowed = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be an integer {allowed}, got {shorten(value)} ({type(value).__name__})")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise InputError(f"{name} must be an integer {allowed}, got {shorten(value)}")
+    return int(value)
+
+
+def check_path(path, name: str = "path") -> Path:
+    """A str or os.PathLike naming a file system path; bytes, ints, lists (what os.fspath would take or
+    choke on) are refused with the argument's name, and so is a NUL character (no path can hold one)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"{name} must be a str or os.PathLike path, got {shorten(path)} ({type(path).__name__})")
+    p = os.fspath(path)
+    if not isinstance(p, str):  # a PathLike whose __fspath__ returns bytes
+        raise InputError(f"{name} must be a str path, got a PathLike giving {type(p).__name__} {shorten(p)}")
+    if not p:
+        raise InputError(f"{name} is empty: give a directory or file path")
+    if "\0" in p:
+        raise InputError(f"{name} {shorten(p)} holds a NUL character: not a valid path")
+    return Path(p)
+
+
+def resolve_model_path(path: str | Path | None, name: str = "path") -> Path:
     """A checkpoint dir; None or "default" means the embedded default model (made on first use)."""
-    if path is None or str(path) == "default":
+    p = None if path is None else check_path(path, name)
+    if p is None or str(p) == "default":
         from .make_model import ensure_default_model
 
         return ensure_default_model()
-    p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as e:  # e.g. ENAMETOOLONG, which Path.exists does not swallow
+        raise Qwen3LabError(f"{name} {shorten(str(p))}: cannot use as a checkpoint directory ({e.strerror})") from None
+    if not exists:
         raise Qwen3LabError(f"{p}: no such checkpoint directory")
-    if not p.is_dir():
+    if not is_dir:
         raise Qwen3LabError(f"{p}: expected a checkpoint directory (config.json + *.safetensors), got a file")
     return p
 

@@ -12,23 +12,25 @@
 
 Notable: stop = eos ids (tokenizer's generation_config + config.json) plus `stop` (ids and/or strings);
 ndev > 1 is refused with a clear error: tensor parallelism is not implemented yet (a single process runs on
-one device), and without that many CUDA devices it could not run anyway.
+one device), and without that many CUDA devices it could not run anyway. Every argument is checked here, at
+the boundary, with an InputError naming it: paths str / os.PathLike, prompts a str or integer ids (bytes is
+neither), step counts integers >= 1, stream a callable, a batch of distinct InferTasks (one task twice would
+feed its cache twice).
 """
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .api import check_int, shorten
 from .config import Qwen3Config
-from .engine.generate import GenerateResult, generate
-from .engine.runner import batch_infer_one_round
+from .engine.generate import GenerateResult, generate, stop_string_list
+from .engine.runner import batch_infer_one_round, check_ids, check_prompt
 from .engine.sampler import SamplingParams
-from .engine.task import InferTask
+from .engine.task import InferTask, is_id, token_id_list
 from .errors import InputError
 from .models.torch_model import Qwen3CausalLM
 from .runspec import RunSpec
@@ -44,6 +46,8 @@ def _speed_up(model: Qwen3CausalLM, spec: RunSpec) -> Qwen3CausalLM:
 
 
 def _spec(device, dtype, quant, fast: bool, ndev: int = 1, group_size: int | None = None) -> RunSpec:
+    if not isinstance(fast, bool):
+        raise InputError(f"fast must be True or False, got {shorten(fast)} ({type(fast).__name__})")
     # fast=True means the fast path wherever it exists (the CPU); quantised weights need it (runspec.py)
     return RunSpec.make(device, dtype, quant, fast=None if fast else False, ndev=ndev, group_size=group_size)
 
@@ -52,6 +56,14 @@ class Qwen3ForCausalLM:
     """Our torch model + tokenizer + engine. `.model` is the nn.Module (Qwen3CausalLM)."""
 
     def __init__(self, model: Qwen3CausalLM, tokenizer=None):
+        from .tokenizer import Tokenizer
+
+        if not isinstance(model, Qwen3CausalLM):
+            raise InputError(f"model must be a Qwen3CausalLM (qwen3lab.models.torch_model), got "
+                             f"{type(model).__name__} {shorten(model)}; load a checkpoint with from_pretrained")
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            raise InputError(f"tokenizer must be a qwen3lab Tokenizer or None, got {type(tokenizer).__name__} "
+                             f"{shorten(tokenizer)}")
         self.model = model
         self.tokenizer = tokenizer
 
@@ -67,10 +79,14 @@ class Qwen3ForCausalLM:
         or bfloat16 activations; int4's group_size 32 or 128, default 128). fast (CPU only): fused projections
         and the kernels of qwen3lab.fast; fast=False keeps the plain eager model. spec: a RunSpec made by the
         caller (runspec.py) instead of device / dtype / ndev / quant / fast / group_size."""
-        from .api import resolve_model_path
+        from .api import check_path, resolve_model_path
         from .tokenizer import Tokenizer
         from .weights import load_weights
 
+        if spec is not None and not isinstance(spec, RunSpec):
+            raise InputError(f"spec must be a RunSpec or None, got {type(spec).__name__} {shorten(spec)}")
+        if path is not None:  # None: the default model; a wrong type is named as `path` before the spec's errors
+            check_path(path)
         spec = spec or _spec(device, dtype, quant, fast, ndev, group_size)
         path = resolve_model_path(path)
         cfg = Qwen3Config.from_file(path)
@@ -84,6 +100,11 @@ class Qwen3ForCausalLM:
                      dtype: str | torch.dtype = "float32", quant: str | None = None,
                      fast: bool = True, group_size: int | None = None) -> Qwen3ForCausalLM:
         """From a {hf_name: tensor} dict (e.g. random_init.random_weights) instead of a directory."""
+        if not isinstance(cfg, Qwen3Config):
+            raise InputError(f"cfg must be a Qwen3Config, got {type(cfg).__name__} {shorten(cfg)}")
+        if not isinstance(weights, Mapping):
+            raise InputError(f"weights must be a dict {{hf_name: tensor}}, got {type(weights).__name__} "
+                             f"{shorten(weights)}")
         spec = _spec(device, dtype, quant, fast, group_size=group_size)
         model = Qwen3CausalLM.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
         return cls(_speed_up(model, spec), tokenizer)
@@ -110,31 +131,32 @@ class Qwen3ForCausalLM:
 
     # ---- inputs ------------------------------------------------------------------------------------
     def encode(self, prompt_or_ids) -> list[int]:
-        """Token ids of a prompt: a str is tokenized as is (no chat template); ids are passed through."""
+        """Token ids of a prompt: a str is tokenized as is (no chat template); ids (a sequence of ints, a 1-D
+        numpy array or tensor) are passed through. bytes is refused: is it text or ids? Say which."""
         if isinstance(prompt_or_ids, str):
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer and this model has none; pass token ids")
             return self.tokenizer.encode(prompt_or_ids)
-        if isinstance(prompt_or_ids, (np.ndarray, torch.Tensor)):
-            if prompt_or_ids.ndim != 1:
-                raise InputError(f"token ids must be a flat sequence, got shape {tuple(prompt_or_ids.shape)}")
-            prompt_or_ids = prompt_or_ids.tolist()
-        if not isinstance(prompt_or_ids, Sequence):
-            raise InputError(f"prompt must be a str or a sequence of token ids, got {type(prompt_or_ids).__name__}")
-        return list(prompt_or_ids)
+        return token_id_list(prompt_or_ids, "prompt")
 
     def _stops(self, stop) -> tuple[list[int], list[str]]:
+        """eos ids + the stop ids given, and the stop strings given; a stop id must be in the vocabulary
+        (one past it could never be generated)."""
         if stop is None:
             items = []
-        elif isinstance(stop, (str, int)):
+        elif isinstance(stop, str) or is_id(stop):
             items = [stop]
+        elif isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__"):
+            raise InputError(f"stop must be token ids (int) and/or strings, got {type(stop).__name__} "
+                             f"{shorten(stop)}")
         else:
             items = list(stop)
-        is_id = lambda s: isinstance(s, numbers.Integral) and not isinstance(s, bool)
         bad = [s for s in items if not (is_id(s) or isinstance(s, str))]
         if bad:
-            raise InputError(f"stop must be token ids (int) and/or strings, got {bad[0]!r}")
-        return self.eos_token_ids + [int(s) for s in items if is_id(s)], [s for s in items if isinstance(s, str)]
+            raise InputError(f"stop must be token ids (int) and/or strings, got {shorten(bad[0])}")
+        ids = [int(s) for s in items if is_id(s)]
+        check_ids(ids, self.config, "stop")
+        return self.eos_token_ids + ids, stop_string_list([s for s in items if isinstance(s, str)])
 
     # ---- generation --------------------------------------------------------------------------------
     def generate(self, prompt_or_ids, max_steps: int = 128, temperature: float = 0.0, top_k: int = 0,
@@ -151,15 +173,20 @@ class Qwen3ForCausalLM:
     def new_task(self, prompt_or_ids, max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Iterable[int] | int | None = None) -> InferTask:
         """An InferTask for batch_infer_one_round, with its own sampling settings; eos ids stop it."""
+        if max_new_tokens is not None:
+            max_new_tokens = check_int(max_new_tokens, "max_new_tokens")
         ids, strs = self._stops(stop)
         if strs:
             raise InputError("InferTask stops on token ids only; stop strings are handled by generate()")
-        return InferTask(self.encode(prompt_or_ids), SamplingParams(temperature, top_k, top_p, seed),
-                         stop_ids=frozenset(ids), max_new_tokens=max_new_tokens)
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        prompt = self.encode(prompt_or_ids)
+        check_prompt(prompt, self.config)  # now, not at the first round: the caller still knows which prompt
+        return InferTask(prompt, sampling, stop_ids=frozenset(ids), max_new_tokens=max_new_tokens)
 
     def batch_infer_one_round(self, tasks: Sequence[InferTask]) -> list[int]:
         """One round for a batch: prefill tasks without a cache, decode the rest, all in one forward; the
-        next token of each task is appended to it and returned."""
+        next token of each task is appended to it and returned. Each task may appear once; every task is
+        checked before anything runs."""
         return batch_infer_one_round(self.model, tasks)
 
     def __repr__(self) -> str:

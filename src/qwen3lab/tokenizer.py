@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import numbers
 import time
 import warnings
+from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
@@ -32,11 +34,13 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from .api import shorten
 from .errors import InputError, TokenizerError
 from .jsonio import LIMITS, check_regular_file, read_json, read_text
 
 BUNDLED = "bundled Qwen3 tokenizer (qwen3lab/data/qwen3-tokenizer, Apache-2.0, Qwen)"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+MAX_DECODE_ID = 2**32 - 1  # `tokenizers` holds ids as u32; past the vocabulary up to this, an id decodes to ""
 
 
 def bundled_file_text(name: str) -> str:
@@ -360,17 +364,32 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
-            raise InputError(f"encode() takes a str, got {type(text).__name__}")
+            raise InputError(f"encode() takes a str, got {type(text).__name__} {shorten(text)}"
+                             + ("; decode bytes to str first (e.g. data.decode('utf-8'))"
+                                if isinstance(text, (bytes, bytearray)) else ""))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from os.fsdecode of bytes that are not UTF-8
+            raise InputError(f"encode(): the text is not valid Unicode: {e.object[e.start:e.end]!r} at index "
+                             f"{e.start} is a lone surrogate (invalid UTF-8 decoded with surrogateescape?)") from None
         return self._tok.encode(text).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if i < 0]
-        if bad:
-            raise InputError(f"cannot decode token id {bad[0]}: token ids are >= 0")
+        """Text of token ids: a sequence of integers (or a 1-D numpy array / tensor) in 0..MAX_DECODE_ID."""
+        if not isinstance(skip_special_tokens, bool):
+            raise InputError(f"skip_special_tokens must be True or False, got {shorten(skip_special_tokens)}")
+        if getattr(ids, "ndim", None) == 1 and hasattr(ids, "tolist"):  # a numpy array or torch tensor
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Sequence):
+            raise InputError(f"decode() takes a sequence of token ids, got {type(ids).__name__} {shorten(ids)}")
+        for k, i in enumerate(ids):
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i <= MAX_DECODE_ID:
+                raise InputError(f"cannot decode token id {shorten(i)} at index {k}: token ids are integers in "
+                                 f"0..{MAX_DECODE_ID} (ids past this tokenizer's {self.vocab_size} decode to "
+                                 f"nothing)")
         # Ids past the tokenizer (Qwen3's embedding has padding rows 151669..151935, which a random-weight model
         # can emit) decode to nothing, as in `tokenizers` and transformers.
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))

@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from ..api import check_int, shorten
 from ..errors import InputError
 from ..models.torch_model import Qwen3CausalLM
 from .runner import batch_infer_one_round, check_prompt
 from .sampler import SamplingParams
-from .task import InferTask
+from .task import InferTask, stop_id_set, token_id_list
 
 
 @dataclass
@@ -48,13 +49,12 @@ class TokenStream:
 
     def __init__(self, model: Qwen3CausalLM, prompt_ids: Sequence[int], max_steps: int = 128,
                  sampling: SamplingParams | None = None, stop_ids: Iterable[int] = ()):
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise InputError(f"max_steps must be an integer >= 1, got {max_steps!r}")
-        prompt = list(prompt_ids)
+        max_steps = check_int(max_steps, "max_steps")
+        prompt = token_id_list(prompt_ids, "prompt")
         check_prompt(prompt, model.cfg)
         # size the cache exactly: prompt + max_steps (clipped to the context); no growth during the run
-        self.task = InferTask(prompt, sampling or SamplingParams(), stop_ids=frozenset(stop_ids),
-                              max_new_tokens=max_steps)
+        self.task = InferTask(prompt, SamplingParams() if sampling is None else sampling,
+                              stop_ids=stop_id_set(stop_ids), max_new_tokens=max_steps)
         self.task.cache = model.new_cache(len(prompt) + max_steps)
         self.model = model
         self.prefill_s = 0.0
@@ -77,18 +77,32 @@ class TokenStream:
         self.task.finish(reason)
 
 
+def stop_string_list(stop_strings) -> list[str]:
+    """Stop strings: one non-empty str or an iterable of them."""
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if isinstance(stop_strings, (bytes, bytearray)) or not hasattr(stop_strings, "__iter__"):
+        raise InputError(f"stop_strings must be str or a list of str, got {type(stop_strings).__name__} "
+                         f"{shorten(stop_strings)}")
+    out = list(stop_strings)
+    for s in out:
+        if not isinstance(s, str) or not s:
+            raise InputError(f"stop strings must be non-empty str, got {shorten(s)}")
+    return out
+
+
 def generate(model: Qwen3CausalLM, prompt_ids: Sequence[int], *, max_steps: int = 128,
              sampling: SamplingParams | None = None, stop_ids: Iterable[int] = (), stop_strings: Iterable[str] = (),
              tokenizer=None, stream: Callable[[int, str], None] | None = None) -> GenerateResult:
     """Generate up to max_steps tokens after prompt_ids. Text needs a tokenizer (qwen3lab.tokenizer.Tokenizer);
     without one, text is "" and stop strings are refused."""
-    stop_strings = [s for s in stop_strings]
-    for s in stop_strings:
-        if not isinstance(s, str) or not s:
-            raise InputError(f"stop strings must be non-empty str, got {s!r}")
+    stop_strings = stop_string_list(stop_strings)
     if stop_strings and tokenizer is None:
         raise InputError("stop strings need a tokenizer (this model has none); give stop token ids instead")
-    stop_ids = frozenset(int(i) for i in stop_ids)
+    if stream is not None and not callable(stream):
+        raise InputError(f"stream must be a callable stream(token_id, text) or None, got {type(stream).__name__} "
+                         f"{shorten(stream)}")
+    stop_ids = stop_id_set(stop_ids)
     ts = TokenStream(model, prompt_ids, max_steps, sampling, stop_ids)
     text = _TextStops(tokenizer, stop_strings) if tokenizer is not None else None
     out: list[int] = []

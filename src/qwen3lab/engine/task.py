@@ -3,12 +3,58 @@ whether it is finished. Plain data: the runner (engine/runner.py) feeds it and a
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from ..api import check_int, shorten
+from ..errors import InputError
 from ..models.kv_cache import KVCache
 from .sampler import SamplingParams, make_generator
+
+
+def is_id(t) -> bool:
+    """An integer token id (numpy / torch integer scalars too); bool is not one, though Python says it is."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def token_id_list(ids, what: str = "prompt") -> list[int]:
+    """Token ids as a list of Python ints: a sequence of integers, or a 1-D numpy array / torch tensor.
+
+    bytes is refused although it is a sequence of ints (b"hello" is text, not ids), and so is a str; floats
+    and bools are refused rather than truncated. The range against the vocabulary is the runner's check
+    (runner.check_ids), which knows the model."""
+    if isinstance(ids, (np.ndarray, torch.Tensor)):
+        if ids.ndim != 1:
+            raise InputError(f"{what}: token ids must be a flat sequence, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes, bytearray, memoryview)):
+        hint = "; pass a str for text" if not isinstance(ids, str) else ""
+        raise InputError(f"{what}: token ids must be a sequence of integers, got {type(ids).__name__} "
+                         f"{shorten(ids)}{hint}")
+    if not isinstance(ids, Sequence):
+        raise InputError(f"{what} must be a str or a sequence of token ids, got {type(ids).__name__} {shorten(ids)}")
+    for i, t in enumerate(ids):
+        if not is_id(t):
+            raise InputError(f"{what}: invalid token id {shorten(t)} at index {i}: ids must be integers, "
+                             f"got {type(t).__name__}")
+    return [int(t) for t in ids]
+
+
+def stop_id_set(stop_ids, what: str = "stop_ids") -> frozenset[int]:
+    """Stop token ids: one integer or an iterable of them (no str, bytes, floats or bools), as a frozenset."""
+    if is_id(stop_ids):
+        return frozenset([int(stop_ids)])
+    if isinstance(stop_ids, (str, bytes, bytearray)) or not hasattr(stop_ids, "__iter__"):
+        raise InputError(f"{what} must be token ids (integers), got {type(stop_ids).__name__} {shorten(stop_ids)}")
+    ids = list(stop_ids)
+    bad = [t for t in ids if not is_id(t) or t < 0]
+    if bad:
+        raise InputError(f"{what}: invalid stop id {shorten(bad[0])}: stop ids must be integers >= 0")
+    return frozenset(int(t) for t in ids)
 
 
 @dataclass
@@ -24,9 +70,27 @@ class InferTask:
     num_prompt: int = field(init=False)
 
     def __post_init__(self):
-        self.tokens = list(self.tokens)  # ids are checked (and converted) when fed
-        self.stop_ids = frozenset(int(t) for t in self.stop_ids)
+        # types here; ids against the vocabulary (and an empty prompt) when fed, where the model is known
+        self.tokens = token_id_list(self.tokens, "InferTask tokens")
+        self.stop_ids = stop_id_set(self.stop_ids, "InferTask stop_ids")
+        self.check_fields("InferTask")
         self.num_prompt = len(self.tokens)
+
+    def check_fields(self, what: str) -> None:
+        """The fields a caller may have reassigned since construction still have their types; the runner
+        checks them before a round, since a bad one found after the forward would leave the cache advanced
+        past the tokens."""
+        if not isinstance(self.tokens, list):
+            raise InputError(f"{what} tokens must be a list of token ids, got {type(self.tokens).__name__}")
+        if not isinstance(self.sampling, SamplingParams):
+            raise InputError(f"{what} sampling must be a SamplingParams, got {type(self.sampling).__name__} "
+                             f"{shorten(self.sampling)}")
+        if not isinstance(self.stop_ids, frozenset):
+            self.stop_ids = stop_id_set(self.stop_ids, f"{what} stop_ids")
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = check_int(self.max_new_tokens, f"{what} max_new_tokens")
+        if self.cache is not None and not isinstance(self.cache, KVCache):
+            raise InputError(f"{what} cache must be a KVCache or None, got {type(self.cache).__name__}")
 
     @property
     def generated(self) -> list[int]:
