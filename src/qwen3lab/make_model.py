@@ -73,6 +73,21 @@ def _check_target(out: Path, overwrite: bool) -> None:
     )
 
 
+def _check_resources(cfg, tdt, out: Path, preset: str, layers: int | None) -> None:
+    """Refuse, with the figures, a model this machine cannot hold in memory or its disk cannot take, before
+    minutes of random weights: they are all held in `dtype` (plus one tensor in float32 while it is made)."""
+    import math
+
+    from .guards import check_disk, check_memory
+    from .shapes import expected_shapes
+
+    sizes = [math.prod(s) for s in expected_shapes(cfg).values()]
+    weights = sum(sizes) * tdt.itemsize
+    what = f"--preset {preset}" + (f" --layers {layers}" if layers is not None else "")
+    check_memory(weights + max(sizes) * 4, what)
+    check_disk(weights, out, what)
+
+
 def make_model(
     out_dir: str | Path,
     preset: str = "tiny",
@@ -93,6 +108,7 @@ def make_model(
     if shard_size is not None:  # refused here, before minutes of random weights and before any file is touched
         shard_size = parse_size(shard_size)
     cfg = preset_config(preset, num_hidden_layers=layers, torch_dtype=name, **overrides)
+    _check_resources(cfg, tdt, out, preset, layers)
     # generated per tensor in float32 and converted at once, so peak memory is the model in `dtype`
     tensors = random_weights(cfg, seed=seed, dtype=tdt)
     out.mkdir(parents=True, exist_ok=True)
