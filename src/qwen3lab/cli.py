@@ -91,8 +91,10 @@ def _remove_torch_tmp_dirs_at_exit() -> None:
 @friendly_errors
 def make_model_cmd(out_dir, preset, layers, dtype, seed, shard_size, overwrite):
     """Write a complete HF-layout checkpoint dir with deterministic random weights and the real shapes."""
+    from .guards import check_output_dir
     from .make_model import make_model
 
+    check_output_dir(out_dir, "OUT_DIR", parents=True)
     path = make_model(out_dir, preset=preset, layers=layers, dtype=dtype, seed=seed, shard_size=shard_size,
                       overwrite=overwrite)
     files = sorted(p.name for p in path.iterdir())

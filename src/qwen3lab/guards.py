@@ -27,8 +27,9 @@ def _shown(path) -> str:
     return text if len(text) <= 200 else f"{text[:120]}...{text[-60:]} ({len(text)} characters)"
 
 
-def _check_parent(path: Path, option: str) -> None:
+def _check_parent(path: Path, option: str, shown: Path | None = None) -> None:
     parent = path.parent
+    path = shown if shown is not None else path
     if not parent.exists():
         raise InputError(f"{option} {_shown(path)}: directory {_shown(parent)} does not exist")
     if not parent.is_dir():
@@ -63,16 +64,23 @@ def check_output_file(path, option: str, suffixes: Iterable[str] | None = None) 
     return p
 
 
-def check_output_dir(path, option: str) -> Path:
-    """`path` as a Path once it is known to be creatable (or writable) as a directory."""
+def check_output_dir(path, option: str, parents: bool = False) -> Path:
+    """`path` as a Path once it is known to be creatable (or writable) as a directory; parents=True: missing
+    parent directories will be made too (the nearest existing one must be a writable directory)."""
     p = Path(os.fspath(path))
-    if str(p) == "":
-        raise InputError(f"{option}: empty path")
+    if str(p) == "" or "\x00" in str(p):
+        raise InputError(f"{option}: {'empty path' if not str(p) else 'a path cannot contain a NUL character'}")
     if p.exists() and not p.is_dir():
         raise InputError(f"{option} {_shown(p)}: exists and is not a directory")
     if p.is_dir():
         if not os.access(p, os.W_OK | os.X_OK):
             raise InputError(f"{option} {_shown(p)}: directory is not writable")
+        return p
+    if parents:
+        base = p.parent
+        while not base.exists() and not base.is_symlink() and base != base.parent:
+            base = base.parent
+        _check_parent(base / "x", option, shown=p)
         return p
     _check_parent(p, option)
     return p

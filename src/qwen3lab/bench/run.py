@@ -275,10 +275,30 @@ def _check_generate_sizes(o: dict[str, Any]) -> None:
         n = _int(o["decode_prompt_len"], "--decode-prompt-len")
         if n < 1:
             raise InputError(f"--decode-prompt-len must be >= 1 (a prompt of one token at least), got {n}")
+    from ..api import resolve_model_path
     from . import harness as H
 
-    H.parse_int_list(o["prompt_lens"], "--prompt-lens")
-    H.parse_int_list(o["batch"], "--batch")
+    prompt_lens = H.parse_int_list(o["prompt_lens"], "--prompt-lens")
+    batches = H.parse_int_list(o["batch"], "--batch")
+    if o["preset"] is not None or o["config"] is not None:
+        return  # refused with its own message where the bench starts
+    path = resolve_model_path(o["model"])
+    if not (path / "config.json").is_file():
+        return  # the loader names what is missing
+    cfg = Qwen3Config.from_file(path)
+    ctx = cfg.max_position_embeddings
+    decode = (o["decode_prompt_len"] or prompt_lens[0]) + new
+    for option, n in (("--prompt-lens", max(prompt_lens)), ("--decode-prompt-len + --new-tokens", decode)):
+        if n > ctx:
+            raise InputError(f"{option}: {n} positions exceed the context of {path} ({ctx}, "
+                             f"max_position_embeddings)")
+    # each impl holds the weights and a KV cache of the largest batch; float32 is the widest activation dtype
+    elt = 4 if "float32" in str(o["dtype"]) else 2
+    kv = max(batches) * max(decode, max(prompt_lens)) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads \
+        * cfg.head_dim * elt
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    check_memory((weights + kv) * (1 if o["no_hf"] else 2), _shape_text(o, ("model", "batch", "prompt_lens",
+                                                                             "decode_prompt_len", "new_tokens")))
 
 
 def _int(value, option: str) -> int:
