@@ -95,19 +95,12 @@ def _check_outputs(output, html) -> list:
 
 def _write_report(rep, option: str, path):
     """The JSON (--output) or HTML (--html) report, renamed into place when complete (guards.write_atomic)."""
-    import json
+    from ..guards import write_atomic
+    from .report_html import write_html
+    from .report_json import write_json
 
-    from ..guards import write_text_atomic
-
-    if option == "--output":
-        from .report_json import to_dict
-
-        text = json.dumps(to_dict(rep), indent=2, allow_nan=False) + "\n"
-    else:
-        from .report_html import render_html
-
-        text = render_html(rep)
-    return write_text_atomic(path, text, option)
+    write = write_json if option == "--output" else write_html
+    return write_atomic(path, lambda tmp: write(rep, tmp), option)
 
 
 def _check_layers(path, layers) -> None:
