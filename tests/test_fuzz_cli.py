@@ -263,6 +263,7 @@ def test_bad_number_is_refused_before_work(model_dir, tmp_path_factory, case, ki
     words, option, extra, aliases, refused = case
     assume(kind in refused)
     value = data.draw(VALUES[kind], label="value")
+    assume(not (option == "--shard-size" and value in ("1.5", "1e3")))  # bytes, as a float: a valid size
     if option == "--layers" and words[0] == "verify" and kind == "huge":
         value = f"0-{value}"
     out = tmp_path_factory.mktemp("mm") / "out"
