@@ -43,6 +43,40 @@ def friendly_errors(fn):
 @click.version_option(package_name="qwen3lab")
 def main() -> None:
     """qwen3lab: run, verify layer by layer, show and measure Qwen3 (dense and MoE) models."""
+    _remove_torch_tmp_dirs_at_exit()
+
+
+_TMP_WATCHED: list[set] = []
+
+
+def _remove_torch_tmp_dirs_at_exit() -> None:
+    """torch makes $TMPDIR/torchinductor_$USER (its compile cache dir) whenever torch._dynamo is imported, which
+    building any nn.Module does (torch._compile's disable wrapper) and transformers does on import. We never
+    compile, so a run would leave an empty dir behind: at exit, remove the ones that appeared and stayed empty."""
+    import atexit
+    import os
+    import tempfile
+
+    if _TMP_WATCHED:  # once per process (tests invoke main many times)
+        return
+    tmp = tempfile.gettempdir()
+
+    def torch_dirs() -> set:
+        try:
+            return {e.path for e in os.scandir(tmp) if e.name.startswith("torchinductor_") and e.is_dir()}
+        except OSError:
+            return set()
+
+    _TMP_WATCHED.append(torch_dirs())
+
+    def cleanup() -> None:
+        for d in torch_dirs() - _TMP_WATCHED[0]:
+            try:
+                os.rmdir(d)  # only when empty: a cache someone filled meanwhile stays
+            except OSError:
+                pass
+
+    atexit.register(cleanup)
 
 
 # ---- make-model ----------------------------------------------------------------------------------
@@ -57,8 +91,10 @@ def main() -> None:
 @friendly_errors
 def make_model_cmd(out_dir, preset, layers, dtype, seed, shard_size, overwrite):
     """Write a complete HF-layout checkpoint dir with deterministic random weights and the real shapes."""
+    from .guards import check_output_dir
     from .make_model import make_model
 
+    check_output_dir(out_dir, "OUT_DIR", parents=True)
     path = make_model(out_dir, preset=preset, layers=layers, dtype=dtype, seed=seed, shard_size=shard_size,
                       overwrite=overwrite)
     files = sorted(p.name for p in path.iterdir())

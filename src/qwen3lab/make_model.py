@@ -73,6 +73,25 @@ def _check_target(out: Path, overwrite: bool) -> None:
     )
 
 
+def _check_resources(cfg, tdt, out: Path, preset: str, layers: int | None) -> None:
+    """Refuse, with the figures, a model this machine cannot hold in memory or its disk cannot take, before
+    minutes of random weights: they are all held in `dtype` (plus one tensor in float32 while it is made).
+    A one-layer cfg stands for `layers` copies of its layer (no loop over the layers)."""
+    import math
+
+    from .guards import check_disk, check_memory
+    from .shapes import expected_shapes
+
+    shapes = {k: math.prod(s) for k, s in expected_shapes(cfg).items()}
+    n = sum(shapes.values())
+    if layers is not None and cfg.num_hidden_layers == 1:
+        n += (layers - 1) * sum(v for k, v in shapes.items() if k.startswith("model.layers.0."))
+    weights = n * tdt.itemsize
+    what = f"--preset {preset}" + (f" --layers {layers}" if layers is not None else "")
+    check_memory(weights + max(shapes.values()) * 4, what)
+    check_disk(weights, out, what)
+
+
 def make_model(
     out_dir: str | Path,
     preset: str = "tiny",
@@ -92,7 +111,11 @@ def make_model(
         raise InputError(f"layers must be a positive integer, got {layers!r}")
     if shard_size is not None:  # refused here, before minutes of random weights and before any file is touched
         shard_size = parse_size(shard_size)
+    if layers is not None:  # sized from one layer first: a config of 10**12 layers is slow even to check
+        one = preset_config(preset, num_hidden_layers=1, torch_dtype=name, **overrides)
+        _check_resources(one, tdt, out, preset, layers)
     cfg = preset_config(preset, num_hidden_layers=layers, torch_dtype=name, **overrides)
+    _check_resources(cfg, tdt, out, preset, layers)
     # generated per tensor in float32 and converted at once, so peak memory is the model in `dtype`
     tensors = random_weights(cfg, seed=seed, dtype=tdt)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ Notable:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,29 @@ class AttentionShape:
                              "give one cached past length per request")
         if any(p < 0 for p in self.past) or any(p < 0 for p in self.decode_past):
             raise InputError("past lengths must be >= 0")
+
+
+def estimate_bytes(cfg: Qwen3Config, seqlens: list[int], past: list[int], decode_past: list[int], repeat: int,
+                   elt: int, hf: bool) -> int:
+    """Memory the bench would allocate for these shapes, from the sizes alone (nothing is expanded, so a
+    10**11-token request or a 10**12 --decode-repeat costs nothing to estimate). Counts the inputs, every KV
+    cache, the q/k/v/output activations and the full score matrix (the math attention path's worst case), once
+    for ours and once more for HF; plus the one-layer model the layer's weights come from (float32)."""
+    from ..shapes import expected_shapes
+    from .modules import one_layer_config
+
+    D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def request(T: int, P: int) -> int:
+        return (T * D * 2 + 2 * Hkv * P * Dh + 2 * Hkv * (P + T) * Dh  # x and output, past, cache
+                + T * (H + 2 * Hkv) * Dh + H * T * (P + T))  # q, k, v and the scores
+
+    per_impl = sum(request(T, P) for T, P in zip(seqlens, past, strict=False))
+    per_impl += repeat * sum(request(1, P) for P in decode_past)
+    if decode_past:  # HF's decode batch is left-padded to the longest past
+        per_impl += 2 * repeat * len(decode_past) * Hkv * (max(decode_past) + 1) * Dh
+    weights = sum(math.prod(s) for s in expected_shapes(one_layer_config(cfg)).values()) * 4
+    return per_impl * elt * (2 if hf else 1) + weights
 
 
 # ---- inputs shared by both implementations ---------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 
 from .. import pages
 from ..errors import InputError
+from ..guards import write_atomic, write_text_atomic
 from ..runspec import cpu_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -461,12 +462,7 @@ def emit_json(report: dict[str, Any], json_path: str | None = None) -> None:
     line = json.dumps(report, sort_keys=False, default=str)
     print(line, flush=True)
     if json_path:
-        p = Path(json_path)
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(line + "\n", encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"--json {json_path}: cannot write ({e.strerror})") from None
+        write_text_atomic(json_path, line + "\n", "--json")
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -610,11 +606,10 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     fig.suptitle(f"qwen3lab bench {report['bench']} · {m['cpu']} · {m.get('gpu') or 'no GPU'}", fontsize=10)
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise InputError(f"--plot {path}: cannot write ({e.strerror})") from None
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110), "--plot")
     finally:
         plt.close(fig)
+
 
 
 @contextmanager

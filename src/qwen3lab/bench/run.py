@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import Qwen3Config
 from ..errors import InputError
+from ..guards import check_memory, check_output_file
 from .choices import BENCH_DTYPES, GENERATE_DTYPES, HF_ATTN_IMPLS, HF_EXPERTS_IMPLS, KINDS
 
 # torch (and the harness, which needs it) is imported when a bench runs, not when the CLI builds its options
@@ -127,11 +128,14 @@ def ours_path(device, fast: bool) -> str:
 
 def run_bench_command(kind: str, **options: Any) -> int:
     """Run one bench with CLI-style options; print table (+ comparison) and the JSON line; return the exit code."""
+    o = _options(kind, options)
+    _check_outputs(o)  # before any timing: a report that cannot be written must not cost the bench
+    if kind == "generate":
+        _check_generate_sizes(o)
     import torch
 
     from . import harness as H
 
-    o = _options(kind, options)
     device = H.resolve_device(o["device"])
     dtypes = parse_dtypes(o["dtype"], kind)
     if kind == "generate":
@@ -156,11 +160,15 @@ def run_bench_command(kind: str, **options: Any) -> int:
             warmups = A.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
             runs = A.DEFAULT_RUNS if o["runs"] is None else o["runs"]
             decode_past = H.parse_int_list(o["decode_past"], "--decode-past") if str(o["decode_past"]) != "0" else []
-            repeat = int(o["decode_repeat"])
+            repeat = _int(o["decode_repeat"], "--decode-repeat")
             if repeat < 1:
                 raise InputError(f"--decode-repeat must be >= 1, got {repeat}")
             shape = A.AttentionShape(H.parse_int_list(o["seqlens"], "--seqlens"), _int_list0(o["past"], "--past"),
-                                     [p for p in decode_past for _ in range(repeat)])
+                                     decode_past)
+            need = A.estimate_bytes(cfg, shape.seqlens, shape.past, decode_past, repeat,
+                                    H.resolve_dtype(dtypes[0]).itemsize, hf)
+            check_memory(need, _shape_text(o, ("seqlens", "past", "decode_past", "decode_repeat")))
+            shape.decode_past = [p for p in decode_past for _ in range(repeat)]  # fits: expand the requests
             records, extra = A.run(cfg, device, dtypes[0], warmups, runs, shape, hf=hf, hf_attn=o["hf_attn"],
                                    seed=o["seed"], progress=progress)
         elif kind == "moe":
@@ -169,9 +177,12 @@ def run_bench_command(kind: str, **options: Any) -> int:
             cfg, source = _config(kind, o)
             warmups = M.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
             runs = M.DEFAULT_RUNS if o["runs"] is None else o["runs"]
+            prefill_tokens = _maybe_list(o["prefill_tokens"], "--prefill-tokens")
+            decode_tokens = _maybe_list(o["decode_tokens"], "--decode-tokens")
+            need = _moe_bytes(cfg, prefill_tokens + decode_tokens, H.resolve_dtype(dtypes[0]).itemsize, hf)
+            check_memory(need, _shape_text(o, ("preset", "config", "prefill_tokens", "decode_tokens")))
             records, extra = M.run(cfg, device, dtypes[0], warmups, runs,
-                                   prefill_tokens=_maybe_list(o["prefill_tokens"], "--prefill-tokens"),
-                                   decode_tokens=_maybe_list(o["decode_tokens"], "--decode-tokens"),
+                                   prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                                    hf=hf, hf_experts=o["hf_experts"], seed=o["seed"], progress=progress)
         else:
             from . import generate as G
@@ -233,6 +244,93 @@ def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None
         H.plot_report(report, o["plot"])
         print(f"wrote {o['plot']}", file=sys.stderr)
     return rc
+
+
+def _check_outputs(o: dict[str, Any]) -> None:
+    """--json and --plot checked writable (guards.check_output_file) before anything runs; --plot's extension
+    must be one matplotlib writes."""
+    if o["json"]:
+        o["json"] = check_output_file(o["json"], "--json")
+    if o["plot"]:
+        o["plot"] = check_output_file(o["plot"], "--plot", plot_formats())
+        if o["json"] and o["plot"].resolve() == o["json"].resolve():
+            raise InputError(f"--json and --plot are the same file {o['plot']}; give two paths")
+
+
+def plot_formats() -> tuple[str, ...]:
+    """The extensions --plot can write (matplotlib's savefig formats), e.g. .png, .pdf, .svg."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise InputError("--plot needs matplotlib (pip install matplotlib)") from None
+    return tuple(f".{k}" for k in FigureCanvasBase.get_supported_filetypes())
+
+
+def _check_generate_sizes(o: dict[str, Any]) -> None:
+    """bench generate's sizes, before a model is loaded (the model's context is checked where it is known)."""
+    new = _int(o["new_tokens"], "--new-tokens")
+    if new < 1:
+        raise InputError(f"--new-tokens must be >= 1, got {new}")
+    if o["decode_prompt_len"] is not None:
+        n = _int(o["decode_prompt_len"], "--decode-prompt-len")
+        if n < 1:
+            raise InputError(f"--decode-prompt-len must be >= 1 (a prompt of one token at least), got {n}")
+    from ..api import resolve_model_path
+    from . import harness as H
+
+    prompt_lens = H.parse_int_list(o["prompt_lens"], "--prompt-lens")
+    batches = H.parse_int_list(o["batch"], "--batch")
+    if o["preset"] is not None or o["config"] is not None:
+        return  # refused with its own message where the bench starts
+    path = resolve_model_path(o["model"])
+    if not (path / "config.json").is_file():
+        return  # the loader names what is missing
+    cfg = Qwen3Config.from_file(path)
+    ctx = cfg.max_position_embeddings
+    decode = (o["decode_prompt_len"] or prompt_lens[0]) + new
+    for option, n in (("--prompt-lens", max(prompt_lens)), ("--decode-prompt-len + --new-tokens", decode)):
+        if n > ctx:
+            raise InputError(f"{option}: {n} positions exceed the context of {path} ({ctx}, "
+                             f"max_position_embeddings)")
+    # each impl holds the weights and a KV cache of the largest batch; float32 is the widest activation dtype
+    elt = 4 if "float32" in str(o["dtype"]) else 2
+    kv = max(batches) * max(decode, max(prompt_lens)) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads \
+        * cfg.head_dim * elt
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    check_memory((weights + kv) * (1 if o["no_hf"] else 2), _shape_text(o, ("model", "batch", "prompt_lens",
+                                                                             "decode_prompt_len", "new_tokens")))
+
+
+def _int(value, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            return int(str(value))
+        except ValueError:
+            raise InputError(f"{option} {str(value)[:40]!r}: expected an integer") from None
+    return value
+
+
+def _shape_text(o: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The options that set a bench's size, as given, for a memory refusal ("--seqlens 99999999999 ...")."""
+    parts = [f"--{k.replace('_', '-')} {o[k]}" for k in keys if o.get(k) is not None]
+    text = " ".join(parts)
+    return text if len(text) <= 200 else text[:180] + "..."
+
+
+def _moe_bytes(cfg: Qwen3Config, token_counts: list[int], elt: int, hf: bool) -> int:
+    """Memory of the MoE bench for these token counts: the block's experts and router (float32 while made,
+    then in the bench dtype, once more for HF) and per token its input, output, router logits and the chosen
+    experts' activations."""
+    from .modules import one_layer_config
+
+    if not cfg.is_moe:
+        return 0  # refused by the bench itself, with the config named
+    one = one_layer_config(cfg, moe=True)
+    D, E, Dm, k = one.hidden_size, one.num_experts, one.moe_intermediate_size, one.num_experts_per_tok
+    weights = E * (3 * D * Dm + D)
+    per_token = 2 * D + E + k * (3 * Dm + D)
+    copies = 2 if hf else 1
+    return weights * 4 + copies * (weights + max(token_counts, default=0) * per_token) * elt
 
 
 def _path_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:

@@ -31,6 +31,7 @@ def tiny_config(nlayer: int = 2, d: int = 8, nh: int = 2, nkvh: int = 2, dh: int
     for flag, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"tiny: --{flag} must be a positive integer, got {v!r}")
+    _check_flag_sizes(sizes)
     d_cfg = {
         "model_type": "qwen3_moe" if moe else "qwen3",
         "hidden_size": d, "intermediate_size": di, "num_hidden_layers": nlayer,
@@ -42,6 +43,28 @@ def tiny_config(nlayer: int = 2, d: int = 8, nh: int = 2, nkvh: int = 2, dh: int
         d_cfg.update(num_experts=experts, num_experts_per_tok=topk, moe_intermediate_size=di,
                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     return Qwen3Config.from_dict(d_cfg, source="qwen3lab tiny flags")
+
+
+def _check_flag_sizes(sizes: dict[str, int]) -> None:
+    """check_model_size's limits applied to the flags themselves, before a config or any weight is built (a
+    config of a million layers is slow to even validate)."""
+    dims = {"--d": sizes["d"], "--dvoc": sizes["dvoc"], "--di": sizes["di"], "--nh * --dh": sizes["nh"] * sizes["dh"]}
+    for flag, v in dims.items():
+        if v > MAX_DIM:
+            raise ConfigError(f"tiny: {flag} is {v}; tiny mode prints every matrix in full and accepts at most "
+                              f"{MAX_DIM} per dimension. Use `qwen3lab verify` for full-size models.")
+    n = _flag_parameter_count(**sizes)
+    if n > MAX_PARAMS:
+        given = " ".join(f"--{k} {v}" for k, v in sizes.items())
+        raise ConfigError(f"tiny: {given} gives {n:,} parameters; tiny mode accepts at most {MAX_PARAMS:,}. "
+                          f"Use `qwen3lab verify` for full-size models.")
+
+
+def _flag_parameter_count(nlayer, d, nh, nkvh, dh, di, dctx, dvoc, experts=None, topk=None) -> int:
+    """parameter_count of the config tiny_config would build, from the flags (exact Python ints, any size)."""
+    attn = d * nh * dh * 2 + d * nkvh * dh * 2 + 2 * dh  # q, o, k, v, q_norm, k_norm
+    mlp = 3 * d * di if experts is None else experts * 3 * d * di + experts * d  # experts + router
+    return 2 * dvoc * d + d + nlayer * (attn + mlp + 2 * d)  # embed + lm_head (untied), norms
 
 
 def parse_tokens(tokens, cfg: Qwen3Config) -> list[int]:

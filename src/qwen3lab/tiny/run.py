@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..guards import check_output_dir, check_output_file, write_atomic, write_text_atomic
 from ..taps import split_name
 from .config import DEFAULTS, check_model_size, parse_tokens, tiny_config
 from .forward import tiny_forward
 from .printer import format_tap
 from .stability import StabilityReport, check_stability, stats
-from .weights import INITS, init_weights, load_checkpoint_weights, read_weights, write_weights
+from .weights import FORMATS, INITS, init_weights, load_checkpoint_weights, read_weights, write_weights
 
 RULE = "=" * 78
 CHECKS_LEGEND = ("checks: every tap: no NaN/Inf, max |x| <= 1e4 (hidden states: RMS growth vs embed); probs: rows "
@@ -156,6 +157,32 @@ def build_model(sizes: dict, moe: bool, init: str, seed: int, weights_file, mode
     return cfg, init_weights(cfg, init, seed), f"--init {init}" + (f" --seed {seed}" if init == "random" else "")
 
 
+def check_saves(save_weights, save_model_dir) -> None:
+    """--save-weights and --save-model checked writable before the model is built (guards.py)."""
+    if save_weights is not None:
+        check_output_file(save_weights, "--save-weights", FORMATS)
+    if save_model_dir is not None:
+        out = check_output_dir(save_model_dir, "--save-model")
+        if out.is_dir() and any(out.iterdir()) and not _holds_tiny_checkpoint(out):
+            raise InputError(f"--save-model {out}: directory is not empty and holds no tiny checkpoint; refusing to "
+                             f"overwrite what is there (choose an empty or new directory)")
+
+
+def _holds_tiny_checkpoint(path: Path) -> bool:
+    """A dir an earlier --save-model wrote (its config.json within tiny's sizes): saving again may replace it.
+    Anything else (a real checkpoint, unrelated files) is never overwritten."""
+    from ..config import Qwen3Config
+    from ..errors import Qwen3LabError
+
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        check_model_size(Qwen3Config.from_file(path), str(path))
+    except Qwen3LabError:
+        return False
+    return True
+
+
 def save_model(out_dir, cfg, weights: dict[str, np.ndarray]) -> Path:
     """A complete HF-layout checkpoint dir (config.json + model.safetensors, float32) via weights.save_checkpoint."""
     import torch
@@ -177,6 +204,7 @@ def run_tiny(*, d=None, nlayer=None, nh=None, nkvh=None, dh=None, di=None, dvoc=
     instead of the torch model (tests use a broken one)."""
     if not isinstance(precision, int) or not 0 <= precision <= 12:
         raise InputError(f"--precision must be an integer in 0..12, got {precision!r}")
+    check_saves(save_weights, save_model_dir)
     if compare not in (None, "none", "torch") and candidate is None:
         raise InputError(f"--compare {compare!r} is not supported; use --compare torch")
     sizes = dict(nlayer=nlayer, d=d, nh=nh, nkvh=nkvh, dh=dh, di=di, dctx=dctx, dvoc=dvoc)
@@ -188,7 +216,8 @@ def run_tiny(*, d=None, nlayer=None, nh=None, nkvh=None, dh=None, di=None, dvoc=
     ids = parse_tokens(tokens, cfg)
     msgs = []
     if save_weights is not None:
-        msgs.append(f"wrote weights to {write_weights(save_weights, w, cfg)}")
+        path = write_atomic(save_weights, lambda tmp: write_weights(tmp, w, cfg), "--save-weights")
+        msgs.append(f"wrote weights to {path}")
     if save_model_dir is not None:
         path = save_model(save_model_dir, cfg, w)
         msgs.append(f"wrote checkpoint {path} ({', '.join(sorted(p.name for p in path.iterdir()))})")
@@ -334,6 +363,8 @@ def run_tiny_command(*, d=None, nlayer=None, nh=None, nkvh=None, dh=None, di=Non
 
     Size flags left as None take the tiny defaults (or, with `model`, the checkpoint's sizes)."""
     stream = out or sys.stdout
+    if output is not None:  # before the run: a path that cannot be written costs nothing
+        output = check_output_file(output, "--output")
     res = run_tiny(d=d, nlayer=nlayer, nh=nh, nkvh=nkvh, dh=dh, di=di, dvoc=dvoc, dctx=dctx, experts=experts,
                    topk=topk, tokens=tokens, moe=moe, init=init, seed=seed, weights=weights,
                    save_weights=save_weights, save_model_dir=save_model, model=model, explain=explain,
@@ -342,11 +373,6 @@ def run_tiny_command(*, d=None, nlayer=None, nh=None, nkvh=None, dh=None, di=Non
                    precision=precision, width=width)
     print(render(res, precision=precision, width=width), file=stream)
     if output is not None:
-        path = Path(output)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(res.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"--output {path}: cannot write ({e.strerror})") from None
+        path = write_text_atomic(output, json.dumps(res.to_json(), indent=2, allow_nan=False) + "\n", "--output")
         print(f"wrote {path}", file=stream)
     return 0 if res.ok else 1

@@ -45,6 +45,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
          sweep=False, self_test=False, quantised_reference=False) -> int:
     from ..api import resolve_model_path
 
+    # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
+    outputs = _check_outputs(output, html)
     taps = taps or "layer"
     if taps not in ROWS:
         raise Qwen3LabError(f"--taps {taps!r}: choose one of {', '.join(ROWS)}")
@@ -58,6 +60,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     needs_model = model_path is not None or any(
         s in BUILTIN for s in (reference, candidate) if isinstance(s, str))
     path = resolve_model_path(model_path) if needs_model else None
+    if path is not None and layers is not None:
+        _check_layers(path, layers)
     tol_kw = dict(preset=preset, cos_min=cos_min, mse_max=mse_max, rel_max=rel_max)
     if sweep:
         from .sweep import run_sweep
@@ -72,15 +76,41 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
                  layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
                  progress=RichProgress(), quantised_reference=quantised_reference, **tol_kw)
     render(rep, console, rows=taps)
-    if output:
-        from .report_json import write_json
-
-        console.print(f"wrote {write_json(rep, output)}")
-    if html:
-        from .report_html import write_html
-
-        console.print(f"wrote {write_html(rep, html)}")
+    for option, p in outputs:
+        console.print(f"wrote {_write_report(rep, option, p)}")
     return 0 if rep.overall_success else 1
+
+
+def _check_outputs(output, html) -> list:
+    """[(option, path)] of the reports to write, each checked writable (guards.check_output_file)."""
+    from pathlib import Path
+
+    from ..guards import check_output_file
+
+    chosen = [(o, check_output_file(p, o)) for o, p in (("--output", output), ("--html", html)) if p]
+    if len(chosen) == 2 and Path(chosen[0][1]).resolve() == Path(chosen[1][1]).resolve():
+        raise Qwen3LabError(f"--output and --html are the same file {chosen[0][1]}; give two paths")
+    return chosen
+
+
+def _write_report(rep, option: str, path):
+    """The JSON (--output) or HTML (--html) report, renamed into place when complete (guards.write_atomic)."""
+    from ..guards import write_atomic
+    from .report_html import write_html
+    from .report_json import write_json
+
+    write = write_json if option == "--output" else write_html
+    return write_atomic(path, lambda tmp: write(rep, tmp), option)
+
+
+def _check_layers(path, layers) -> None:
+    """--layers against the checkpoint's layer count, from config.json, before any backend loads."""
+    from ..config import Qwen3Config
+    from .runner import parse_layers
+
+    cfg_file = path / "config.json" if path.is_dir() else None
+    if cfg_file is not None and cfg_file.is_file():
+        parse_layers(layers, Qwen3Config.from_file(path).num_hidden_layers)
 
 
 def _self_test(console: Console, model_path=None, moe_path=None) -> int:

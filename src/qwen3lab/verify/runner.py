@@ -14,6 +14,7 @@ re-run routed as the candidate was (routing.py) and everything is compared with 
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,33 +47,43 @@ class Progress:
 
 
 def parse_layers(spec, num_layers: int) -> list[int] | None:
-    """'0-4' / '0,2,5-7' / [1, 2] / None -> sorted layer indices (errors name the bad part)."""
+    """'0-4' / '0,2,5-7' / [1, 2] / None -> sorted layer indices (errors name the bad part). Each index and
+    range end is checked against num_layers before a range is expanded, so '0-100000000000' is refused at once."""
     if spec is None or spec == "" or spec == "all":
         return None
-    if isinstance(spec, int):
+    last = f"the model has layers 0..{num_layers - 1}"
+    if isinstance(spec, int) and not isinstance(spec, bool):
         spec = [spec]
     if not isinstance(spec, str):
-        out = sorted({int(i) for i in spec})
-    else:
-        out = set()
-        for part in spec.split(","):
-            part = part.strip()
-            try:
-                if "-" in part:
-                    a, b = part.split("-", 1)
-                    lo, hi = int(a), int(b)
-                    if lo > hi:
-                        raise ValueError
-                    out.update(range(lo, hi + 1))
-                else:
-                    out.add(int(part))
-            except ValueError:
-                raise InputError(f"--layers {spec!r}: {part!r} is not a layer index or range like 0-4") from None
-        out = sorted(out)
-    bad = [i for i in out if not 0 <= i < num_layers]
-    if bad:
-        raise InputError(f"--layers: layer {bad[0]} does not exist (the model has layers 0..{num_layers - 1})")
-    return out
+        try:
+            items = [operator.index(i) for i in spec]
+        except TypeError:
+            raise InputError(f"--layers {_short(spec)}: expected a spec like 0-4 or a list of layer indices") from None
+        bad = [i for i in items if not 0 <= i < num_layers]
+        if bad:
+            raise InputError(f"--layers: layer {_short(bad[0])} does not exist ({last})")
+        return sorted(set(items))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            a, b = part.split("-", 1) if "-" in part else (part, part)
+            lo, hi = int(a), int(b)
+            if lo > hi:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--layers {_short(spec)}: {_short(part)} is not a layer index or range like 0-4") \
+                from None
+        if lo < 0 or hi >= num_layers:  # the first index of the part that does not exist is named
+            bad = lo if lo < 0 or lo >= num_layers else num_layers
+            raise InputError(f"--layers {_short(spec)}: layer {_short(bad)} does not exist ({last})")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def _short(v) -> str:
+    text = repr(v) if isinstance(v, str) else str(v)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
 
 
 def resolve_input_ids(input_ids, test_input: str | None, model_path, sides: Iterable[Side], cfg) -> tuple:
