@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import string
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from click.testing import CliRunner
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fuzz_settings import fuzz
+from fuzz_settings import deadline, fuzz
 from qwen3lab import guards
 from qwen3lab.cli import main
 from qwen3lab.errors import InputError
@@ -53,19 +51,6 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
 
 
-@contextmanager
-def deadline(seconds: int):
-    """A case that hangs fails instead of hanging the suite."""
-    def boom(*_):
-        raise TimeoutError(f"took more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def invoke(args, seconds: int = 60):

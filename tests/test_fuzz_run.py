@@ -10,12 +10,10 @@ directory, which proves the options were checked before anything loaded (and kee
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -28,7 +26,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from fuzz_settings import fuzz
+from fuzz_settings import deadline, fuzz
 from qwen3lab.cli import main
 from qwen3lab.engine.sampler import MIN_TEMPERATURE, SamplingParams, sample
 from qwen3lab.errors import InputError, Qwen3LabError, TokenizerError
@@ -40,19 +38,6 @@ from qwen3lab.verify import verify
 MISSING = "/nonexistent/qwen3lab-fuzz-model"  # --model: the load fails here, after the options were checked
 
 
-@contextlib.contextmanager
-def deadline(seconds: int = 20):
-    """Fail instead of hanging: SIGALRM interrupts Python code (jinja renders are Python code)."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_cli(*args, input=None):
