@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .api import check_int, shorten
+from .checks import check_int, shorten
 from .config import Qwen3Config
 from .engine.generate import GenerateResult, generate, stop_string_list
 from .engine.runner import batch_infer_one_round, check_ids, check_prompt

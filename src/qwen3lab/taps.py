@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import shorten
 from .errors import DumpError
 
 DUMP_FORMAT = "qwen3lab.taps"
@@ -279,7 +280,7 @@ def read_dump(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     except OSError as e:
         raise DumpError(f"{path}: cannot read the dump file ({e.strerror or e})") from None
     if meta.get("format") not in (None, DUMP_FORMAT):
-        raise DumpError(f"{path}: metadata format is {_short(meta.get('format'))}, expected {DUMP_FORMAT!r}")
+        raise DumpError(f"{path}: metadata format is {shorten(meta.get('format'))}, expected {DUMP_FORMAT!r}")
     for key in ("input_ids", "positions"):
         if key in meta:
             meta[key] = _id_list(path, key, meta[key])
@@ -304,16 +305,11 @@ def _id_list(path: Path, key: str, text: str) -> list[int]:
     what = f"{path}: metadata {key!r}"
     v = loads_json(text, DumpError, what, max_chars=LIMITS["dump_metadata"])
     if not isinstance(v, list):
-        raise DumpError(f"{what} must be a JSON list of integers, got {type(v).__name__}: {_short(text)}")
+        raise DumpError(f"{what} must be a JSON list of integers, got {type(v).__name__}: {shorten(text)}")
     for i, x in enumerate(v):
         if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= _ID_MAX:
-            raise DumpError(f"{what}[{i}] is {_short(x)}; it must be an integer in 0..2**63-1")
+            raise DumpError(f"{what}[{i}] is {shorten(x)}; it must be an integer in 0..2**63-1")
     return v
-
-
-def _short(v, n: int = 80) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def _read_via_torch(path: Path, key: str) -> np.ndarray:

@@ -34,7 +34,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from .api import shorten
+from .checks import shorten
 from .errors import InputError, TokenizerError
 from .jsonio import LIMITS, check_regular_file, read_json, read_text
 

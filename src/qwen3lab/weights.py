@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checks import shorten
 from .errors import InputError, NumericsError, WeightsError
 from .jsonio import LIMITS, check_regular_file, read_json
 from .pages import file_ranges, release
@@ -102,7 +103,7 @@ def _read_index(index: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for name, shard in wm.items():
         if not isinstance(shard, str) or not shard or "\0" in shard:
-            raise WeightsError(f"{index}: weight_map[{name!r}] must be a shard file name, got {_short(shard)}")
+            raise WeightsError(f"{index}: weight_map[{name!r}] must be a shard file name, got {shorten(shard)}")
         p = Path(shard)
         # Shards live next to the index; refuse paths that leave the checkpoint dir.
         if p.is_absolute() or ".." in p.parts:
@@ -118,11 +119,6 @@ def _read_index(index: Path) -> dict[str, Path]:
             f"absent" + (f" (also absent: {', '.join(p.name for p in missing[1:4])})" if len(missing) > 1 else "")
         )
     return out
-
-
-def _short(v, n: int = 80) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def _exists(p: Path, index: Path) -> bool:
@@ -218,17 +214,17 @@ def _bad_entry(file: Path) -> str | None:
         if name == "__metadata__":
             continue
         if not isinstance(e, dict):
-            return f"tensor {name!r}: header entry is {_short(e)}, not an object"
+            return f"tensor {name!r}: header entry is {shorten(e)}, not an object"
         dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
         if dtype not in _DTYPE_BITS:
-            return f"tensor {name!r}: unknown dtype {_short(dtype)}"
+            return f"tensor {name!r}: unknown dtype {shorten(dtype)}"
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):
-            return f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers"
+            return f"tensor {name!r}: shape {shorten(shape)} is not a list of non-negative integers"
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
-            return f"tensor {name!r}: data_offsets {_short(offsets)} is not [start, end] with 0 <= start <= end"
+            return f"tensor {name!r}: data_offsets {shorten(offsets)} is not [start, end] with 0 <= start <= end"
         nbytes = math.prod(shape) * _DTYPE_BITS[dtype]
         if nbytes % 8 or nbytes // 8 != offsets[1] - offsets[0]:
             return (f"tensor {name!r}: shape {shape} of {dtype} takes {nbytes / 8:g} bytes but data_offsets "

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from ..api import check_int, shorten
+from ..checks import check_int, shorten
 from ..errors import InputError
 from ..models.torch_model import Qwen3CausalLM
 from .runner import batch_infer_one_round, check_prompt

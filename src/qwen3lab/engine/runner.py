@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
-from ..api import shorten
+from ..checks import shorten
 from ..errors import InputError
 from ..models.batch import ForwardBatch
 from ..models.torch_model import Qwen3CausalLM

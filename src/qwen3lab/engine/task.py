@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..api import check_int, shorten
+from ..checks import check_int, shorten
 from ..errors import InputError
 from ..models.kv_cache import KVCache
 from .sampler import SamplingParams, make_generator
