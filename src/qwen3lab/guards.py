@@ -126,11 +126,16 @@ def available_bytes() -> int | None:
         return int(psutil.virtual_memory().available)
     except ImportError:
         pass
+    return proc_kb("/proc/meminfo", "MemAvailable")
+
+
+def proc_kb(path: str, key: str) -> int | None:
+    """Bytes of a `Key:  N kB` line of a Linux /proc file (meminfo, self/status), None where there is none."""
     try:
-        text = Path("/proc/meminfo").read_text()
+        text = Path(path).read_text()
     except OSError:
         return None
-    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.MULTILINE)
+    m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
     return int(m[1]) * 1024 if m else None
 
 

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ import torch
 
 from .. import pages
 from ..errors import InputError
-from ..guards import write_atomic, write_text_atomic
+from ..guards import proc_kb, write_atomic, write_text_atomic
 from ..runspec import cpu_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -213,12 +212,7 @@ class Progress:
 
 # ---- memory ----------------------------------------------------------------------------------------
 def _status_bytes(key: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(m[1]) * 1024 if m else None
+    return proc_kb("/proc/self/status", key)
 
 
 def rss_bytes() -> int | None:
