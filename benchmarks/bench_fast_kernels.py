@@ -10,7 +10,7 @@
   `linear_large` (bands of weights widened to float32 + sgemm; bf16 / int8 only) and torch's F.linear, and
   prints ms per step, weight GB/s and GFLOP/s: the crossover row count is what fast/linear.py's SMALL_M
   encodes. With --quant the same step's weights quantised (activations in --dtype): int8 times
-  `linear_small` / `linear_large` with per-row scales and tune.py's `int8_gemm_bf16`; int4 (--group-size) times
+  `linear_small` / `linear_large` with per-row scales and gemm.py's `int8_gemm_bf16`; int4 (--group-size) times
   `linear_q4` (decode), `linear_q4_large` (dequantised bands + sgemm) and torch's
   `_weight_int4pack_mm_for_cpu` over the same q (where this torch has it). GB/s counts the stored bytes
   (int4: packed nibbles + float32 scales).
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from qwen3lab.fast.build import kernels, status
-from qwen3lab.fast.linear import Int4Linear, Int8Linear, _band_rows, int8_gemm_bf16, unpack_int4
+from qwen3lab.fast.gemm import band_rows_for, int8_gemm_bf16
+from qwen3lab.fast.linear import Int4Linear, Int8Linear, unpack_int4
 from qwen3lab.presets import preset_config
 
 
@@ -70,14 +71,14 @@ def quant_impls(k, Ws: list[torch.Tensor], quant: str, group_size: int, dtype: t
         mods = [Int8Linear.from_float(W) for W in Ws]
         impls = {"linear_small": lambda x, i: k.linear_small(x, mods[i].weight, mods[i].scale),
                  "linear_large": lambda x, i: k.linear_large(x, mods[i].weight, mods[i].scale,
-                                                             _band_rows(mods[i].in_features))}
+                                                             band_rows_for(mods[i].in_features))}
         if dtype == torch.bfloat16:
             impls["int8_gemm_bf16"] = lambda x, i: int8_gemm_bf16(x, mods[i].weight, mods[i].scale)
         return mods, impls, sum(m.weight.numel() + 4 * m.scale.numel() for m in mods)
     mods = [Int4Linear.from_float(W, group_size) for W in Ws]
     impls = {"linear_q4": lambda x, i: k.linear_q4(x, mods[i].weight, mods[i].scales, group_size),
              "linear_q4_large": lambda x, i: k.linear_q4_large(x, mods[i].weight, mods[i].scales, group_size,
-                                                               _band_rows(mods[i].in_features))}
+                                                               band_rows_for(mods[i].in_features))}
     t4 = _torch_int4pack(mods, dtype)
     if t4 is not None:
         impls["int4pack_mm"] = t4
@@ -98,7 +99,7 @@ def bench_linear(k, Ws, rows: list[int], warmups: int, runs: int, quant: str | N
         impls = {"linear_small": lambda x, i: k.linear_small(x, Ws[i], None),
                  "F.linear": lambda x, i: F.linear(x, Ws[i])}
         if dtype == torch.bfloat16:
-            impls["linear_large"] = lambda x, i: k.linear_large(x, Ws[i], None, _band_rows(Ws[i].shape[1]))
+            impls["linear_large"] = lambda x, i: k.linear_large(x, Ws[i], None, band_rows_for(Ws[i].shape[1]))
         what = str(dtype)
     else:
         _, impls, nbytes = quant_impls(k, Ws, quant, group_size, dtype)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from qwen3lab import runspec
 from qwen3lab.fast import build
-from qwen3lab.fast.linear import FastLinear, Int8Linear, int8_gemm_bf16
+from qwen3lab.fast.gemm import int8_gemm_bf16
+from qwen3lab.fast.linear import FastLinear, Int8Linear
 from qwen3lab.models.torch_model import RMSNorm, apply_rope
 
 

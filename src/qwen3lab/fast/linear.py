@@ -4,11 +4,11 @@ Notable:
 - `FastLinear` (bfloat16 / float32 weights), `Int8Linear` (int8 weights, one float32 scale per output
   row) and `Int4Linear` (packed int4, one float32 scale per group of 32 / 128 weights along K; its docstring
   gives the exact format) are drop-in replacements for bias-free nn.Linear; `optimize` / `quantise`
-  (fast/__init__.py, fast/quant.py) swap them in from outside the model file.
+  (fast/speedup.py, fast/quant.py) swap them in from outside the model file.
 - Few rows (decode: up to SMALL_M tokens in the packed batch) go to the streaming kernel `linear_small`; more
   rows (prefill) with bfloat16 activations to whichever GEMM measured faster on this CPU (fast/tune.py):
   `linear_large` (bf16 / int8 widened to float32 a band of rows at a time + BLAS sgemm) or torch's bf16 matmul
-  (int8: `int8_gemm_bf16`); float32 activations with many rows to sgemm (F.linear, or `linear_large` for int8).
+  (int8: gemm.py `int8_gemm_bf16`); float32 activations with many rows to sgemm (F.linear, or `linear_large` for int8).
 - `weight` stays a Parameter for the HF-named modules; a fused module (qkv_proj, gate_up_proj) holds its
   weight as a non-persistent buffer instead, so `parameters()` and `state_dict()` still list each checkpoint
   tensor exactly once (the HF modules' Parameters are row views of it).
@@ -27,28 +27,10 @@ from ..errors import InputError
 from ..runspec import GROUP_SIZES
 from . import tune
 from .build import kernels
+from .gemm import band_rows_for, int8_gemm_bf16
 
 SMALL_M = 32  # rows up to which the streaming kernel beats the many-row GEMMs (bench_fast_kernels.py; on Zen 4 ~24)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the activations / weights the kernels take
-BAND_BYTES = 8 << 20  # float32 band of widened weight rows for linear_large (2048 rows of 1024: ~3% over 1024)
-
-
-def _band_rows(K: int) -> int:
-    return max(16, BAND_BYTES // (4 * K))
-
-
-def int8_gemm_bf16(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, band_rows: int = 2048) -> torch.Tensor:
-    """y = (x @ q.T) * scale for bfloat16 x [M, K] and int8 q [N, K] through torch's bfloat16 matmul: q widened to
-    bfloat16 a band of rows at a time (exact: |q| <= 127), the product rounded to bf16, scaled in float32, rounded
-    again. The band (4 MB at K = 1024) bounds the extra memory; a 151936-row lm_head is never bf16 all at once."""
-    M, N = x.shape[0], q.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
-    for a in range(0, N, band_rows):
-        yb = F.linear(x, q[a:a + band_rows].to(x.dtype))  # [M, band]
-        y[:, a:a + band_rows] = yb.float().mul_(scale[a:a + band_rows])
-    return y
-
-
 def _rows(x: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Size]:
     """x [..., K] as contiguous rows [M, K] (what the kernels take), and its leading shape to restore."""
     x2 = x.reshape(-1, K)
@@ -82,7 +64,7 @@ class FastLinear(nn.Module):
         if x.numel() <= SMALL_M * self.in_features:
             return k.linear_small(x, W, None)
         if W.dtype == torch.bfloat16 and tune.choose("bfloat16") == "ours":
-            return k.linear_large(x, W, None, _band_rows(self.in_features))
+            return k.linear_large(x, W, None, band_rows_for(self.in_features))
         return F.linear(x, W)
 
     def extra_repr(self) -> str:
@@ -143,7 +125,7 @@ class Int8Linear(nn.Module):
             if x2.dtype == torch.bfloat16 and tune.choose("int8") == "torch":
                 y = int8_gemm_bf16(x2, self.weight, self.scale)
             else:
-                y = k.linear_large(x2, self.weight, self.scale, _band_rows(self.in_features))
+                y = k.linear_large(x2, self.weight, self.scale, band_rows_for(self.in_features))
         else:
             # what the kernels compute, in float32 over the dequantised weight. (torch's _weight_int8pack_mm was
             # measured and not used: it rounds the scales to x's dtype and streamed int8 at 12 GB/s with bf16
@@ -269,7 +251,7 @@ class Int4Linear(nn.Module):
             # 703 vs 558 ms for 8 layers' weights) and rounds the scales to x's dtype. On that machine the
             # streaming linear_q4 was faster still at M = 64 (341 ms) and 128 (1031 vs 1190): its sgemm is
             # slow; a "stream vs band" measurement per CPU is left to do.
-            y = k.linear_q4_large(x2, self.weight, self.scales, self.group_size, _band_rows(self.in_features))
+            y = k.linear_q4_large(x2, self.weight, self.scales, self.group_size, band_rows_for(self.in_features))
         else:  # what the kernels compute, in float32 over the dequantised weight
             y = F.linear(x2.float(), self.dequantized()).to(x.dtype)
         return y.view(*lead, self.out_features)

@@ -23,6 +23,8 @@ import time
 import torch
 
 from ..errors import InputError
+from .build import kernels
+from .gemm import band_rows_for, int8_gemm_bf16
 
 ENV = "QWEN3LAB_GEMM"
 CHOICES = ("ours", "torch")
@@ -54,19 +56,17 @@ def _best_ms(fn, runs: int = 3) -> float:
 
 def _measure(kind: str, k) -> dict[str, float]:
     """ms of each choice on a [128, 1024] x [4096, 1024]^T product (a Qwen3 projection's shape at prefill)."""
-    from .linear import _band_rows, int8_gemm_bf16
-
     g = torch.Generator().manual_seed(0)
     M, K, N = 128, 1024, 4096
     x = torch.randn(M, K, generator=g).bfloat16()
     W = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
     if kind == "bfloat16":
-        ours = lambda: k.linear_large(x, W, None, _band_rows(K))  # noqa: E731
+        ours = lambda: k.linear_large(x, W, None, band_rows_for(K))  # noqa: E731
         theirs = lambda: torch.nn.functional.linear(x, W)  # noqa: E731
     else:
         q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
         s = torch.full((N,), 0.01)
-        ours = lambda: k.linear_large(x, q, s, _band_rows(K))  # noqa: E731
+        ours = lambda: k.linear_large(x, q, s, band_rows_for(K))  # noqa: E731
         theirs = lambda: int8_gemm_bf16(x, q, s)  # noqa: E731
     with torch.inference_mode():
         return {"ours": _best_ms(ours), "torch": _best_ms(theirs)}
@@ -79,8 +79,6 @@ def choose(kind: str) -> str:
     if got is not None:
         return got
     assert kind in KINDS, kind
-    from .build import kernels
-
     with _lock:
         if kind not in _chosen:
             forced, k = _forced(), kernels()
