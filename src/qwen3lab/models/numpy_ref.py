@@ -49,11 +49,24 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def softmax64(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Softmax in float64 whatever the input dtype (masked entries are -inf and come out 0)."""
-    x = x.astype(np.float64)
-    x = x - np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    """Softmax in float64 whatever the input dtype (masked entries are -inf and come out 0). NaN or all -inf
+    rows give NaN without a warning: tiny's stability checks feed it broken values on purpose and report them."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+        return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def kv_head_of(Hq: int, Hkv: int) -> np.ndarray:
+    """[Hq]: the key/value head each query head reads (GQA: query head h uses kv head h // (Hq // Hkv))."""
+    return np.arange(Hq) // (Hq // Hkv)
+
+
+def gqa_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Scaled attention scores q·k / sqrt(Dh), unmasked. q [T, Hq, Dh], k [S, Hkv, Dh] -> [Hq, T, S]."""
+    T, Hq, Dh = q.shape
+    k_h = k[:, kv_head_of(Hq, k.shape[1])]  # [S, Hq, Dh]: each query head's key head
+    return np.einsum("thd,shd->hts", q, k_h) * (1.0 / np.sqrt(Dh))
 
 
 def topk_weights(probs: np.ndarray, idx, cfg: Qwen3Config) -> np.ndarray:
@@ -81,11 +94,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, k_
     scores are scaled by 1/sqrt(head_dim). `name` (e.g. "layers.3") taps the probs [Hq, T, S].
     """
     T, Hq, Dh = q.shape
-    S, Hkv, _ = k.shape
-    n_rep = Hq // Hkv
-    kv_head = np.arange(Hq) // n_rep  # [Hq]: the group each query head belongs to
-    k_h, v_h = k[:, kv_head], v[:, kv_head]  # [S, Hq, Dh]
-    scores = np.einsum("thd,shd->hts", q, k_h) * (1.0 / np.sqrt(Dh))  # [Hq, T, S]
+    v_h = v[:, kv_head_of(Hq, v.shape[1])]  # [S, Hq, Dh]
+    scores = gqa_scores(q, k)  # [Hq, T, S]
     allowed = k_pos[None, :] <= q_pos[:, None]  # [T, S]
     scores = np.where(allowed[None], scores, -np.inf)
     probs = softmax64(scores).astype(q.dtype)  # [Hq, T, S]

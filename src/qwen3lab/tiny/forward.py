@@ -8,17 +8,14 @@ then holds the recorded probs against softmax(scores), which exercises the model
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..models.base import RunResult
+from ..models.numpy_ref import NumpyBackend, gqa_scores
 from ..taps import split_name, tap_sites
 
 
 def oracle(cfg, weights: dict[str, np.ndarray], dtype: str = "float64"):
-    from ..models.numpy_ref import NumpyBackend
-
     return NumpyBackend(weights, cfg, dtype=dtype)
 
 
@@ -29,10 +26,8 @@ def run_all_taps(backend, input_ids: list[int]) -> RunResult:
 
 def attention_scores(cfg, q_rot: np.ndarray, k_rot: np.ndarray) -> np.ndarray:
     """[Hq, T, S] scaled scores with -inf above the causal diagonal. q_rot [T, Hq, Dh], k_rot [S, Hkv, Dh]."""
-    T, Hq, Dh = q_rot.shape
-    S = k_rot.shape[0]
-    k = np.asarray(k_rot, dtype=np.float64)[:, np.arange(Hq) // cfg.n_rep]  # [S, Hq, Dh]: GQA group of each head
-    scores = np.einsum("thd,shd->hts", np.asarray(q_rot, dtype=np.float64), k) / math.sqrt(Dh)  # [Hq, T, S]
+    T, S = q_rot.shape[0], k_rot.shape[0]
+    scores = gqa_scores(np.asarray(q_rot, dtype=np.float64), np.asarray(k_rot, dtype=np.float64))  # [Hq, T, S]
     future = np.arange(S)[None, :] > (np.arange(T)[:, None] + S - T)  # [T, S]
     return np.where(future[None], -np.inf, scores)
 

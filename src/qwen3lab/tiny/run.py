@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..guards import check_output_dir, check_output_file, write_atomic, write_text_atomic
+from ..models.numpy_ref import softmax64
 from ..taps import split_name
 from .config import DEFAULTS, check_model_size, parse_tokens, tiny_config
 from .forward import tiny_forward
@@ -78,7 +79,7 @@ class TinyResult:
 
     def predictions(self) -> dict:
         last = np.asarray(self.logits[-1], dtype=np.float64)
-        p = _softmax(last)
+        p = softmax64(last)
         order = sorted(range(len(p)), key=lambda v: (-p[v] if math.isfinite(p[v]) else math.inf, v))
         best = order[0]
         return {
@@ -120,12 +121,6 @@ def _j(v: float):
 def _stat_json(arr) -> dict:
     s = stats(arr)
     return {k: s[k] for k in ("shape", "mean", "std", "min", "max")}
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(x - np.max(x))
-        return e / e.sum()
 
 
 # ---- building the model -------------------------------------------------------------------------------

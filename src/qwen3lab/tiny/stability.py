@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..models.numpy_ref import softmax64
 from ..taps import split_name
 
 BLOWUP_ABS = 1e4  # |x| past this in a model whose weights are O(1) means something exploded
@@ -207,7 +208,7 @@ def _check_probs(c: TapCheck, p: np.ndarray, scores: np.ndarray | None) -> None:
                           f"(head {h}: token {t} attends to later position {s} with {p[h, t, s]:.4g})")
     if scores is not None:
         c.checks.append("equals softmax(scores)")
-        ref = softmax_masked(np.asarray(scores, dtype=np.float64))
+        ref = softmax64(np.asarray(scores, dtype=np.float64))
         with np.errstate(invalid="ignore"):
             d = np.abs(ref - p)
         bad = ~(d <= PROB_TOL) & ~(np.isnan(ref) & np.isnan(p))
@@ -215,14 +216,6 @@ def _check_probs(c: TapCheck, p: np.ndarray, scores: np.ndarray | None) -> None:
             where = np.argwhere(bad)[0]
             c.problems.append(f"probs differ from softmax(q_rot·k_rot/sqrt(Dh)) by up to {np.nanmax(d):.3g} "
                               f"(first at {[int(i) for i in where]})")
-
-
-def softmax_masked(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis; -inf entries (the mask) get probability 0."""
-    m = np.max(scores, axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.exp(scores - m)
-        return e / e.sum(-1, keepdims=True)
 
 
 def _check_scores_mask(c: TapCheck, x: np.ndarray, upper: np.ndarray) -> None:
