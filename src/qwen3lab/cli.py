@@ -167,7 +167,7 @@ def _threads(n: int) -> str:
 
 
 def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, group_size=None):
-    from .api import resolve_model_path
+    from .paths import resolve_model_path
     from .runspec import RunSpec
 
     spec = RunSpec.make(device, dtype, quant, fast=False if no_fast else None, threads=threads,

@@ -79,7 +79,7 @@ class Qwen3ForCausalLM:
         or bfloat16 activations; int4's group_size 32 or 128, default 128). fast (CPU only): fused projections
         and the kernels of qwen3lab.fast; fast=False keeps the plain eager model. spec: a RunSpec made by the
         caller (runspec.py) instead of device / dtype / ndev / quant / fast / group_size."""
-        from .api import check_path, resolve_model_path
+        from .paths import check_path, resolve_model_path
         from .tokenizer import Tokenizer
         from .weights import load_weights
 

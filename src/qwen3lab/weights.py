@@ -521,9 +521,3 @@ def _write_checkpoint(out: Path, cfg, prepared: Mapping[str, torch.Tensor], dtyp
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-def checkpoint_bytes(cfg, dtype: str | torch.dtype = torch.bfloat16) -> int:
-    """Bytes the weight files of this config take in dtype (tied lm_head not stored)."""
-    size = torch.empty(0, dtype=torch_dtype(dtype)).element_size()
-    return sum(math.prod(s) for s in expected_shapes(cfg).values()) * size

@@ -211,7 +211,7 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         peer: str | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
     HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
-    from ..api import resolve_model_path
+    from ..paths import resolve_model_path
 
     dtypes = [dtype] if isinstance(dtype, str) else list(dtype)
     for dt in dtypes:

@@ -275,7 +275,7 @@ def _check_generate_sizes(o: dict[str, Any]) -> None:
         n = _int(o["decode_prompt_len"], "--decode-prompt-len")
         if n < 1:
             raise InputError(f"--decode-prompt-len must be >= 1 (a prompt of one token at least), got {n}")
-    from ..api import resolve_model_path
+    from ..paths import resolve_model_path
     from . import harness as H
 
     prompt_lens = H.parse_int_list(o["prompt_lens"], "--prompt-lens")

@@ -127,8 +127,8 @@ def _stat_json(arr) -> dict:
 def build_model(sizes: dict, moe: bool, init: str, seed: int, weights_file, model_dir):
     """(cfg, weights, description of where the weights came from)."""
     if model_dir is not None:
-        from ..api import resolve_model_path
         from ..config import Qwen3Config
+        from ..paths import resolve_model_path
 
         path = resolve_model_path(model_dir)
         cfg = Qwen3Config.from_file(path)

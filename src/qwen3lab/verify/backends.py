@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import taps as _taps
-from ..api import BACKENDS as BUILTIN  # the backends qwen3lab.load knows by name
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
+from ..loading import BACKENDS as BUILTIN  # the backends qwen3lab.load knows by name
 from ..models.base import RunResult
 from .tolerances import normalize_dtype
 
@@ -339,7 +339,7 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
             raise Qwen3LabError(f"{spec!r} is not a backend (needs .cfg and .run(input_ids, taps=, graft=))")
         return Side(spec, getattr(spec, "name", type(spec).__name__))
     if spec in BUILTIN:
-        from ..api import load
+        from ..loading import load
 
         if model_path is None:
             raise Qwen3LabError(f"backend {spec!r} needs a model path")

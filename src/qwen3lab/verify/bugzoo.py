@@ -413,20 +413,3 @@ def zoo_models(where: str | Path | None = None, **overrides) -> tuple[Path, Path
     dense = make_model(root / "tiny", preset="tiny", overwrite=True, **overrides)
     moe = make_model(root / "tiny-moe", preset="tiny-moe", overwrite=True, **overrides)
     return dense, moe
-
-
-def run_zoo(input_ids, dense_path: Path | None = None, moe_path: Path | None = None, dtype: str = "float64",
-            keys: list[str] | None = None, on_result: Callable | None = None) -> list[ZooResult]:
-    if dense_path is None or moe_path is None:
-        d, m = zoo_models()
-        dense_path, moe_path = dense_path or d, moe_path or m
-    zoo = Zoo.from_paths(dense_path, moe_path, dtype)
-    out = []
-    for bug in BUGS:
-        if keys is not None and bug.key not in keys:
-            continue
-        r = zoo.check(bug, input_ids)
-        out.append(r)
-        if on_result is not None:
-            on_result(r)
-    return out

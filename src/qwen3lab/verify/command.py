@@ -43,7 +43,7 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
          test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
          sweep=False, self_test=False, quantised_reference=False) -> int:
-    from ..api import resolve_model_path
+    from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
     outputs = _check_outputs(output, html)

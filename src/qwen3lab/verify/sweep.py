@@ -53,7 +53,7 @@ class _Cached:
 
 def run_sweep(model_path, input_ids=None, test_input=None, layers=None, dtypes=SWEEP_DTYPES, devices=None,
               console: Console | None = None, fast_dtypes=FAST_SWEEP_DTYPES, **kw) -> list[SweepCell]:
-    from ..api import load
+    from ..loading import load
 
     console = console or Console()
     ref = _Cached(load(model_path, backend="numpy", dtype="float64"))
