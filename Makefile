@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint clean peer fuzz
+.PHONY: install run test test-fast lint clean peer fuzz
 
 # The venv reuses a torch the system Python already has (CUDA or not); otherwise it installs the
 # pinned CPU wheel, because an unpinned torch pulls several GB of CUDA packages.
@@ -36,6 +36,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
+
+# The unit tier for the inner loop (under 30 s): no slow, hf, kernels, cuda or browser tests (CONTRIBUTING.md).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not hf and not kernels and not cuda and not browser"
 
 # The fuzz tests (tests/test_fuzz_*.py) with 20x their default Hypothesis examples and fresh random seeds: for a
 # nightly run (about 10 minutes); `make test` runs them at 1x, derandomised.

@@ -15,7 +15,7 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(params=["kernels", "fallback"])
+@pytest.fixture(params=[pytest.param("kernels", marks=pytest.mark.kernels), "fallback"])
 def mode(request):
     """Each test twice: on the compiled kernels (skipped, with the reason, where they cannot be built) and on
     the pure-PyTorch fallback leaves."""
@@ -27,3 +27,23 @@ def mode(request):
         pytest.skip(f"kernels unavailable: {build.status()}")
     yield request.param
     build.reset()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_tier_is_marked(request, monkeypatch):
+    """The unit tier (make test-fast) must not compile: a test that loads the C++ kernels for the first time in
+    this process without @pytest.mark.kernels fails here, naming the mark, instead of silently costing ~30 s
+    a path on a fresh machine."""
+    if any(request.node.get_closest_marker(m) for m in ("kernels", "slow", "hf", "cuda", "browser")):
+        return  # not in the unit tier
+    from qwen3lab.fast import build
+
+    real = build.build
+
+    def guarded(path):
+        if path not in build._built:
+            pytest.fail(f"{request.node.nodeid} builds the C++ kernels ({path}): mark it @pytest.mark.kernels "
+                        "(or give it the PyTorch fallback with the `mode` fixture / fast=False)")
+        return real(path)
+
+    monkeypatch.setattr(build, "build", guarded)

@@ -12,13 +12,19 @@ import pytest
 import torch
 
 from qwen3lab.bench import attention as A
-from qwen3lab.bench import harness as H
 from qwen3lab.bench import moe as M
 from qwen3lab.bench.bandwidth import decode_bytes, expected_experts_hit, measure_bandwidth, roofline_tok_per_s
+from qwen3lab.bench.compare import compare_reports, parse_tolerance, regressions
+from qwen3lab.bench.machine import machine_info
 from qwen3lab.bench.modules import layer_state, our_moe_block
+from qwen3lab.bench.plot import plot_report
+from qwen3lab.bench.report import load_report, make_record, make_report
 from qwen3lab.bench.run import run_bench_command
+from qwen3lab.bench.timing import busy_warning, percentile, run_timed
 from qwen3lab.errors import ConfigError, InputError, NumericsError
 from qwen3lab.presets import preset_config
+
+pytestmark = pytest.mark.slow
 
 RECORD_KEYS = {"bench", "impl", "phase", "case", "device", "dtype"}
 TINY_ATTN = dict(preset="tiny", seqlens="8,4", past="4,0", decode_past="3,5", decode_repeat=2, warmups=0, runs=1,
@@ -300,57 +306,57 @@ def test_routing_stats_even_load_has_zero_cv():
 # ---- --compare ---------------------------------------------------------------------------------------
 def _report(**figs) -> dict:
     dev = torch.device("cpu")
-    recs = [H.make_record("generate", "qwen3lab", "decode", "batch=1", dev, "bfloat16", **figs),
-            H.make_record("generate", "hf", "decode", "batch=1", dev, "bfloat16", **figs)]
-    return {"bench": "generate", "machine": H.machine_info(dev), "settings": {}, "results": recs}
+    recs = [make_record("generate", "qwen3lab", "decode", "batch=1", dev, "bfloat16", **figs),
+            make_record("generate", "hf", "decode", "batch=1", dev, "bfloat16", **figs)]
+    return {"bench": "generate", "machine": machine_info(dev), "settings": {}, "results": recs}
 
 
 def test_compare_knows_which_way_is_better():
     old = _report(tok_per_s=100.0, ttft_ms=50.0, peak_mem_bytes=1000)
     same = copy.deepcopy(old)
-    changes, missing = H.compare_reports(old, same, 0.10)
-    assert not missing and not H.regressions(changes) and {c.status for c in changes} == {"same"}
+    changes, missing = compare_reports(old, same, 0.10)
+    assert not missing and not regressions(changes) and {c.status for c in changes} == {"same"}
     # tok/s down 20% and TTFT up 20%: both regressions; memory down: better
     new = _report(tok_per_s=80.0, ttft_ms=60.0, peak_mem_bytes=500)
-    by = {(c.record[1], c.figure): c for c in H.compare_reports(old, new, 0.10)[0]}
+    by = {(c.record[1], c.figure): c for c in compare_reports(old, new, 0.10)[0]}
     assert by[("qwen3lab", "tok_per_s")].status == "REGRESSION"
     assert by[("qwen3lab", "ttft_ms")].status == "REGRESSION"
     assert by[("qwen3lab", "peak_mem_bytes")].status == "better"
     assert by[("qwen3lab", "tok_per_s")].change == pytest.approx(-0.2)
     # within tolerance: shown as worse, not a regression
     new = _report(tok_per_s=95.0, ttft_ms=52.0, peak_mem_bytes=1000)
-    assert not H.regressions(H.compare_reports(old, new, 0.10)[0])
+    assert not regressions(compare_reports(old, new, 0.10)[0])
     # faster is never a regression, however large the change
     new = _report(tok_per_s=1000.0, ttft_ms=1.0, peak_mem_bytes=1)
-    assert not H.regressions(H.compare_reports(old, new, 0.10)[0])
+    assert not regressions(compare_reports(old, new, 0.10)[0])
 
 
 def test_compare_and_ratios_match_records_by_dtype():
     dev = torch.device("cpu")
 
     def rep(bf16: float, int8: float) -> dict:
-        recs = [H.make_record("generate", "qwen3lab", "decode", "batch=1", dev, "bfloat16", tok_per_s=bf16),
-                H.make_record("generate", "hf", "decode", "batch=1", dev, "bfloat16", tok_per_s=10.0),
-                H.make_record("generate", "qwen3lab", "decode", "batch=1", dev, "int8", tok_per_s=int8)]
-        return H.make_report("generate", dev, {}, recs)
+        recs = [make_record("generate", "qwen3lab", "decode", "batch=1", dev, "bfloat16", tok_per_s=bf16),
+                make_record("generate", "hf", "decode", "batch=1", dev, "bfloat16", tok_per_s=10.0),
+                make_record("generate", "qwen3lab", "decode", "batch=1", dev, "int8", tok_per_s=int8)]
+        return make_report("generate", dev, {}, recs)
 
     old, new = rep(20.0, 40.0), rep(20.0, 30.0)  # int8 got 25% slower, bf16 unchanged
     assert old["results"][0]["speedup_vs_hf"]["tok_per_s"] == 2.0
     assert "speedup_vs_hf" not in old["results"][2]  # no HF int8 record: no ratio across dtypes
-    changes, missing = H.compare_reports(old, new, 0.10)
+    changes, missing = compare_reports(old, new, 0.10)
     assert not missing
     by = {(c.record[1], c.record[5]): c for c in changes}
     assert by[("qwen3lab", "bfloat16")].status == "same" and by[("qwen3lab", "int8")].status == "REGRESSION"
-    assert [c.record[5] for c in H.regressions(changes)] == ["int8"]
+    assert [c.record[5] for c in regressions(changes)] == ["int8"]
 
 
 def test_compare_fails_only_on_our_regressions():
     old = _report(tok_per_s=100.0)
     new = copy.deepcopy(old)
     new["results"][1]["tok_per_s"] = 10.0  # HF got slower: the machine, not us
-    changes, _ = H.compare_reports(old, new, 0.10)
+    changes, _ = compare_reports(old, new, 0.10)
     assert [c.status for c in changes if c.record[1] == "hf"] == ["REGRESSION"]
-    assert H.regressions(changes) == []
+    assert regressions(changes) == []
 
 
 def test_compare_flags_a_planted_regression_end_to_end(tmp_path, capsys):
@@ -387,44 +393,44 @@ def test_compare_an_unchanged_report_passes_and_tolerance_parses(tmp_path):
 
     rep = _report(tok_per_s=100.0, ttft_ms=5.0)
     opts = {"compare": "old.json", "json": None, "plot": None}
-    assert finish(copy.deepcopy(rep), opts, rep, H.parse_tolerance("10%")) == 0
+    assert finish(copy.deepcopy(rep), opts, rep, parse_tolerance("10%")) == 0
     worse = _report(tok_per_s=88.0, ttft_ms=5.0)
-    assert finish(worse, opts, rep, H.parse_tolerance(10)) == 1
-    assert finish(_report(tok_per_s=88.0, ttft_ms=5.0), opts, rep, H.parse_tolerance("15")) == 0
+    assert finish(worse, opts, rep, parse_tolerance(10)) == 1
+    assert finish(_report(tok_per_s=88.0, ttft_ms=5.0), opts, rep, parse_tolerance("15")) == 0
     with pytest.raises(InputError, match="--tolerance"):
-        H.parse_tolerance("ten")
+        parse_tolerance("ten")
 
 
 def test_load_report_errors_name_the_file(tmp_path):
     with pytest.raises(InputError, match="no such file"):
-        H.load_report(tmp_path / "missing.json")
+        load_report(tmp_path / "missing.json")
     p = tmp_path / "x.json"
     p.write_text("just a table\n")
     with pytest.raises(InputError, match="no JSON line"):
-        H.load_report(p)
+        load_report(p)
     p.write_text('{"bench": "moe"}\n')
     with pytest.raises(InputError, match="no 'results' list"):
-        H.load_report(p)
+        load_report(p)
     p.write_text("table\n" + json.dumps(_report(tok_per_s=1.0)) + "\n")  # captured stdout works too
-    assert H.load_report(p)["bench"] == "generate"
+    assert load_report(p)["bench"] == "generate"
 
 
 def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "p.png"
-    H.plot_report(_report(tok_per_s=10.0, ttft_ms=3.0, peak_mem_bytes=2**20), path)
+    plot_report(_report(tok_per_s=10.0, ttft_ms=3.0, peak_mem_bytes=2**20), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- harness pieces ----------------------------------------------------------------------------------
 def test_timing_marks_and_percentiles():
     calls = []
-    samples = H.run_timed(lambda mark: (mark(), mark()), torch.device("cpu"), warmups=2, runs=3,
+    samples = run_timed(lambda mark: (mark(), mark()), torch.device("cpu"), warmups=2, runs=3,
                           setup=lambda: calls.append(1))
     assert len(samples) == 3 and len(calls) == 5  # setup before warmups and runs alike
     for s in samples:
         assert len(s.marks) == 2 and 0 <= s.marks[0] <= s.marks[1] <= s.total
-    assert H.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and H.percentile([7.0], 90) == 7.0
-    assert H.percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([7.0], 90) == 7.0
+    assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -435,14 +441,14 @@ def test_peak_memory_sees_a_large_allocation():
 
     code = """
 import torch
-from qwen3lab.bench import harness as H
+from qwen3lab.bench.memory import PeakMemory
 dev = torch.device("cpu")
-with H.PeakMemory(dev) as base:
+with PeakMemory(dev) as base:
     pass
-with H.PeakMemory(dev) as pm:
+with PeakMemory(dev) as pm:
     x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, every page touched
     del x
-with H.PeakMemory(dev) as after:
+with PeakMemory(dev) as after:
     pass
 print(base.peak_bytes, pm.peak_bytes, after.peak_bytes, pm.reset_ok)
 """
@@ -549,11 +555,11 @@ def test_busy_warning_discounts_the_bench_itself():
     rep = _report(tok_per_s=1.0)
     rep["machine"].update(cores=2, torch_threads=2, loadavg=[2.3, 1.0, 1.0])
     rep["settings"] = {"device": "cpu", "loadavg_start": [0.1, 0.1, 0.1]}
-    assert H.busy_warning(rep) is None  # 2 of the 2.3 are this bench's own threads
+    assert busy_warning(rep) is None  # 2 of the 2.3 are this bench's own threads
     rep["settings"]["loadavg_start"] = [1.8, 1.0, 1.0]
-    assert "other work shared the CPU" in H.busy_warning(rep)
+    assert "other work shared the CPU" in busy_warning(rep)
     rep["settings"]["device"] = "cuda"
-    assert H.busy_warning(rep) is None
+    assert busy_warning(rep) is None
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
@@ -563,7 +569,7 @@ def test_peak_memory_growth_counts_what_the_phase_allocated():
     import numpy as np
     import torch
 
-    from qwen3lab.bench.harness import PeakMemory
+    from qwen3lab.bench.memory import PeakMemory
 
     # An anonymous mapping gets fresh pages from the kernel. A malloc'd buffer (torch.ones) may instead
     # reuse memory an earlier test freed but the allocator kept resident: then RSS does not grow at all
@@ -585,7 +591,7 @@ def test_peak_memory_growth_counts_what_the_phase_allocated():
 def test_peak_memory_counts_heap_memory_an_earlier_phase_freed():
     import torch
 
-    from qwen3lab.bench.harness import PeakMemory
+    from qwen3lab.bench.memory import PeakMemory
     from qwen3lab.pages import trim_heap
 
     if not trim_heap():

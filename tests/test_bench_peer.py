@@ -15,6 +15,8 @@ import pytest
 from qwen3lab.bench import llama_cpp
 from qwen3lab.bench.run import run_bench_command
 
+pytestmark = pytest.mark.slow
+
 
 def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])

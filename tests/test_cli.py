@@ -27,6 +27,7 @@ def invoke(*args):
     return res
 
 
+@pytest.mark.slow
 def test_generate_greedy_matches_oracle_argmax(tiny_dir):
     # Greedy tokens from the CLI must be the oracle's argmax continuation (independent float64 model).
     res = invoke("generate", "--model", tiny_dir, "--dtype", "float32", "--max-steps", 4, "Hello")
@@ -76,6 +77,7 @@ def test_verify_default_options_pass_on_a_correct_model(tiny_dir, tmp_path):
     assert data["total_layers_tested"] == 2
 
 
+@pytest.mark.kernels  # the CLI runs the fast path: its first use builds the kernels
 def test_chat_streams_a_reply_and_exits(tiny_dir):
     res = CliRunner().invoke(main, ["chat", "--model", str(tiny_dir), "--dtype", "float32", "--max-steps", "3"],
                              input="Hello\n/reset\n/exit\n", catch_exceptions=False)

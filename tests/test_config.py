@@ -88,6 +88,7 @@ def _ours_vs_hf(ours: Qwen3Config, hf) -> dict:
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_transformers5_saved_config_parses(tmp_path, moe):
     transformers = pytest.importorskip("transformers")
@@ -115,6 +116,7 @@ def test_transformers5_saved_config_parses(tmp_path, moe):
         assert [ours.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
 
 
+@pytest.mark.hf
 def test_transformers4_rope_scaling_and_roundtrip(tmp_path):
     # The transformers-4 layout (rope_theta + rope_scaling, num_experts) and our own writer agree.
     d = json.loads(CONFIG_DIR.joinpath("Qwen3-30B-A3B.json").read_text())

@@ -73,6 +73,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(filter_logits(x, top_k=3, top_p=0.7)) == [0, 2]  # drop cum <= .3: .167 only
 
 
+@pytest.mark.hf
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs HF transformers")
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 20, 1.0), (1.3, 50, 0.8), (0.5, 5, 0.5)])
 def test_filters_match_hf_warpers(temperature, top_k, top_p):
@@ -157,6 +158,7 @@ def _tasks(cfg, lengths):
                       max_new_tokens=6) for k, n in enumerate(lengths)]
 
 
+@pytest.mark.slow
 def test_batch_rounds_equal_each_task_alone(model64):
     cfg = model64.cfg
     lengths = [1, 9, 4, 13]
@@ -242,6 +244,7 @@ def real_vocab(tmp_path_factory):
     return path, Qwen3ForCausalLM.from_pretrained(path, dtype="float32")
 
 
+@pytest.mark.slow
 def test_from_pretrained_equals_the_same_weights_from_a_dict(real_vocab):
     path, m = real_vocab
     assert m.tokenizer is not None and m.dtype == "float32" and m.config.num_hidden_layers == 1
@@ -252,6 +255,7 @@ def test_from_pretrained_equals_the_same_weights_from_a_dict(real_vocab):
     assert 151645 in m.eos_token_ids  # <|im_end|> from the checkpoint's generation_config
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_text_and_streaming_adds_up(real_vocab):
     _, m = real_vocab
     free = m.generate("The answer is", max_steps=24)
@@ -272,6 +276,7 @@ def test_stop_strings_cut_the_text_and_streaming_adds_up(real_vocab):
     assert r.token_ids == free.token_ids[:len(r.token_ids)] and len(r.token_ids) < len(free.token_ids)
 
 
+@pytest.mark.kernels  # real_vocab loads through the fast path: its first use builds the kernels
 def test_api_errors(real_vocab):
     _, m = real_vocab
     with pytest.raises(InputError, match="empty"):
@@ -290,6 +295,7 @@ def test_api_errors(real_vocab):
     assert bare.generate([9707], max_steps=3).text == ""
 
 
+@pytest.mark.kernels  # real_vocab loads through the fast path: its first use builds the kernels
 def test_ndev_and_device_errors(real_vocab):
     path, _ = real_vocab
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -306,6 +312,7 @@ def test_ndev_and_device_errors(real_vocab):
             Qwen3ForCausalLM.from_pretrained(path, device="cuda")
 
 
+@pytest.mark.kernels  # real_vocab loads through the fast path: its first use builds the kernels
 def test_new_task_and_batch_api(real_vocab):
     _, m = real_vocab
     tasks = [m.new_task("Hello", max_new_tokens=4), m.new_task([9707, 11, 1879], max_new_tokens=2, temperature=0.9,

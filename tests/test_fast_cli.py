@@ -21,6 +21,8 @@ from qwen3lab.fast import FastLinear, Int4Linear, Int8Linear, build
 from qwen3lab.make_model import make_model
 from qwen3lab.qwen3 import Qwen3ForCausalLM
 
+pytestmark = pytest.mark.kernels
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads(one_torch_thread):

@@ -25,6 +25,8 @@ from qwen3lab.random_init import random_weights
 from small_configs import small_cfg
 from test_fast_kernels import k  # noqa: F401  (the fixture: one module per kernel path this CPU has)
 
+pytestmark = pytest.mark.kernels
+
 
 def _weights(N: int, K: int, G: int, seed: int) -> Int4Linear:
     g = torch.Generator().manual_seed(seed)

@@ -24,6 +24,8 @@ from qwen3lab.fast.gemm import int8_gemm_bf16
 from qwen3lab.fast.linear import FastLinear, Int8Linear
 from qwen3lab.models.torch_model import RMSNorm, apply_rope
 
+pytestmark = pytest.mark.kernels
+
 
 def _compiler() -> str | None:
     """Why the compiled kernels cannot be tested here (no C++ compiler), or None."""

@@ -24,6 +24,8 @@ from qwen3lab.qwen3 import Qwen3ForCausalLM
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg as make_cfg
 
+pytestmark = pytest.mark.kernels
+
 CASES = {"dense": make_cfg(), "gqa4-odd": make_cfg(num_attention_heads=8, head_dim=20, hidden_size=72),
          "moe": make_cfg(moe=True)}
 

@@ -22,6 +22,8 @@ from qwen3lab.models.torch_model import TorchBackend
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg
 
+pytestmark = pytest.mark.kernels
+
 IDS = [9707, 11, 419, 374, 264, 1273, 1946, 13, 576, 3974, 13876, 3835]
 
 

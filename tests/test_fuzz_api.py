@@ -33,6 +33,8 @@ from qwen3lab.qwen3 import Qwen3ForCausalLM
 from qwen3lab.random_init import random_weights
 from qwen3lab.tokenizer import MAX_DECODE_ID
 
+pytestmark = pytest.mark.slow
+
 VOCAB = 300
 CTX = 64
 
@@ -180,12 +182,13 @@ class DefaultModel(Exception):
 
 @pytest.mark.parametrize("p", [None, "default", Path("default")])
 def test_none_and_default_still_mean_the_default_model(monkeypatch, p):
-    import qwen3lab.make_model
+    import qwen3lab.paths
 
     def default():
         raise DefaultModel  # reached the default model: the argument passed the checks
 
-    monkeypatch.setattr(qwen3lab.make_model, "ensure_default_model", default)
+    # patched where the path resolver looks it up (paths.py imports it by name)
+    monkeypatch.setattr(qwen3lab.paths, "ensure_default_model", default)
     for entry in ("load", "from_pretrained"):
         with pytest.raises(DefaultModel):
             PATH_ENTRIES[entry](p)

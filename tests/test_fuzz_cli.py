@@ -28,6 +28,8 @@ from qwen3lab.cli import main
 from qwen3lab.errors import InputError
 from qwen3lab.make_model import make_model
 
+pytestmark = pytest.mark.slow
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -363,16 +365,18 @@ def test_a_run_writes_its_report_and_leaves_nothing_in_tmpdir(tmp_path):
 
 
 def test_bench_writes_json_and_plot_in_place_of_the_old(tmp_path):
-    from qwen3lab.bench import harness as H
+    from qwen3lab.bench.plot import plot_report
+    from qwen3lab.bench.report import emit_json, make_record, make_report
+    from qwen3lab.bench.settings import resolve_device
 
-    rec = H.make_record("attention", "qwen3lab", "decode", "4 req", H.resolve_device("cpu"), "float32",
+    rec = make_record("attention", "qwen3lab", "decode", "4 req", resolve_device("cpu"), "float32",
                         tok_per_s=10.0, latency_ms=2.0)
-    report = H.make_report("attention", H.resolve_device("cpu"), {}, [rec])
+    report = make_report("attention", resolve_device("cpu"), {}, [rec])
     for name in ("b.json", "b.png", "b.svg"):
         (tmp_path / name).write_text("old")
-    H.emit_json(report, tmp_path / "b.json")
-    H.plot_report(report, tmp_path / "b.png")
-    H.plot_report(report, tmp_path / "b.svg")
+    emit_json(report, tmp_path / "b.json")
+    plot_report(report, tmp_path / "b.png")
+    plot_report(report, tmp_path / "b.svg")
     assert json.loads((tmp_path / "b.json").read_text())["results"] == [rec]
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG" and b"<svg" in (tmp_path / "b.svg").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.png", "b.svg"]

@@ -21,6 +21,8 @@ from qwen3lab.config import Qwen3Config, show
 from qwen3lab.errors import ConfigError
 from qwen3lab.presets import PRESETS, preset_dict
 
+pytestmark = pytest.mark.slow
+
 SRC = "fuzz.json"
 
 # ---- the valid configs that get mutated -----------------------------------------------------------------

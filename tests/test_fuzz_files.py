@@ -35,6 +35,8 @@ from qwen3lab.tiny.weights import TENSOR_DTYPES, checkpoint_tensors, init_weight
 from qwen3lab.tokenizer import Tokenizer
 from qwen3lab.weights import INDEX_FILE, SINGLE_FILE, load_weights, save_checkpoint
 
+pytestmark = pytest.mark.slow
+
 # every dtype safetensors 0.8 knows, with its bits per element
 ST_DTYPES = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
              "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,

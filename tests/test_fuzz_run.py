@@ -35,6 +35,8 @@ from qwen3lab.runspec import RunSpec, available_devices
 from qwen3lab.tokenizer import MAX_TEMPLATE_CHARS, Tokenizer
 from qwen3lab.verify import verify
 
+pytestmark = pytest.mark.slow
+
 MISSING = "/nonexistent/qwen3lab-fuzz-model"  # --model: the load fails here, after the options were checked
 
 

@@ -18,8 +18,9 @@ from qwen3lab.config import Qwen3Config
 from qwen3lab.qwen3 import Qwen3ForCausalLM
 from qwen3lab.random_init import random_weights
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                                reason="HF transformers (the [test] extra) is the reference here")
+pytestmark = [pytest.mark.hf,
+              pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                 reason="HF transformers (the [test] extra) is the reference here")]
 
 STEPS = 32
 

@@ -17,6 +17,8 @@ from qwen3lab.make_model import default_model_dir, ensure_default_model, make_mo
 from qwen3lab.tokenizer import Tokenizer
 from qwen3lab.weights import load_weights
 
+pytestmark = pytest.mark.slow
+
 
 def _hf_split(sd: dict, cfg) -> dict:
     """transformers 5 fuses MoE experts ([E, 2I, D] gate rows then up rows; [E, D, I]): split per expert."""

@@ -21,6 +21,8 @@ from qwen3lab.models.numpy_ref import NumpyBackend
 from qwen3lab.random_init import random_weights
 from qwen3lab.taps import tap_sites
 
+pytestmark = pytest.mark.hf
+
 pytest.importorskip("transformers")  # the [test] extra installs it; without it these comparisons cannot run
 
 TOL = 1e-6

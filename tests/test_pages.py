@@ -58,6 +58,7 @@ def _mapped_rss_kb(path) -> int:
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_load_weights_release_pages(tmp_path, dtype):
     """The scanned (bf16, mapped) or converted (float32 from a bf16 file) checkpoint's pages leave the RSS
@@ -85,6 +86,7 @@ def test_load_weights_release_pages(tmp_path, dtype):
         assert torch.equal(given[name], t), name
 
 
+@pytest.mark.slow
 def test_int8_quantisation_gives_back_each_block_of_a_mapped_weight(tmp_path, monkeypatch):
     """Quantising a memory-mapped weight (a tied embedding becoming an int8 lm_head) releases its file pages
     block by block, so the bf16 original is never resident whole beside its int8 copy; same result as without."""

@@ -110,6 +110,7 @@ def test_tiny_matches_random_init_and_closed_form(key):
     assert r.activated == closed_form(cfg)["activated"]
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("key", sorted(VARIANTS))
 def test_tiny_matches_transformers(key):
     transformers = pytest.importorskip("transformers")

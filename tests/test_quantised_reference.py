@@ -15,6 +15,8 @@ from qwen3lab.fast.linear import Int4Linear, Int8Linear
 from qwen3lab.models.numpy_quant import _int4, _int8, quantise_weights
 from qwen3lab.verify import verify
 
+pytestmark = pytest.mark.kernels
+
 IDS = [9707, 11, 419, 374, 264, 1273, 1946, 13]
 
 

@@ -130,6 +130,7 @@ def test_torch_compare_in_bfloat16_shows_differences():
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
+@pytest.mark.hf
 @pytest.mark.parametrize("moe", [False, True])
 def test_save_model_loads_everywhere(tmp_path, moe):
     import torch

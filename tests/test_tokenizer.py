@@ -68,6 +68,7 @@ def test_bundled_files_are_the_published_ones():
         assert got == digest, f"{name}: sha256 {got} != published {digest}"
 
 
+@pytest.mark.slow
 def test_chat_prompt_ids(ours):
     assert ours.encode(CHAT_PROMPT) == CHAT_IDS
     assert ours.encode_chat([{"role": "user", "content": "Hello"}]) == CHAT_IDS
@@ -83,6 +84,7 @@ def test_basic_properties(ours):
     assert {151643, 151644, 151645} <= ours.special_token_ids and 151667 not in ours.special_token_ids
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
 def test_encode_matches_tokenizers_and_transformers(ours, ref_tok, hf_tok, text):
     ref = ref_tok
@@ -144,6 +146,7 @@ def _show_diff(a: str, b: str) -> str:
     return "\n".join(difflib.unified_diff(b.splitlines(), a.splitlines(), "transformers", "ours", lineterm=""))
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("thinking", [True, False], ids=["think", "nothink"])
 @pytest.mark.parametrize("gen_prompt", [True, False], ids=["genprompt", "nogen"])
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
@@ -160,6 +163,7 @@ def test_chat_template_matches_transformers(ours, hf_tok, name, gen_prompt, thin
                             enable_thinking=thinking) == list(want_ids)
 
 
+@pytest.mark.hf
 def test_chat_template_thinking_default_matches_transformers_default(ours, hf_tok):
     msgs = CONVERSATIONS["system_user"]
     want = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # enable_thinking unset
@@ -200,6 +204,7 @@ def test_incremental_decoder_holds_split_characters(ours):
 
 
 # ---- eos ids and fallbacks -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eos_ids_sources(tok_dir, tmp_path):
     d = tmp_path / "ck"
     d.mkdir()
@@ -222,6 +227,7 @@ def test_fallback_to_bundled(tmp_path):
     assert Tokenizer.bundled().eos_token_ids == [151645, 151643]
 
 
+@pytest.mark.slow
 def test_errors_name_the_file(tok_dir, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
@@ -253,6 +259,7 @@ def test_errors_name_the_file(tok_dir, tmp_path):
         t.decode([1, -1])
 
 
+@pytest.mark.hf
 def test_decode_padding_ids_like_transformers(ours, hf_tok):
     # ids between the tokenizer's 151669 and the model's vocab_size 151936 exist in random-weight models' output
     ids = [9707, 151700, 151935, 9707, 151645]
@@ -261,6 +268,7 @@ def test_decode_padding_ids_like_transformers(ours, hf_tok):
     assert "".join(dec.push(i) for i in ids) + dec.flush() == "HelloHello<|im_end|>"
 
 
+@pytest.mark.hf
 def test_template_sandbox_and_tojson(tok_dir, tmp_path):
     d = tmp_path / "sb"
     d.mkdir()
@@ -287,6 +295,7 @@ PLAIN_TEMPLATE = """{% for m in messages %}
 """
 
 
+@pytest.mark.hf
 def test_whitespace_control_matches_transformers(tok_dir, hf_tok, tmp_path):
     # trim_blocks / lstrip_blocks / loopcontrols matter for templates without {%- -%}; Qwen3's uses dashes only
     d = tmp_path / "plain"

@@ -69,6 +69,7 @@ def ids_for(cfg, n: int, seed: int = 0) -> np.ndarray:
 
 
 # ---- float64 vs the NumPy oracle ------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_float64_matches_numpy_oracle_every_tap(case):
     cfg = CASES[case]
@@ -132,6 +133,7 @@ def hf_logits(model, ids) -> np.ndarray:
         return model(torch.as_tensor(ids)[None]).logits[0].double().numpy()
 
 
+@pytest.mark.hf
 @needs_hf
 @pytest.mark.parametrize("case", ["dense-gqa2-tied", "dense-mha-bias-untied", "dense-gqa4-yarn", "moe-norm-topk",
                                   "moe-no-norm-sparse2-mlponly"])
@@ -157,6 +159,7 @@ def _figures(cand: np.ndarray, ref: np.ndarray) -> dict:
             "cos_min": cos.min(), "cos_mean": cos.mean()}
 
 
+@pytest.mark.hf
 @needs_hf
 @pytest.mark.slow
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -195,6 +198,7 @@ def test_bf16_vs_hf_fp32(moe):
     assert target["cos_min"] >= 0.999
 
 
+@pytest.mark.hf
 @needs_hf
 def test_fp16_close_to_hf_fp32():
     cfg = make_cfg()
@@ -206,6 +210,7 @@ def test_fp16_close_to_hf_fp32():
 
 
 # ---- cache and batching ----------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
 @pytest.mark.parametrize("case", ["dense-gqa4-yarn", "moe-norm-topk"])
 def test_decode_with_cache_equals_full_recompute(case, dtype, tol):

@@ -271,6 +271,7 @@ def test_decode_dump_and_dump_as_reference(model_dir, torch32, tmp_path):
 
 
 # ---- the fast path as a spec ---------------------------------------------------------------------------
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype,tol", [(None, "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")])
 def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
     from qwen3lab.verify.backends import BUILTIN, resolve
@@ -288,6 +289,7 @@ def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
     assert rep.kernels["norm"] == rep.kernels["rope"] == (path or "torch")
 
 
+@pytest.mark.hf
 def test_report_names_kernels_only_for_our_torch_model(model_dir, oracle):
     """An HF candidate also holds a `.model` (transformers'): the report must not describe it as ours."""
     assert verify(oracle, "hf", IDS, model_path=model_dir).kernels is None
@@ -295,6 +297,7 @@ def test_report_names_kernels_only_for_our_torch_model(model_dir, oracle):
     assert plain == {"linear": "torch", "norm": "torch", "rope": "torch", "silu_mul": "torch", "attention": "sdpa"}
 
 
+@pytest.mark.hf
 def test_int8_gets_its_own_tolerance_and_other_backends_refuse_it(model_dir):
     from qwen3lab.verify.tolerances import DTYPE_DEFAULTS, tolerance_for
 

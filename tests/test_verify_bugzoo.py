@@ -48,6 +48,7 @@ def test_planted_bug_is_named(zoo, bug):
     assert r.first_divergence in bug.expected, r.sentence
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("bug", KERNEL_BUGS, ids=[b.key for b in KERNEL_BUGS])
 def test_planted_kernel_bug_is_named(zoo, bug):
     """A bug inside a C++ leaf kernel of the fast path (what generation runs) is named at its tap, and the
@@ -125,6 +126,7 @@ def many_experts() -> Qwen3Config:
         "num_experts_per_tok": 8, "moe_intermediate_size": 8, "norm_topk_prob": True}, source="test")
 
 
+@pytest.mark.slow
 def test_bf16_moe_near_ties_pass_by_pinned_routing_and_real_routing_bugs_still_fail():
     """64 experts, top-8, 32 tokens: bfloat16 rounding flips a few near-tie choices (measured: 1, 4 and 1
     tokens in the three layers). A correct candidate must pass; expert ids off by one must still fail."""

@@ -148,6 +148,7 @@ def test_html_is_self_contained(failing):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium to open the HTML report in")
 def test_html_opens_in_headless_chromium(failing, tmp_path):
     page = tmp_path / "report.html"
@@ -183,6 +184,7 @@ def test_command_exit_codes_and_files(model_dir, plugin, tmp_path, capsys):
     assert "unknown verify option(s): frobnicate" in err and "no such checkpoint directory" in err
 
 
+@pytest.mark.slow
 def test_command_self_test_on_small_models(tmp_path):
     from qwen3lab.fast import build
     from qwen3lab.verify.bugzoo import BUGS, KERNEL_BUGS

@@ -361,6 +361,7 @@ def test_fused_layout_by_hand(made, tmp_path):
     assert not d, d
 
 
+@pytest.mark.hf
 def test_fused_layout_from_transformers(made, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = Qwen3Config.from_file(made["moe"])

@@ -167,6 +167,7 @@ def _threads(n: int) -> str:
 
 
 def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, group_size=None):
+    from .config import load_config
     from .paths import resolve_model_path
     from .runspec import RunSpec
 
@@ -179,6 +180,7 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, g
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     path = resolve_model_path(model)
+    load_config(path)  # a bad config.json is refused before the status line builds the kernels
     click.echo(f"loading {path} ({spec.describe()}, {device}, {_threads(torch.get_num_threads())}, "
                f"{_path_line(device, not no_fast)})", err=True)
     lm = Qwen3ForCausalLM.from_pretrained(path, spec=spec)
@@ -213,6 +215,8 @@ def generate_cmd(prompt, model, device, dtype, quant, group_size, no_fast, threa
                  top_p, seed, as_chat, no_think, stop):
     """Continue PROMPT (UTF-8 text) with the model, streaming tokens as they come; tokens/s at the end."""
     prompt = _utf8(prompt, "PROMPT")
+    if not prompt and not as_chat:  # refused before the model loads (and its kernels build)
+        raise InputError("PROMPT is empty: give some text to continue (or --chat for an empty user turn)")
     stop = [_utf8(s, "--stop") for s in stop]
     sampling = _run_options(max_steps, temperature, top_k, top_p, seed)
     lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)

@@ -26,8 +26,10 @@ import torch
 from ..config import Qwen3Config
 from ..errors import InputError, NumericsError
 from ..rope import rope_parameters
-from . import harness as H
 from .modules import hf_attention, layer_state, our_attention, tap_names
+from .report import make_record
+from .settings import check_counts, resolve_dtype
+from .timing import Progress, median, percentile, run_timed
 
 DEFAULT_SEQLENS = (64, 128, 256, 256)
 DEFAULT_PAST = (512, 0, 0, 256)
@@ -266,10 +268,10 @@ def check_parity(what: str, ours: list[torch.Tensor], hf: list[torch.Tensor], dt
 
 def run(cfg: Qwen3Config, device: torch.device, dtype_name: str, warmups: int = DEFAULT_WARMUPS,
         runs: int = DEFAULT_RUNS, shape: AttentionShape | None = None, hf: bool = True, hf_attn: str = "sdpa",
-        seed: int = 0, progress: H.Progress | None = None) -> tuple[list[dict], dict[str, Any]]:
+        seed: int = 0, progress: Progress | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Both phases for ours (and HF). Returns (records, extra settings such as the parity errors)."""
-    H.check_counts(warmups, runs)
-    dtype = H.resolve_dtype(dtype_name)
+    check_counts(warmups, runs)
+    dtype = resolve_dtype(dtype_name)
     shape = shape or AttentionShape(list(DEFAULT_SEQLENS), list(DEFAULT_PAST), list(DEFAULT_DECODE_PAST))
     state = layer_state(cfg, "self_attn", seed, dtype, device)
     prefill_x, prefill_kv, decode_x, decode_kv = make_inputs(cfg, shape, dtype, device, seed)
@@ -294,25 +296,25 @@ def run(cfg: Qwen3Config, device: torch.device, dtype_name: str, warmups: int = 
     decode_case = f"{len(shape.decode_past)} req past={_csv(sorted(set(shape.decode_past)))}"
     for impl in impls:
         (p_fn, p_setup, _, n_req), (d_fn, d_setup, _) = built[impl.impl]
-        samples = H.run_timed(p_fn, device, warmups, runs, setup=p_setup, progress=progress,
+        samples = run_timed(p_fn, device, warmups, runs, setup=p_setup, progress=progress,
                               label=f"{impl.impl} prefill")
         # TTFT: each request's mark is when its output was ready, from the start of the batch.
         assert all(len(s.marks) == n_req for s in samples)
         ttft = [sum(s.marks) / n_req for s in samples]
         totals = [s.total for s in samples]
-        records.append(H.make_record(
+        records.append(make_record(
             "attention", impl.impl, "prefill", prefill_case, device, dtype_name,
-            ttft_ms=1e3 * H.median(ttft), latency_ms=1e3 * H.median(totals),
-            latency_p90_ms=1e3 * H.percentile(totals, 90), tok_per_s=prefill_tokens / H.median(totals),
+            ttft_ms=1e3 * median(ttft), latency_ms=1e3 * median(totals),
+            latency_p90_ms=1e3 * percentile(totals, 90), tok_per_s=prefill_tokens / median(totals),
             requests=n_req, tokens=prefill_tokens))
-        samples = H.run_timed(d_fn, device, warmups, runs, setup=d_setup, progress=progress,
+        samples = run_timed(d_fn, device, warmups, runs, setup=d_setup, progress=progress,
                               label=f"{impl.impl} decode")
         totals = [s.total for s in samples]
         B = len(shape.decode_past)
-        records.append(H.make_record(
+        records.append(make_record(
             "attention", impl.impl, "decode", decode_case, device, dtype_name,
-            tok_per_s=B / H.median(totals), latency_ms=1e3 * H.median(totals),
-            latency_p90_ms=1e3 * H.percentile(totals, 90), requests=B, tokens=B))
+            tok_per_s=B / median(totals), latency_ms=1e3 * median(totals),
+            latency_p90_ms=1e3 * percentile(totals, 90), requests=B, tokens=B))
     extra = {"seqlens": shape.seqlens, "past": shape.past, "decode_past": shape.decode_past,
              "hf_attn_implementation": hf_attn if hf else None, "hf_mode": {
                  "prefill": "one request at a time, DynamicCache each", "decode": "left-padded batch, 4-D mask"}

@@ -25,7 +25,7 @@ import torch
 
 from ..runspec import default_group
 from ..shapes import expected_shapes
-from .harness import clock
+from .timing import clock
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # weight-only formats: (activation / KV / unquantised-tensor dtype, bytes per weight, bytes per scale, weights

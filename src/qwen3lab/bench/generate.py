@@ -38,9 +38,12 @@ import torch
 
 from ..config import Qwen3Config
 from ..errors import InputError
-from . import harness as H
 from .bandwidth import measure_bandwidth, roofline_tok_per_s
 from .choices import GENERATE_DTYPES
+from .memory import PeakMemory, rss_bytes
+from .report import make_record
+from .settings import check_counts, resolve_dtype
+from .timing import Progress, clock, median, percentile, run_timed
 
 DEFAULT_PROMPT_LENS = (128, 512)
 DEFAULT_BATCHES = (1, 8)
@@ -123,7 +126,7 @@ class HFGenerate:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # stderr stays for our own progress bars
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=H.resolve_dtype(dtype), attn_implementation=attn_impl).to(device).eval()
+            str(path), dtype=resolve_dtype(dtype), attn_implementation=attn_impl).to(device).eval()
         self.device = device
         self.cfg = Qwen3Config.from_file(path)
 
@@ -169,8 +172,8 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
         def fn(mark):
             samples_tokens.append(impl.generate(prompts, n, mark))
 
-        with H.PeakMemory(device) as pm:
-            samples = H.run_timed(fn, device, warmups, runs, progress=progress, label=label)
+        with PeakMemory(device) as pm:
+            samples = run_timed(fn, device, warmups, runs, progress=progress, label=label)
         for s in samples:
             assert len(s.marks) == n, (label, len(s.marks), n)  # one mark per generated step
         return samples, pm.peak_bytes, samples_tokens[-1]
@@ -178,9 +181,9 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
     for L in prompt_lens:
         samples, peak, _ = timed(random_prompts(cfg, 1, L, seed), 1, f"{impl.impl} prefill {L}")
         ttft = [s.marks[0] for s in samples]
-        med = H.median(ttft)
-        recs.append(H.make_record("generate", impl.impl, "prefill", f"prompt={L} batch=1", device, dtype,
-                                  ttft_ms=1e3 * med, tok_per_s=L / med, latency_p90_ms=1e3 * H.percentile(ttft, 90),
+        med = median(ttft)
+        recs.append(make_record("generate", impl.impl, "prefill", f"prompt={L} batch=1", device, dtype,
+                                  ttft_ms=1e3 * med, tok_per_s=L / med, latency_p90_ms=1e3 * percentile(ttft, 90),
                                   peak_mem_bytes=peak, prompt_len=L, batch=1))
     for B in batches:
         prompts = random_prompts(cfg, B, decode_prompt_len, seed)
@@ -191,13 +194,13 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
         for s in samples:
             rates.append(B * (new_tokens - 1) / (s.marks[-1] - s.marks[0]))
             itl += [b - a for a, b in zip(s.marks[:-1], s.marks[1:], strict=True)]
-        rate = H.median(rates)
+        rate = median(rates)
         roof = _decode_roofline(cfg, dtype, bandwidth_gbs, decode_prompt_len, new_tokens, B)
         frac = rate / roof if roof else None
-        recs.append(H.make_record(
+        recs.append(make_record(
             "generate", impl.impl, "decode", f"batch={B} prompt={decode_prompt_len} new={new_tokens}", device, dtype,
-            tok_per_s=rate, latency_ms=1e3 * H.median(itl), latency_p90_ms=1e3 * H.percentile(itl, 90),
-            ttft_ms=1e3 * H.median([s.marks[0] for s in samples]), roofline_fraction=frac,
+            tok_per_s=rate, latency_ms=1e3 * median(itl), latency_p90_ms=1e3 * percentile(itl, 90),
+            ttft_ms=1e3 * median([s.marks[0] for s in samples]), roofline_fraction=frac,
             roofline_tok_per_s=roof, peak_mem_bytes=peak, prompt_len=decode_prompt_len, batch=B,
             new_tokens=new_tokens))
     return recs, greedy_tokens
@@ -206,7 +209,7 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
 def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str], warmups: int = DEFAULT_WARMUPS,
         runs: int = DEFAULT_RUNS, prompt_lens=DEFAULT_PROMPT_LENS, batches=DEFAULT_BATCHES,
         new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
-        hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: H.Progress | None = None,
+        hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: Progress | None = None,
         fast: bool = True, log: Callable[[str], None] | None = None,
         peer: str | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
@@ -220,7 +223,7 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
     if not dtypes:
         raise InputError("--dtype: no dtype given")
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    H.check_counts(warmups, runs)
+    check_counts(warmups, runs)
     if new_tokens < 2:
         raise InputError(f"--new-tokens must be >= 2 (decode rate needs two tokens), got {new_tokens}")
     notes: list[str] = []
@@ -257,16 +260,16 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         weight_bytes[dt] = {}
         for name, make in makers:
             gc.collect()
-            with H.PeakMemory(device) as pm:
-                t0 = H.clock(device)
+            with PeakMemory(device) as pm:
+                t0 = clock(device)
                 impl = make()
-                load_s = H.clock(device) - t0
+                load_s = clock(device) - t0
             weight_bytes[dt][name] = impl.weight_bytes()
             if name == "qwen3lab" and fast and device.type == "cpu":
                 from ..fast import describe
 
                 kernels[dt] = describe(impl.lm.model)
-            records.append(H.make_record("generate", name, "load", "from_pretrained", device, dt,
+            records.append(make_record("generate", name, "load", "from_pretrained", device, dt,
                                          latency_ms=1e3 * load_s, peak_mem_bytes=pm.peak_bytes,
                                          weight_bytes=weight_bytes[dt][name],
                                          peak_growth_x_weights=pm.growth_over(weight_bytes[dt][name])))
@@ -302,7 +305,7 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         "hidden_size": cfg.hidden_size, "prompt_lens": list(prompt_lens), "batches": list(batches),
         "new_tokens": new_tokens, "decode_prompt_len": decode_prompt_len, "weight_bytes": weight_bytes,
         "bandwidth": bw.as_dict() if bw else None, "hf_attn_implementation": hf_attn if hf else None,
-        "baseline_rss_bytes": H.rss_bytes(),
+        "baseline_rss_bytes": rss_bytes(),
     }
     if agreement:
         extra["greedy_agreement_tokens"] = agreement

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from . import harness as H
+from .report import make_record
 
 IMPL = "llama.cpp"
 GGUF_TYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "int8": "q8_0", "int4": "q4_0"}
@@ -130,13 +130,13 @@ def run(path: Path, device: torch.device, dtype: str, prompt_lens, batches, new_
     for t in pp:
         L = int(t["n_prompt"])
         tps = float(t["avg_ts"])
-        records.append(H.make_record("generate", IMPL, "prefill", f"prompt={L} batch=1", device, dtype,
+        records.append(make_record("generate", IMPL, "prefill", f"prompt={L} batch=1", device, dtype,
                                      tok_per_s=tps, ttft_ms=1e3 * L / tps, prompt_len=L, batch=1))
     if 1 in batches:  # llama-bench generates one sequence; batched decode is llama-batched-bench's, not run here
         tg = _bench(model, ["-p", "0", "-n", str(new_tokens), "-d", str(decode_prompt_len)], threads, runs, cache)
         for t in tg:
             tps = float(t["avg_ts"])
-            records.append(H.make_record(
+            records.append(make_record(
                 "generate", IMPL, "decode", f"batch=1 prompt={decode_prompt_len} new={new_tokens}", device, dtype,
                 tok_per_s=tps, latency_ms=1e3 / tps, prompt_len=decode_prompt_len, batch=1, new_tokens=new_tokens))
     info = {"gguf": model.name, "kv_cache": cache, "threads": threads,

@@ -20,10 +20,12 @@ import torch
 
 from ..config import Qwen3Config
 from ..errors import NumericsError
-from . import harness as H
 from .attention import PARITY_RTOL
 from .bandwidth import DTYPE_BYTES, measure_bandwidth
 from .modules import HF_EXPERTS_IMPLS, hf_moe_block, layer_state, our_moe_block, tap_names
+from .report import make_record
+from .settings import check_counts, resolve_dtype
+from .timing import Progress, median, percentile, run_timed
 
 DEFAULT_PREFILL_TOKENS = (512,)
 DEFAULT_DECODE_TOKENS = (1, 8)
@@ -77,9 +79,9 @@ def _moe_bytes(cfg: Qwen3Config, dtype_name: str, stats: dict[str, Any]) -> int:
 def run(cfg: Qwen3Config, device: torch.device, dtype_name: str, warmups: int = DEFAULT_WARMUPS,
         runs: int = DEFAULT_RUNS, prefill_tokens=DEFAULT_PREFILL_TOKENS, decode_tokens=DEFAULT_DECODE_TOKENS,
         hf: bool = True, hf_experts: str = "grouped_mm", seed: int = 0, roofline: bool = True,
-        progress: H.Progress | None = None) -> tuple[list[dict], dict[str, Any]]:
-    H.check_counts(warmups, runs)
-    dtype = H.resolve_dtype(dtype_name)
+        progress: Progress | None = None) -> tuple[list[dict], dict[str, Any]]:
+    check_counts(warmups, runs)
+    dtype = resolve_dtype(dtype_name)
     state = layer_state(cfg, "mlp", seed, dtype, device, moe=True)
     ours = our_moe_block(cfg, state)
     hf_block = hf_moe_block(cfg, state, hf_experts)[0] if hf else None
@@ -107,14 +109,14 @@ def run(cfg: Qwen3Config, device: torch.device, dtype_name: str, warmups: int = 
         if hf_block is not None:
             impls.append(("hf", lambda mark, x=x: hf_block(x)))
         for impl, fn in impls:
-            samples = H.run_timed(fn, device, warmups, runs, progress=progress, label=f"{impl} {phase} {n} tok")
+            samples = run_timed(fn, device, warmups, runs, progress=progress, label=f"{impl} {phase} {n} tok")
             t = [s.total for s in samples]
-            med = H.median(t)
+            med = median(t)
             frac = None
             if bw is not None and phase == "decode":
                 frac = _moe_bytes(cfg, dtype_name, stats) / med / (bw.read_gbs * 1e9)
-            rec = H.make_record("moe", impl, phase, case, device, dtype_name, tok_per_s=n / med,
-                                latency_ms=1e3 * med, latency_p90_ms=1e3 * H.percentile(t, 90),
+            rec = make_record("moe", impl, phase, case, device, dtype_name, tok_per_s=n / med,
+                                latency_ms=1e3 * med, latency_p90_ms=1e3 * percentile(t, 90),
                                 roofline_fraction=frac, tokens=n)
             if impl == "qwen3lab":
                 rec["routing"] = {k: stats[k] for k in ("load_cv", "experts_hit", "experts_never_hit", "load_max",

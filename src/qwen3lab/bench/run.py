@@ -77,11 +77,11 @@ def _config(kind: str, o: dict[str, Any]) -> tuple[Qwen3Config, str]:
 
 
 def _hf(o: dict[str, Any], quiet_log) -> bool:
-    from . import harness as H
+    from .machine import hf_available
 
     if o["no_hf"]:
         return False
-    if not H.hf_available():
+    if not hf_available():
         quiet_log("transformers is not installed: HF columns skipped (pip install 'qwen3lab[hf]')")
         return False
     return True
@@ -134,24 +134,28 @@ def run_bench_command(kind: str, **options: Any) -> int:
         _check_generate_sizes(o)
     import torch
 
-    from . import harness as H
+    from .compare import parse_tolerance
+    from .machine import loadavg
+    from .report import load_report, make_report
+    from .settings import parse_int_list, resolve_device, resolve_dtype, torch_threads
+    from .timing import Progress
 
-    device = H.resolve_device(o["device"])
+    device = resolve_device(o["device"])
     dtypes = parse_dtypes(o["dtype"], kind)
     if kind == "generate":
         _check_generate(dtypes, device, o["no_fast"])
-    tolerance = H.parse_tolerance(o["tolerance"])
-    old = H.load_report(o["compare"]) if o["compare"] else None  # fail early, before minutes of timing
+    tolerance = parse_tolerance(o["tolerance"])
+    old = load_report(o["compare"]) if o["compare"] else None  # fail early, before minutes of timing
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)
 
     hf = _hf(o, log)
     settings: dict[str, Any] = {"device": str(device), "dtype": ",".join(dtypes), "seed": o["seed"], "hf": hf,
-                                "loadavg_start": H.loadavg()}
+                                "loadavg_start": loadavg()}
     if kind == "generate":
         settings.update(dtypes=dtypes, fast=not o["no_fast"], ours_path=ours_path(device, not o["no_fast"]))
-    with H.torch_threads(o["threads"]), H.Progress(enabled=not o["quiet"]) as progress:
+    with torch_threads(o["threads"]), Progress(enabled=not o["quiet"]) as progress:
         settings["threads"] = torch.get_num_threads()
         if kind == "attention":
             from . import attention as A
@@ -159,14 +163,14 @@ def run_bench_command(kind: str, **options: Any) -> int:
             cfg, source = _config(kind, o)
             warmups = A.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
             runs = A.DEFAULT_RUNS if o["runs"] is None else o["runs"]
-            decode_past = H.parse_int_list(o["decode_past"], "--decode-past") if str(o["decode_past"]) != "0" else []
+            decode_past = parse_int_list(o["decode_past"], "--decode-past") if str(o["decode_past"]) != "0" else []
             repeat = _int(o["decode_repeat"], "--decode-repeat")
             if repeat < 1:
                 raise InputError(f"--decode-repeat must be >= 1, got {repeat}")
-            shape = A.AttentionShape(H.parse_int_list(o["seqlens"], "--seqlens"), _int_list0(o["past"], "--past"),
+            shape = A.AttentionShape(parse_int_list(o["seqlens"], "--seqlens"), _int_list0(o["past"], "--past"),
                                      decode_past)
             need = A.estimate_bytes(cfg, shape.seqlens, shape.past, decode_past, repeat,
-                                    H.resolve_dtype(dtypes[0]).itemsize, hf)
+                                    resolve_dtype(dtypes[0]).itemsize, hf)
             check_memory(need, _shape_text(o, ("seqlens", "past", "decode_past", "decode_repeat")))
             shape.decode_past = [p for p in decode_past for _ in range(repeat)]  # fits: expand the requests
             records, extra = A.run(cfg, device, dtypes[0], warmups, runs, shape, hf=hf, hf_attn=o["hf_attn"],
@@ -179,7 +183,7 @@ def run_bench_command(kind: str, **options: Any) -> int:
             runs = M.DEFAULT_RUNS if o["runs"] is None else o["runs"]
             prefill_tokens = _maybe_list(o["prefill_tokens"], "--prefill-tokens")
             decode_tokens = _maybe_list(o["decode_tokens"], "--decode-tokens")
-            need = _moe_bytes(cfg, prefill_tokens + decode_tokens, H.resolve_dtype(dtypes[0]).itemsize, hf)
+            need = _moe_bytes(cfg, prefill_tokens + decode_tokens, resolve_dtype(dtypes[0]).itemsize, hf)
             check_memory(need, _shape_text(o, ("preset", "config", "prefill_tokens", "decode_tokens")))
             records, extra = M.run(cfg, device, dtypes[0], warmups, runs,
                                    prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
@@ -194,8 +198,8 @@ def run_bench_command(kind: str, **options: Any) -> int:
             warmups = G.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
             runs = G.DEFAULT_RUNS if o["runs"] is None else o["runs"]
             records, extra = G.run(o["model"], device, dtypes, warmups, runs,
-                                   prompt_lens=H.parse_int_list(o["prompt_lens"], "--prompt-lens"),
-                                   batches=H.parse_int_list(o["batch"], "--batch"),
+                                   prompt_lens=parse_int_list(o["prompt_lens"], "--prompt-lens"),
+                                   batches=parse_int_list(o["batch"], "--batch"),
                                    new_tokens=int(o["new_tokens"]), decode_prompt_len=o["decode_prompt_len"],
                                    hf=hf, hf_attn=o["hf_attn"], seed=o["seed"], roofline=not o["no_roofline"],
                                    progress=progress, fast=not o["no_fast"], log=log, peer=o["peer"])
@@ -204,7 +208,7 @@ def run_bench_command(kind: str, **options: Any) -> int:
 
                 settings["prefill_gemm"] = tune.status()  # decided while loading (fast/tune.py)
     settings.update({"source": source, "warmups": warmups, "runs": runs, **extra})
-    report = H.make_report(kind, device, settings, records)
+    report = make_report(kind, device, settings, records)
     return finish(report, o, old, tolerance)
 
 
@@ -212,20 +216,23 @@ def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None
     """Table, comparison, JSON line (stdout and --json), plot; the exit code."""
     from rich.console import Console
 
-    from . import harness as H
+    from .compare import compare_reports, print_comparison, regressions
+    from .plot import plot_report
+    from .report import emit_json, print_table
+    from .timing import busy_warning
 
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # a log file or a pipe: do not squeeze the table into 80 columns
-    H.print_table(report, console)
+    print_table(report, console)
     rc = 0
     if old is not None:
         note = _path_change(old, report)
         if note:
             console.print(f"[yellow]note: {note}[/]")
-        changes, missing = H.compare_reports(old, report, tolerance)
-        H.print_comparison(changes, missing, tolerance, str(o["compare"]), console)
-        bad = H.regressions(changes)
+        changes, missing = compare_reports(old, report, tolerance)
+        print_comparison(changes, missing, tolerance, str(o["compare"]), console)
+        bad = regressions(changes)
         report["comparison"] = {
             "against": str(o["compare"]), "tolerance": tolerance,
             "regressions": [{"impl": c.record[1], "phase": c.record[2], "case": c.record[3], "dtype": c.record[5],
@@ -236,12 +243,12 @@ def finish(report: dict[str, Any], o: dict[str, Any], old: dict[str, Any] | None
             rc = 1
         else:
             console.print(f"no qwen3lab figure regressed past {100 * tolerance:g}%")
-    busy = H.busy_warning(report)
+    busy = busy_warning(report)
     if busy:
         console.print(f"[yellow]warning: {busy}[/]")
-    H.emit_json(report, o["json"])
+    emit_json(report, o["json"])
     if o["plot"]:
-        H.plot_report(report, o["plot"])
+        plot_report(report, o["plot"])
         print(f"wrote {o['plot']}", file=sys.stderr)
     return rc
 
@@ -276,10 +283,10 @@ def _check_generate_sizes(o: dict[str, Any]) -> None:
         if n < 1:
             raise InputError(f"--decode-prompt-len must be >= 1 (a prompt of one token at least), got {n}")
     from ..paths import resolve_model_path
-    from . import harness as H
+    from .settings import parse_int_list
 
-    prompt_lens = H.parse_int_list(o["prompt_lens"], "--prompt-lens")
-    batches = H.parse_int_list(o["batch"], "--batch")
+    prompt_lens = parse_int_list(o["prompt_lens"], "--prompt-lens")
+    batches = parse_int_list(o["batch"], "--batch")
     if o["preset"] is not None or o["config"] is not None:
         return  # refused with its own message where the bench starts
     path = resolve_model_path(o["model"])
@@ -357,11 +364,11 @@ def _int_list0(text, option: str) -> list[int]:
 
 def _maybe_list(text, option: str) -> list[int]:
     """A comma list; "" or "0" means none (e.g. --decode-tokens 0 to skip the decode sizes)."""
-    from . import harness as H
+    from .settings import parse_int_list
 
     if text in ("", "0", None, [], ()):
         return []
-    return H.parse_int_list(text, option)
+    return parse_int_list(text, option)
 
 
 # ---- click options (cli.py and benchmarks/ share them) ---------------------------------------------
