@@ -19,7 +19,7 @@ from qwen3lab.engine.sampler import SamplingParams, filter_logits, make_generato
 from qwen3lab.engine.task import InferTask
 from qwen3lab.errors import InputError
 from qwen3lab.models.kv_cache import KVCache
-from qwen3lab.models.torch_model import Qwen3CausalLM
+from qwen3lab.models.torch_model import Qwen3LMHeadModel
 from qwen3lab.presets import preset_config
 from qwen3lab.qwen3 import Qwen3ForCausalLM
 from qwen3lab.random_init import random_weights
@@ -42,7 +42,7 @@ def make_cfg(moe: bool = False, **kw) -> Qwen3Config:
 def model64(request):
     """float64, so a batch and a lone run give logits equal to ~1e-15 and sampling cannot tell them apart."""
     cfg = make_cfg(request.param)
-    return Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=1), dtype="float64")
+    return Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=1), dtype="float64")
 
 
 # ---- sampler ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from qwen3lab.errors import InputError
 from qwen3lab.fast import Int4Linear, build, describe, optimize, quantise
 from qwen3lab.fast.linear import SMALL_M, pack_int4, quantise_int4, unpack_int4
 from qwen3lab.models.batch import ForwardBatch
-from qwen3lab.models.torch_model import Qwen3CausalLM
+from qwen3lab.models.torch_model import Qwen3LMHeadModel
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg
 from test_fast_kernels import k  # noqa: F401  (the fixture: one module per kernel path this CPU has)
@@ -247,8 +247,8 @@ COS_MIN, ROW_COS_MIN = 0.96, 0.94
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_quantise_int4_model_close_to_float(mode, moe, dtype):
     cfg = small_cfg(moe)
-    plain = Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype)
-    q4 = optimize(Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype), quant="int4",
+    plain = Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype)
+    q4 = optimize(Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype), quant="int4",
                   group_size=32)
     assert q4.quant == "int4" and q4.group_size == 32
     g = q4.group_size  # describe() names the group the weights were quantised with
@@ -267,8 +267,8 @@ def test_quantise_int4_model_equals_float_model_over_dequantised_weights(mode, m
     rounding of each linear's input rows (<= 1.5e-5 of a row's largest element, through 2 layers: measured
     0.9-1.2e-4 of the largest logit), and bit for bit on the fallback (the same F.linear over the same weights)."""
     cfg = small_cfg(moe)
-    q4 = optimize(Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0)), quant="int4", group_size=32)
-    ref = Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0))
+    q4 = optimize(Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0)), quant="int4", group_size=32)
+    ref = Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0))
     mods = dict(ref.named_modules())
     n = 0
     for name, m in q4.named_modules():
@@ -286,7 +286,7 @@ def test_quantise_int4_model_equals_float_model_over_dequantised_weights(mode, m
 
 def test_quantise_int4_views_share_the_fused_tensors():
     cfg = small_cfg(True)
-    model = optimize(Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=torch.float32),
+    model = optimize(Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0), dtype=torch.float32),
                      quant="int4", group_size=32)
     assert model.model.embed_tokens.weight.dtype == torch.float32  # the embedding stays float
     assert isinstance(model.lm_head, Int4Linear)
@@ -315,10 +315,10 @@ def test_quantise_int4_views_share_the_fused_tensors():
 
 def test_quantise_int4_bad_group_size_leaves_model_untouched():
     cfg = small_cfg()  # hidden 64: 128 does not divide K of q/k/v or gate/up
-    model = Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=torch.float32)
+    model = Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0), dtype=torch.float32)
     before = type(model.model.layers[0].self_attn.q_proj)
     with pytest.raises(InputError, match=r"group size 128 does not fit weight of shape \[128, 64\]"):
         quantise(model, "int4", group_size=128)
     assert type(model.model.layers[0].self_attn.q_proj) is before and model.quant is None
     with pytest.raises(InputError, match="group size 64 does not fit"):
-        optimize(Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0)), quant="int4", group_size=64)
+        optimize(Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0)), quant="int4", group_size=64)

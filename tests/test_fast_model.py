@@ -19,7 +19,7 @@ from qwen3lab.engine.sampler import SamplingParams
 from qwen3lab.engine.task import InferTask
 from qwen3lab.fast import FastLinear, optimize
 from qwen3lab.models.batch import ForwardBatch
-from qwen3lab.models.torch_model import Qwen3CausalLM, TorchBackend
+from qwen3lab.models.torch_model import Qwen3LMHeadModel, TorchBackend
 from qwen3lab.qwen3 import Qwen3ForCausalLM
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg as make_cfg
@@ -32,8 +32,8 @@ CASES = {"dense": make_cfg(), "gqa4-odd": make_cfg(num_attention_heads=8, head_d
 
 def _pair(cfg, dtype):
     w = random_weights(cfg, seed=0)
-    plain = Qwen3CausalLM.from_weights(cfg, w, dtype=dtype)
-    fast = optimize(Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype))
+    plain = Qwen3LMHeadModel.from_weights(cfg, w, dtype=dtype)
+    fast = optimize(Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0), dtype=dtype))
     return plain, fast
 
 
@@ -101,7 +101,7 @@ def test_fast_forward_equals_plain_float32(mode, case):
 def test_fast_forward_bfloat16_within_rounding(mode, case):
     cfg = CASES[case]
     plain, fast = _pair(cfg, torch.bfloat16)
-    ref = Qwen3CausalLM.from_weights(cfg, random_weights(cfg, seed=0), dtype=torch.float64)
+    ref = Qwen3LMHeadModel.from_weights(cfg, random_weights(cfg, seed=0), dtype=torch.float64)
     ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(2)).tolist()
     a, b, r = _prefill_decode(plain, ids), _prefill_decode(fast, ids), _prefill_decode(ref, ids)
     # the fast path is no further from float64 than the plain bf16 model is (plus a rounding step's worth)
@@ -195,7 +195,7 @@ def test_optimize_aligns_streamed_weights():
     for n in names:
         w[n] = misaligned(w[n])
     want = {n: w[n].clone() for n in names}
-    model = Qwen3CausalLM.from_weights(cfg, w, dtype=torch.float32)
+    model = Qwen3LMHeadModel.from_weights(cfg, w, dtype=torch.float32)
     assert model.model.layers[0].self_attn.o_proj.weight.data_ptr() % 64  # the test really starts misaligned
     optimize(model)
     streamed = [m for m in model.modules() if isinstance(m, FastLinear)]

@@ -20,7 +20,7 @@ from qwen3lab import taps as T
 from qwen3lab.errors import InputError, WeightsError
 from qwen3lab.models.batch import ForwardBatch, Span
 from qwen3lab.models.numpy_ref import NumpyBackend
-from qwen3lab.models.torch_model import Qwen3CausalLM, TorchBackend
+from qwen3lab.models.torch_model import Qwen3LMHeadModel, TorchBackend
 from qwen3lab.random_init import random_weights
 from small_configs import small_cfg as make_cfg
 
@@ -303,7 +303,7 @@ def test_probs_sum_to_one_and_are_causal():
 def test_tied_lm_head_is_the_embedding_and_no_copy_when_dtype_matches():
     cfg = CASES["dense-gqa2-tied"]
     w = random_weights(cfg, seed=0)
-    m = Qwen3CausalLM.from_weights(cfg, w, dtype="float32")
+    m = Qwen3LMHeadModel.from_weights(cfg, w, dtype="float32")
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert m.model.embed_tokens.weight.data_ptr() == w["model.embed_tokens.weight"].data_ptr()
     assert m.model.layers[1].self_attn.q_norm.weight.data_ptr() == \
@@ -357,3 +357,10 @@ def test_cuda_matches_cpu(case):
     print(f"{case} cuda fp32 vs cpu fp32 {e_run:.2e} (decode {e_dec:.2e}); cuda bf16: {f}")
     assert e_run <= 1e-4 and e_dec <= 1e-4  # TF32 is off by default for matmuls; kernels differ
     assert f["cos_min"] >= 0.99
+
+
+def test_old_module_name_is_a_deprecated_alias():
+    from qwen3lab.models import torch_model
+
+    with pytest.warns(DeprecationWarning, match="renamed Qwen3LMHeadModel"):
+        assert torch_model.Qwen3CausalLM is torch_model.Qwen3LMHeadModel

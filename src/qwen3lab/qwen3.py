@@ -32,11 +32,11 @@ from .engine.runner import batch_infer_one_round, check_ids, check_prompt
 from .engine.sampler import SamplingParams
 from .engine.task import InferTask, is_id, token_id_list
 from .errors import InputError
-from .models.torch_model import Qwen3CausalLM
+from .models.torch_model import Qwen3LMHeadModel
 from .runspec import RunSpec
 
 
-def _speed_up(model: Qwen3CausalLM, spec: RunSpec) -> Qwen3CausalLM:
+def _speed_up(model: Qwen3LMHeadModel, spec: RunSpec) -> Qwen3LMHeadModel:
     """qwen3lab.fast (fused projections, kernels, quantised weights) when the spec runs the fast path."""
     if spec.fast:
         from .fast import optimize
@@ -53,13 +53,13 @@ def _spec(device, dtype, quant, fast: bool, ndev: int = 1, group_size: int | Non
 
 
 class Qwen3ForCausalLM:
-    """Our torch model + tokenizer + engine. `.model` is the nn.Module (Qwen3CausalLM)."""
+    """Our torch model + tokenizer + engine. `.model` is the nn.Module (Qwen3LMHeadModel)."""
 
-    def __init__(self, model: Qwen3CausalLM, tokenizer=None):
+    def __init__(self, model: Qwen3LMHeadModel, tokenizer=None):
         from .tokenizer import Tokenizer
 
-        if not isinstance(model, Qwen3CausalLM):
-            raise InputError(f"model must be a Qwen3CausalLM (qwen3lab.models.torch_model), got "
+        if not isinstance(model, Qwen3LMHeadModel):
+            raise InputError(f"model must be a Qwen3LMHeadModel (qwen3lab.models.torch_model), got "
                              f"{type(model).__name__} {shorten(model)}; load a checkpoint with from_pretrained")
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             raise InputError(f"tokenizer must be a qwen3lab Tokenizer or None, got {type(tokenizer).__name__} "
@@ -91,7 +91,7 @@ class Qwen3ForCausalLM:
         path = resolve_model_path(path)
         cfg = Qwen3Config.from_file(path)
         weights = load_weights(path, cfg, dtype=spec.torch_dtype, device=spec.device, release_pages=spec.fast)
-        model = Qwen3CausalLM.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
+        model = Qwen3LMHeadModel.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
         del weights
         return cls(_speed_up(model, spec), Tokenizer.from_dir(path))
 
@@ -106,7 +106,7 @@ class Qwen3ForCausalLM:
             raise InputError(f"weights must be a dict {{hf_name: tensor}}, got {type(weights).__name__} "
                              f"{shorten(weights)}")
         spec = _spec(device, dtype, quant, fast, group_size=group_size)
-        model = Qwen3CausalLM.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
+        model = Qwen3LMHeadModel.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
         return cls(_speed_up(model, spec), tokenizer)
 
     @property

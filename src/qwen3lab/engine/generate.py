@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..checks import check_int, shorten
 from ..errors import InputError
-from ..models.torch_model import Qwen3CausalLM
+from ..models.torch_model import Qwen3LMHeadModel
 from .runner import batch_infer_one_round, check_prompt
 from .sampler import SamplingParams
 from .task import InferTask, stop_id_set, token_id_list
@@ -47,7 +47,7 @@ class GenerateResult:
 class TokenStream:
     """Iterate to get the generated token ids one at a time; `task`, `prefill_s`, `decode_s` afterwards."""
 
-    def __init__(self, model: Qwen3CausalLM, prompt_ids: Sequence[int], max_steps: int = 128,
+    def __init__(self, model: Qwen3LMHeadModel, prompt_ids: Sequence[int], max_steps: int = 128,
                  sampling: SamplingParams | None = None, stop_ids: Iterable[int] = ()):
         max_steps = check_int(max_steps, "max_steps")
         prompt = token_id_list(prompt_ids, "prompt")
@@ -91,7 +91,7 @@ def stop_string_list(stop_strings) -> list[str]:
     return out
 
 
-def generate(model: Qwen3CausalLM, prompt_ids: Sequence[int], *, max_steps: int = 128,
+def generate(model: Qwen3LMHeadModel, prompt_ids: Sequence[int], *, max_steps: int = 128,
              sampling: SamplingParams | None = None, stop_ids: Iterable[int] = (), stop_strings: Iterable[str] = (),
              tokenizer=None, stream: Callable[[int, str], None] | None = None) -> GenerateResult:
     """Generate up to max_steps tokens after prompt_ids. Text needs a tokenizer (qwen3lab.tokenizer.Tokenizer);

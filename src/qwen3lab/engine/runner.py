@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from ..checks import shorten
 from ..errors import InputError
 from ..models.batch import ForwardBatch
-from ..models.torch_model import Qwen3CausalLM
+from ..models.torch_model import Qwen3LMHeadModel
 from .sampler import sample_rows
 from .task import InferTask
 
@@ -66,7 +66,7 @@ def check_tasks(tasks) -> list[InferTask]:
     return tasks
 
 
-def batch_infer_one_round(model: Qwen3CausalLM, tasks: Sequence[InferTask]) -> list[int]:
+def batch_infer_one_round(model: Qwen3LMHeadModel, tasks: Sequence[InferTask]) -> list[int]:
     """Feed each task its tokens not yet in its cache, sample its next token, append it; return them in order.
 
     Sets `finished` (reason "stop", "length" or "context") on a task whose new token is a stop id, reaches

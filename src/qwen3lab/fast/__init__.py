@@ -1,4 +1,4 @@
-"""Fast CPU inference, applied to a loaded Qwen3CausalLM from outside the model file.
+"""Fast CPU inference, applied to a loaded Qwen3LMHeadModel from outside the model file.
 
     from qwen3lab.fast import optimize
     optimize(model)                  # fused QKV / gate-up weights + streaming kernels, weights unchanged

@@ -18,7 +18,7 @@ from .quant import QUANT_MODES, quantise
 
 
 def optimize(model, quant: str | None = None, fuse: bool = True, group_size: int | None = None):
-    """Make `model` (a Qwen3CausalLM on CPU) fast in place and return it. quant: None, "int8" or "int4"
+    """Make `model` (a Qwen3LMHeadModel on CPU) fast in place and return it. quant: None, "int8" or "int4"
     (group_size: int4's group along K, 32 or 128; None: 128, or 32 where 128 does not divide every K)."""
     if quant is not None and quant not in QUANT_MODES:
         raise InputError(f"quant must be one of {', '.join(QUANT_MODES)} or None, got {quant!r}")

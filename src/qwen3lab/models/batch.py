@@ -1,4 +1,4 @@
-"""ForwardBatch: what one forward of Qwen3CausalLM is asked to do -- the public contract between the model and
+"""ForwardBatch: what one forward of Qwen3LMHeadModel is asked to do -- the public contract between the model and
 whatever drives it (the engine's scheduler, TorchBackend, the benches, tests).
 
     batch = ForwardBatch.single(ids, cache=cache, start=cache.length)        # one sequence

@@ -28,6 +28,7 @@ Notable:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -327,7 +328,7 @@ class Qwen3Model(nn.Module):
         return tap("final_norm", self.norm(x))
 
 
-class Qwen3CausalLM(nn.Module):
+class Qwen3LMHeadModel(nn.Module):
     """The nn.Module tree of a checkpoint (`model.*`, `lm_head`). Build with `from_weights`."""
 
     def __init__(self, cfg: Qwen3Config):
@@ -350,7 +351,7 @@ class Qwen3CausalLM(nn.Module):
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
     def from_weights(cls, cfg: Qwen3Config, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
-                     dtype: str | torch.dtype = torch.float32) -> Qwen3CausalLM:
+                     dtype: str | torch.dtype = torch.float32) -> Qwen3LMHeadModel:
         """Assign the {hf_name: tensor} dict to the module tree (converted to dtype/device; no copy when they
         match). A tied model uses the embedding as lm_head whatever the dict holds under lm_head.weight."""
         dt = _torch_dtype(dtype)
@@ -425,7 +426,7 @@ class Qwen3CausalLM(nn.Module):
 
 # ---- the backend contract (COMMON.md) ------------------------------------------------------------------
 class TorchBackend:
-    """`.run(input_ids, taps=None, graft=None) -> RunResult` and `.run_decode(...)` over Qwen3CausalLM.
+    """`.run(input_ids, taps=None, graft=None) -> RunResult` and `.run_decode(...)` over Qwen3LMHeadModel.
 
     fast=True applies qwen3lab.fast (fused projections, streaming kernels) and quant="int8" its int8 weights
     (activations in `dtype`; `.dtype` then reads "int8"): the fast paths as verify candidates. Taps run the
@@ -438,7 +439,7 @@ class TorchBackend:
                  group_size: int | None = None, spec: RunSpec | None = None):
         self.cfg = cfg
         spec = spec or self.spec_for(device, dtype, fast, quant, group_size)
-        self.model = Qwen3CausalLM.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
+        self.model = Qwen3LMHeadModel.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
         if spec.fast:
             from ..fast import optimize
 
@@ -527,3 +528,13 @@ def _unbatch(rec) -> dict[str, np.ndarray]:
         assert arr.shape[0] == 1, (name, arr.shape)
         out[name] = arr[0]
     return out
+
+
+def __getattr__(name: str):
+    # Qwen3CausalLM was this module's name until it was renamed after HF's Qwen3 classes (the three letters
+    # from the engine API's Qwen3ForCausalLM were too few); the old name keeps working for a while.
+    if name == "Qwen3CausalLM":
+        warnings.warn("qwen3lab.models.torch_model.Qwen3CausalLM is renamed Qwen3LMHeadModel", DeprecationWarning,
+                      stacklevel=2)
+        return Qwen3LMHeadModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -216,10 +216,10 @@ def _kernels_of(backend) -> dict[str, str] | None:
     """The kernel of every leaf kind of our torch model (verify runs exactly these), None for other backends
     (an HF candidate also has a `.model`, a transformers one: it is not ours to describe)."""
     from ..fast import describe  # here, not at the top: a NumPy-only verify need not import torch
-    from ..models.torch_model import Qwen3CausalLM
+    from ..models.torch_model import Qwen3LMHeadModel
 
     model = getattr(getattr(backend, "inner", backend), "model", None)  # BuggyBackend wraps a TorchBackend
-    return describe(model) if isinstance(model, Qwen3CausalLM) else None
+    return describe(model) if isinstance(model, Qwen3LMHeadModel) else None
 
 
 class _PrefillRun:
