@@ -27,12 +27,13 @@ from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from fuzz_settings import deadline, fuzz
+from qwen3lab.chat_template import MAX_TEMPLATE_CHARS
 from qwen3lab.cli import main
 from qwen3lab.engine.sampler import MIN_TEMPERATURE, SamplingParams, sample
 from qwen3lab.errors import InputError, Qwen3LabError, TokenizerError
 from qwen3lab.make_model import make_model
 from qwen3lab.runspec import RunSpec, available_devices
-from qwen3lab.tokenizer import MAX_TEMPLATE_CHARS, Tokenizer
+from qwen3lab.tokenizer import Tokenizer
 from qwen3lab.verify import verify
 
 pytestmark = pytest.mark.slow
@@ -329,7 +330,7 @@ def test_malicious_templates_are_one_line_errors_naming_the_file(name):
 
 def test_a_slow_loop_body_is_stopped_by_the_render_deadline(monkeypatch):
     # within every count limit, but each step is a megabyte of work: the wall clock ends it (here after 0.5 s)
-    monkeypatch.setattr("qwen3lab.tokenizer.MAX_RENDER_SECONDS", 0.5)
+    monkeypatch.setattr("qwen3lab.chat_template.MAX_RENDER_SECONDS", 0.5)
     t = ("{% set big = range(150000) | join %}{% for i in range(999) %}{% for j in range(999) %}"
          "{% set x = big | upper %}{% endfor %}{% endfor %}")
     with deadline(20), pytest.raises(TokenizerError, match=re.escape(f"{SOURCE}: chat_template raised: rendering "
