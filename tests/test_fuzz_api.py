@@ -182,13 +182,12 @@ class DefaultModel(Exception):
 
 @pytest.mark.parametrize("p", [None, "default", Path("default")])
 def test_none_and_default_still_mean_the_default_model(monkeypatch, p):
-    import qwen3lab.paths
+    import qwen3lab.make_model
 
     def default():
         raise DefaultModel  # reached the default model: the argument passed the checks
 
-    # patched where the path resolver looks it up (paths.py imports it by name)
-    monkeypatch.setattr(qwen3lab.paths, "ensure_default_model", default)
+    monkeypatch.setattr(qwen3lab.make_model, "ensure_default_model", default)
     for entry in ("load", "from_pretrained"):
         with pytest.raises(DefaultModel):
             PATH_ENTRIES[entry](p)

@@ -15,6 +15,8 @@ A new top-level module or package must be given a layer here (the failure says s
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,13 @@ def test_layers_listed_exist(layer):
     future = {"dist", "backends", "serve", "__main__"}  # DESIGN.md's parts not written yet
     stale = sorted(LAYERS[layer] - present - future)
     assert not stale, f"layer {layer} lists parts that do not exist: {stale}"
+
+
+def test_import_and_cli_startup_do_not_load_torch():
+    """`import qwen3lab` and the CLI's option parsing (`qwen3lab --help`) stay light: torch (about a second to
+    import) loads only when a command runs a model. This is what the function-local `torch` and model imports
+    in paths.py, cli.py and the tools are for."""
+    code = ("import sys, qwen3lab, qwen3lab.cli; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", f"importing qwen3lab loaded: {out.stdout.strip()[:500]}"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .checks import shorten
 from .errors import InputError, Qwen3LabError
-from .make_model import ensure_default_model
 
 
 def check_path(path, name: str = "path") -> Path:
@@ -30,6 +29,8 @@ def resolve_model_path(path: str | Path | None, name: str = "path") -> Path:
     """A checkpoint dir; None or "default" means the embedded default model (made on first use)."""
     p = None if path is None else check_path(path, name)
     if p is None or str(p) == "default":
+        from .make_model import ensure_default_model  # make_model pulls in torch: keep `import qwen3lab` light
+
         return ensure_default_model()
     try:
         exists, is_dir = p.exists(), p.is_dir()
