@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -121,7 +122,7 @@ def available_bytes() -> int | None:
     """Memory a new allocation can get without swapping: psutil's figure, else /proc/meminfo MemAvailable,
     else None (unknown: nothing is refused)."""
     try:
-        import psutil
+        import psutil  # optional dependency: used when installed, else /proc/meminfo below
 
         return int(psutil.virtual_memory().available)
     except ImportError:
@@ -161,8 +162,6 @@ def check_memory(need: int, what: str, available: int | None = None) -> None:
 
 def check_disk(need: int, directory, what: str) -> None:
     """Refuse `what` when `directory`'s filesystem has less free space than it would write."""
-    import shutil
-
     d = Path(directory)
     while not d.exists() and d != d.parent:
         d = d.parent

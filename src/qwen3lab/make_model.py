@@ -12,6 +12,7 @@ atomically: written to a temp dir next to it and renamed, so an interrupted run 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .guards import check_disk, check_memory
 from .presets import preset_config
 from .random_init import random_weights
+from .shapes import expected_shapes
 from .tokenizer import bundled_file_text
 from .weights import checkpoint_dtype, dtype_name, parse_size, save_checkpoint
 
@@ -77,11 +80,6 @@ def _check_resources(cfg, tdt, out: Path, preset: str, layers: int | None) -> No
     """Refuse, with the figures, a model this machine cannot hold in memory or its disk cannot take, before
     minutes of random weights: they are all held in `dtype` (plus one tensor in float32 while it is made).
     A one-layer cfg stands for `layers` copies of its layer (no loop over the layers)."""
-    import math
-
-    from .guards import check_disk, check_memory
-    from .shapes import expected_shapes
-
     shapes = {k: math.prod(s) for k, s in expected_shapes(cfg).items()}
     n = sum(shapes.values())
     if layers is not None and cfg.num_hidden_layers == 1:

@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from .checks import shorten
 from .errors import DumpError
+from .jsonio import LIMITS, check_regular_file, loads_json
 
 DUMP_FORMAT = "qwen3lab.taps"
 DUMP_VERSION = "1"
@@ -95,7 +98,7 @@ def to_numpy(x: Any) -> np.ndarray:
     """A detached host copy; half-precision torch tensors become float32 (NumPy has no bfloat16)."""
     if isinstance(x, np.ndarray):
         return x.copy()
-    import torch
+    import torch  # taps serve the NumPy oracle too: torch (a second to import) only when handed a tensor
 
     if isinstance(x, torch.Tensor):
         t = x.detach()
@@ -214,7 +217,7 @@ def _like(ref, x, name: str):
         )
     if isinstance(x, np.ndarray):
         return ref.reshape(x.shape).astype(x.dtype, copy=False)
-    import torch
+    import torch  # as in to_numpy: x is a torch tensor here
 
     t = torch.from_numpy(np.ascontiguousarray(ref)).reshape(x.shape)
     return t.to(device=x.device, dtype=x.dtype)
@@ -237,7 +240,6 @@ def write_dump(path: str | Path, taps: Mapping[str, Any], *, backend: str, dtype
                input_ids: list[int], config_sha256: str | None = None,
                positions: list[int] | None = None, extra: Mapping[str, str] | None = None) -> Path:
     """Write taps as one safetensors file in the qwen3lab.taps format (DESIGN.md)."""
-    from safetensors.numpy import save_file
 
     meta = {
         "format": DUMP_FORMAT, "version": DUMP_VERSION, "backend": backend, "dtype": dtype,
@@ -264,10 +266,6 @@ def read_dump(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a dump: (taps in file order, metadata with input_ids/positions decoded). Anything malformed is a
     DumpError naming the file and the tensor or metadata key: a non-regular file (never opened), a corrupt
     header, a tensor dtype NumPy cannot hold (float8, ...), ids that are not a JSON list of integers."""
-    from safetensors import SafetensorError, safe_open
-
-    from .jsonio import check_regular_file
-
     path = Path(path)
     # before safe_open: it would block forever on a FIFO
     check_regular_file(path, DumpError, "dump file")
@@ -300,7 +298,6 @@ def _read_tap(f, path: Path, key: str) -> np.ndarray:
 
 def _id_list(path: Path, key: str, text: str) -> list[int]:
     """A metadata JSON list of token ids / positions: non-negative int64 integers, nothing else."""
-    from .jsonio import LIMITS, loads_json
 
     what = f"{path}: metadata {key!r}"
     v = loads_json(text, DumpError, what, max_chars=LIMITS["dump_metadata"])
@@ -313,7 +310,6 @@ def _id_list(path: Path, key: str, text: str) -> list[int]:
 
 
 def _read_via_torch(path: Path, key: str) -> np.ndarray:
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return to_numpy(f.get_tensor(key))

@@ -198,7 +198,7 @@ def forward(weights: Mapping[str, np.ndarray], cfg: Qwen3Config, input_ids, posi
 def _as_numpy(x, dtype) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x.astype(dtype, copy=False)
-    import torch
+    import torch  # the oracle is NumPy: torch (a second to import) only when handed a tensor
 
     if isinstance(x, torch.Tensor):
         t = x.detach().to("cpu")
@@ -237,9 +237,9 @@ class NumpyBackend:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float64") -> NumpyBackend:
-        import torch
+        import torch  # the checkpoint loader is torch's (safetensors, checks): only when reading a checkpoint
 
-        from ..weights import load_weights  # written alongside; imported lazily
+        from ..weights import load_weights
 
         if dtype not in DTYPES:
             raise InputError(f"numpy backend dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")

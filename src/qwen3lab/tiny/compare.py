@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..taps import dataflow_key, tap_sites
+from ..verify import verify
+from ..verify.report import fmt
 from .printer import format_tap
 
 
@@ -64,7 +66,7 @@ def _j(v):
 
 
 def torch_candidate(cfg, weights: dict[str, np.ndarray], dtype: str = "float32", device: str = "cpu"):
-    import torch
+    import torch  # torch and the torch model (a second to import) only when a torch candidate is asked for
 
     from ..models.torch_model import TorchBackend
 
@@ -75,8 +77,6 @@ def torch_candidate(cfg, weights: dict[str, np.ndarray], dtype: str = "float32",
 def compare(cfg, reference, candidate, input_ids: list[int], precision: int = 4, width: int = 80
             ) -> CompareResult:
     """verify(reference, candidate) over every tap (probs included), plus the printed difference matrices."""
-    from ..verify import verify
-
     report = verify(reference=reference, candidate=candidate, input_ids=list(input_ids), probs=True)
     names = tap_sites(cfg, probs=True)
     ref = reference.run(input_ids, taps=names).taps
@@ -93,8 +93,6 @@ def compare(cfg, reference, candidate, input_ids: list[int], precision: int = 4,
 
 
 def _render(report, diffs: dict[str, np.ndarray], routing: dict, precision: int, width: int) -> str:
-    from ..verify.report import fmt
-
     tol = report.tolerance
     out = [f"{report.candidate} vs {report.reference}",
            f"tolerance ({tol.name}): cosine >= {tol.cos_min:.12g}, relative error <= {tol.rel_max:g}"

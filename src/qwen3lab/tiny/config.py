@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..config import Qwen3Config
 from ..errors import ConfigError, InputError
+from ..shapes import expected_shapes
 
 DEFAULTS = dict(nlayer=2, d=8, nh=2, nkvh=2, dh=4, di=16, dctx=4, dvoc=10, experts=4, topk=2)
 DEFAULT_TOKENS = (1, 3, 7, 2)
@@ -92,8 +93,6 @@ def parse_tokens(tokens, cfg: Qwen3Config) -> list[int]:
 
 
 def parameter_count(cfg: Qwen3Config) -> int:
-    from ..shapes import expected_shapes
-
     n = 0
     for shape in expected_shapes(cfg).values():
         k = 1

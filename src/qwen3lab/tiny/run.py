@@ -20,15 +20,28 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..config import Qwen3Config
+from ..errors import InputError, Qwen3LabError
 from ..guards import check_output_dir, check_output_file, write_atomic, write_text_atomic
 from ..models.numpy_ref import softmax64
+from ..paths import resolve_model_path
 from ..taps import split_name
+from .compare import compare as cmp
+from .compare import torch_candidate
 from .config import DEFAULTS, check_model_size, parse_tokens, tiny_config
-from .forward import tiny_forward
+from .explain import explain as walk
+from .forward import oracle, tiny_forward
 from .printer import format_tap
 from .stability import StabilityReport, check_stability, stats
-from .weights import FORMATS, INITS, init_weights, load_checkpoint_weights, read_weights, write_weights
+from .weights import (
+    FORMATS,
+    INITS,
+    checkpoint_tensors,
+    init_weights,
+    load_checkpoint_weights,
+    read_weights,
+    write_weights,
+)
 
 RULE = "=" * 78
 CHECKS_LEGEND = ("checks: every tap: no NaN/Inf, max |x| <= 1e4 (hidden states: RMS growth vs embed); probs: rows "
@@ -127,9 +140,6 @@ def _stat_json(arr) -> dict:
 def build_model(sizes: dict, moe: bool, init: str, seed: int, weights_file, model_dir):
     """(cfg, weights, description of where the weights came from)."""
     if model_dir is not None:
-        from ..config import Qwen3Config
-        from ..paths import resolve_model_path
-
         path = resolve_model_path(model_dir)
         cfg = Qwen3Config.from_file(path)
         for flag, v in sizes.items():
@@ -166,9 +176,6 @@ def check_saves(save_weights, save_model_dir) -> None:
 def _holds_tiny_checkpoint(path: Path) -> bool:
     """A dir an earlier --save-model wrote (its config.json within tiny's sizes): saving again may replace it.
     Anything else (a real checkpoint, unrelated files) is never overwritten."""
-    from ..config import Qwen3Config
-    from ..errors import Qwen3LabError
-
     if not (path / "config.json").is_file():
         return False
     try:
@@ -180,10 +187,9 @@ def _holds_tiny_checkpoint(path: Path) -> bool:
 
 def save_model(out_dir, cfg, weights: dict[str, np.ndarray]) -> Path:
     """A complete HF-layout checkpoint dir (config.json + model.safetensors, float32) via weights.save_checkpoint."""
-    import torch
+    import torch  # torch (a second to import) only when a checkpoint is written: the NumPy path stays light
 
-    from ..weights import save_checkpoint
-    from .weights import checkpoint_tensors
+    from ..weights import save_checkpoint  # torch, as above
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
                for k, v in checkpoint_tensors(weights, cfg).items()}
@@ -219,15 +225,9 @@ def run_tiny(*, d=None, nlayer=None, nh=None, nkvh=None, dh=None, di=None, dvoc=
     run = tiny_forward(cfg, w, ids)
     res = TinyResult(cfg, w, ids, source, run.logits, run.taps, check_stability(cfg, run.taps, w), messages=msgs)
     if explain:
-        from .explain import explain as walk
-
         res.walkthrough = walk(cfg, w, ids, run.taps, layer=explain_layer, token=explain_token,
                                channel=explain_channel, head=explain_head, precision=precision, width=width)
     if candidate is not None or compare == "torch":
-        from .compare import compare as cmp
-        from .compare import torch_candidate
-        from .forward import oracle
-
         cand = candidate if candidate is not None else torch_candidate(cfg, w, dtype=dtype, device=device)
         res.comparison = cmp(cfg, oracle(cfg, w), cand, ids, precision=precision, width=width)
     return res

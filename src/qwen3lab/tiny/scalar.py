@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+from ..rope import rope_parameters
+
 NEG_INF = float("-inf")
 
 
@@ -65,8 +67,6 @@ def inv_freq(cfg) -> tuple[list[float], float]:
     if cfg.rope_scaling is None:
         Dh = cfg.head_dim
         return [cfg.rope_theta ** (-(2.0 * j) / Dh) for j in range(Dh // 2)], 1.0
-    from ..rope import rope_parameters
-
     f, scale = rope_parameters(cfg)
     return [float(v) for v in f], float(scale)
 

@@ -29,6 +29,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from ..errors import WeightsError
 from ..jsonio import LIMITS, check_regular_file, read_json
@@ -43,7 +45,7 @@ def init_weights(cfg, init: str = "random", seed: int = 0) -> dict[str, np.ndarr
     if init not in INITS:
         raise WeightsError(f"unknown --init {init!r}; choose one of {', '.join(INITS)}")
     if init == "random":
-        from ..random_init import random_weights
+        from ..random_init import random_weights  # torch (a second to import) only for this init
 
         out = {k: v.double().numpy() for k, v in random_weights(cfg, seed=seed).items()}
     else:
@@ -156,8 +158,6 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
-
     check_regular_file(path, WeightsError, "the weights file")  # safe_open would block forever on a FIFO
     try:
         # through torch: bfloat16 files have no NumPy dtype
@@ -215,8 +215,6 @@ def write_weights(path: str | Path, weights: dict[str, np.ndarray], cfg) -> Path
     tensors = checkpoint_tensors(weights, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == ".safetensors":
-        from safetensors.numpy import save_file
-
         save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}, str(path),
                   metadata={"format": "pt"})
     elif fmt == ".npz":
@@ -256,7 +254,7 @@ def _num(x: float) -> str:
 def load_checkpoint_weights(path: str | Path, cfg) -> dict[str, np.ndarray]:
     """A checkpoint dir's tensors as float64 through the project's loader (same checks as every command,
     except that NaN/Inf are let through: tiny mode is where a person looks at what they do)."""
-    import torch
+    import torch  # torch and the project's loader (a second to import) only when reading a checkpoint dir
 
     from ..weights import load_weights
 
