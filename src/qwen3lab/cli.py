@@ -16,6 +16,7 @@ import sys
 
 import click
 
+from .bench.options import click_options
 from .errors import InputError, Qwen3LabError, TokenizerError
 from .runspec import ACT_DTYPES, GROUP_SIZES, QUANTS, RUN_DTYPES
 
@@ -411,12 +412,12 @@ def bench_group() -> None:
 
 
 def _bench_command(kind: str, doc: str):
-    from .bench.run import click_options, run_bench_command
-
     @bench_group.command(kind, help=doc)
     @click_options(kind)
     @friendly_errors
     def cmd(**opts):
+        from .bench.run import run_bench_command  # torch and the benches load when a bench runs, not at --help
+
         sys.exit(run_bench_command(kind, **opts))
 
     return cmd

@@ -1,5 +1,5 @@
-"""Benchmark settings shared by every bench: --device / --dtype resolved to torch's, counts and integer lists
-checked with the option named, torch's thread count for one run."""
+"""Benchmark settings shared by every bench: --device / --dtype resolved to torch's, and torch's thread count for
+one run (option parsing, which needs no torch, is in options.py)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,6 @@ def check_counts(warmups: int, runs: int) -> None:
         raise InputError(f"--warmups must be >= 0, got {warmups}")
     if runs < 1:
         raise InputError(f"--runs must be >= 1, got {runs}")
-
-
-def parse_int_list(text: str | list[int] | tuple[int, ...], option: str) -> list[int]:
-    """'128,512' -> [128, 512]; positive integers only."""
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    else:
-        try:
-            items = [int(s) for s in str(text).replace(" ", "").split(",") if s]
-        except ValueError:
-            raise InputError(f"{option} {text!r}: expected comma-separated integers, e.g. 128,512") from None
-    if not items or any(not isinstance(i, int) or i < 1 for i in items):
-        raise InputError(f"{option} {text!r}: expected positive integers")
-    return items
 
 
 @contextlib.contextmanager
