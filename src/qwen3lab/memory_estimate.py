@@ -48,35 +48,7 @@ def _check_count(what: str, v: Any) -> int:
 
 
 def _activations(cfg: Qwen3Config, B: int, T: int, b: int) -> dict[str, int]:
-    """The activation terms of memory_report's docstring for a prefill of B sequences of T tokens (S = T),
-    b bytes per activation element."""
-    S, f32, L, Hkv, Dh = T, 4, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    D, Hq, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
-    residual = 2 * B * T * D * b
-    qkv_out = B * T * (Hq + 2 * Hkv) * Dh * b + B * T * Hq * Dh * b
-    mlp = 0
-    if any(not cfg.is_moe_layer(i) for i in range(L)):
-        mlp = 3 * B * T * cfg.intermediate_size * b
-    if cfg.is_moe:
-        E, K, Im = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
-        mlp = max(mlp, B * T * E * f32 + 3 * B * T * K * Im * b + B * T * D * b)
-    return {"residual": residual,
-            "attention_fused": qkv_out + B * Hq * T * f32,
-            "attention_eager": qkv_out + 2 * B * Hq * T * Dh * b + B * Hq * T * S * (f32 + b),
-            "mlp": mlp,
-            "logits": B * T * V * f32,
-            "logits_last_token": B * V * f32}
-
-
-def memory_report(cfg: Qwen3Config, context: int = 4096, batch: int = 1, dtype: str = "bfloat16",
-                  kv_dtype: str | None = None) -> dict[str, Any]:
-    """Weights, KV cache and prefill activation memory, in bytes.
-
-    dtype: the weight format of the headline figure (float32, bfloat16, float16, int8, int4); activations
-    are in `dtype` when it is a float type and in bfloat16 for the weight-only int8/int4 formats.
-    kv_dtype: the KV cache element type (default: the activation dtype).
-
-    KV cache: 2 (K and V) * layers * Hkv * head_dim * bytes per token; times context * batch.
+    """The activation terms of memory_report, in bytes.
 
     Peak activation for a prefill of B = batch sequences of T = context tokens (S = T, no past), b bytes per
     activation element, float32 = 4 bytes. Layers run one at a time and only the KV cache (counted
@@ -100,6 +72,48 @@ def memory_report(cfg: Qwen3Config, context: int = 4096, batch: int = 1, dtype: 
     Not counted: weights and KV cache (reported separately), the causal mask, kernel workspaces, allocator
     fragmentation and framework overheads.
     """
+    S, f32, L, Hkv, Dh = T, 4, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    D, Hq, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+    residual = 2 * B * T * D * b
+    qkv_out = B * T * (Hq + 2 * Hkv) * Dh * b + B * T * Hq * Dh * b
+    mlp = 0
+    if any(not cfg.is_moe_layer(i) for i in range(L)):
+        mlp = 3 * B * T * cfg.intermediate_size * b
+    if cfg.is_moe:
+        E, K, Im = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        mlp = max(mlp, B * T * E * f32 + 3 * B * T * K * Im * b + B * T * D * b)
+    return {"residual": residual,
+            "attention_fused": qkv_out + B * Hq * T * f32,
+            "attention_eager": qkv_out + 2 * B * Hq * T * Dh * b + B * Hq * T * S * (f32 + b),
+            "mlp": mlp,
+            "logits": B * T * V * f32,
+            "logits_last_token": B * V * f32}
+
+
+def _assumptions(cfg: Qwen3Config, act_dtype: str) -> list[str]:
+    return [
+        *(["tied lm_head = embedding, stored once"] if cfg.tie_word_embeddings else []),
+        "int8: weight-only, per-output-channel bf16 scales; int4: group size 128, bf16 scales, no zero-points;"
+        " norms and biases stay bf16",
+        f"activations in {act_dtype}; softmax and logits in float32",
+        "peak activation = residual stream + the largest of attention / MLP / logits, one layer at a time;"
+        " weights, KV cache, causal mask and workspaces not included",
+        "MoE: all routed (token, expert) pairs computed at once",
+    ]
+
+
+def memory_report(cfg: Qwen3Config, context: int = 4096, batch: int = 1, dtype: str = "bfloat16",
+                  kv_dtype: str | None = None) -> dict[str, Any]:
+    """Weights, KV cache and prefill activation memory, in bytes.
+
+    dtype: the weight format of the headline figure (float32, bfloat16, float16, int8, int4); activations
+    are in `dtype` when it is a float type and in bfloat16 for the weight-only int8/int4 formats.
+    kv_dtype: the KV cache element type (default: the activation dtype).
+
+    KV cache: 2 (K and V) * layers * Hkv * head_dim * bytes per token; times context * batch.
+
+    Peak activation: the formulas in _activations' docstring.
+    """
     context = _check_count("context", context)
     batch = _check_count("batch", batch)
     if dtype not in WEIGHT_DTYPES:
@@ -111,8 +125,7 @@ def memory_report(cfg: Qwen3Config, context: int = 4096, batch: int = 1, dtype: 
 
     weights = _weight_bytes(cfg)
 
-    L, Hkv, Dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    kv_per_token = 2 * L * Hkv * Dh * KV_DTYPE_BYTES[kv_dtype]
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * KV_DTYPE_BYTES[kv_dtype]
     kv_total = kv_per_token * context * batch
 
     a = _activations(cfg, batch, context, FLOAT_BYTES[act_dtype])
@@ -120,9 +133,8 @@ def memory_report(cfg: Qwen3Config, context: int = 4096, batch: int = 1, dtype: 
     peak_fused = residual + max(a["attention_fused"], mlp, a["logits"])
     peak_eager = residual + max(a["attention_eager"], mlp, a["logits"])
 
-    notes = []
-    if context > cfg.max_position_embeddings:
-        notes.append(f"context {context} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    notes = [f"context {context} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+             ] if context > cfg.max_position_embeddings else []
     return {
         "dtype": dtype,
         "weights_bytes": weights,
@@ -148,14 +160,6 @@ def memory_report(cfg: Qwen3Config, context: int = 4096, batch: int = 1, dtype: 
             "fused": weights[dtype] + kv_total + peak_fused,
             "eager": weights[dtype] + kv_total + peak_eager,
         },
-        "assumptions": [
-            *(["tied lm_head = embedding, stored once"] if cfg.tie_word_embeddings else []),
-            "int8: weight-only, per-output-channel bf16 scales; int4: group size 128, bf16 scales, no zero-points;"
-            " norms and biases stay bf16",
-            f"activations in {act_dtype}; softmax and logits in float32",
-            "peak activation = residual stream + the largest of attention / MLP / logits, one layer at a time;"
-            " weights, KV cache, causal mask and workspaces not included",
-            "MoE: all routed (token, expert) pairs computed at once",
-        ],
+        "assumptions": _assumptions(cfg, act_dtype),
         "notes": notes,
     }

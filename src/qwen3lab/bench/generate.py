@@ -38,6 +38,9 @@ import torch
 
 from ..config import Qwen3Config
 from ..errors import InputError
+from ..fast import describe
+from ..paths import resolve_model_path
+from . import llama_cpp
 from .bandwidth import measure_bandwidth, roofline_tok_per_s
 from .choices import GENERATE_DTYPES
 from .memory import PeakMemory, rss_bytes
@@ -206,27 +209,18 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
     return recs, greedy_tokens
 
 
-def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str], warmups: int = DEFAULT_WARMUPS,
-        runs: int = DEFAULT_RUNS, prompt_lens=DEFAULT_PROMPT_LENS, batches=DEFAULT_BATCHES,
-        new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
-        hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: Progress | None = None,
-        fast: bool = True, log: Callable[[str], None] | None = None,
-        peer: str | None = None) -> tuple[list[dict], dict[str, Any]]:
-    """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
-    HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
-    from ..paths import resolve_model_path
-
+def _checked(path, dtype, warmups: int, runs: int, new_tokens: int, prompt_lens, decode_prompt_len: int | None,
+             peer: str | None) -> tuple[list[str], Path, Qwen3Config, int]:
+    """(dtypes, checkpoint dir, its config, decode prompt length), every option checked before a load."""
     dtypes = [dtype] if isinstance(dtype, str) else list(dtype)
     for dt in dtypes:
         if dt not in GENERATE_DTYPES:
             raise InputError(f"--dtype {dt!r}: not one of {', '.join(GENERATE_DTYPES)}")
     if not dtypes:
         raise InputError("--dtype: no dtype given")
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     check_counts(warmups, runs)
     if new_tokens < 2:
         raise InputError(f"--new-tokens must be >= 2 (decode rate needs two tokens), got {new_tokens}")
-    notes: list[str] = []
     path = resolve_model_path(path)
     cfg = Qwen3Config.from_file(path)
     decode_prompt_len = decode_prompt_len or prompt_lens[0]
@@ -235,16 +229,75 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         raise InputError(f"{longest} positions exceed the model's context {cfg.max_position_embeddings}")
     if peer not in (None, "llama.cpp"):
         raise InputError(f"--peer {peer!r}: the one peer is llama.cpp")
-    peer_skip = None
-    if peer is not None:
-        from . import llama_cpp
+    return dtypes, path, cfg, decode_prompt_len
 
-        peer_skip = llama_cpp.missing()
-        if peer_skip:
-            log(f"note: peer skipped: {peer_skip}")
-            notes.append(f"peer skipped: {peer_skip}")
+
+def _load_and_bench(name: str, make: Callable, device, dt: str, fast: bool, bench_args: tuple):
+    """Load one impl (timed, peak memory), bench it; (records, greedy tokens, weight bytes, kernels or None)."""
+    gc.collect()
+    with PeakMemory(device) as pm:
+        t0 = clock(device)
+        impl = make()
+        load_s = clock(device) - t0
+    wb = impl.weight_bytes()
+    kernels = describe(impl.lm.model) if name == "qwen3lab" and fast and device.type == "cpu" else None
+    records = [make_record("generate", name, "load", "from_pretrained", device, dt, latency_ms=1e3 * load_s,
+                           peak_mem_bytes=pm.peak_bytes, weight_bytes=wb, peak_growth_x_weights=pm.growth_over(wb))]
+    recs, toks = _bench_impl(impl, *bench_args)
+    impl.close()
+    del impl
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records + recs, toks, wb, kernels
+
+
+def _peer(path: Path, cfg: Qwen3Config, device, dt: str, prompt_lens, batches, new_tokens: int,
+          decode_prompt_len: int, runs: int, read_gbs: float | None, log, notes: list[str]):
+    """llama.cpp's records for one dtype (with its decode roofline), and its settings; [] and a note when the
+    peer itself fails: ours and HF's figures stand."""
+    try:
+        recs, info = llama_cpp.run(path, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, runs, log)
+    except InputError as e:
+        log(f"note: {e}")
+        notes.append(str(e))
+        return [], None
+    roof = _decode_roofline(cfg, dt, read_gbs, decode_prompt_len, new_tokens, 1)
+    for r in recs:
+        if r["phase"] == "decode" and roof:  # llama-bench decodes one sequence
+            r.update(roofline_tok_per_s=roof, roofline_fraction=r["tok_per_s"] / roof)
+    return recs, info
+
+
+def _agreement(greedy: dict[str, Any]) -> str | None:
+    """'same/compared' leading greedy tokens of ours and HF (information, not a check: random weights make
+    near-ties, and bf16 rounding may break them differently)."""
+    if not (greedy.get("qwen3lab") and greedy.get("hf")):
+        return None
+    a, b = greedy["qwen3lab"][0], greedy["hf"][0]
+    same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return f"{same}/{min(len(a), len(b))}"
+
+
+def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str], warmups: int = DEFAULT_WARMUPS,
+        runs: int = DEFAULT_RUNS, prompt_lens=DEFAULT_PROMPT_LENS, batches=DEFAULT_BATCHES,
+        new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
+        hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: Progress | None = None,
+        fast: bool = True, log: Callable[[str], None] | None = None,
+        peer: str | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
+    HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    dtypes, path, cfg, decode_prompt_len = _checked(path, dtype, warmups, runs, new_tokens, prompt_lens,
+                                                    decode_prompt_len, peer)
+    notes: list[str] = []
+    peer_skip = llama_cpp.missing() if peer is not None else None
+    if peer_skip:
+        log(f"note: peer skipped: {peer_skip}")
+        notes.append(f"peer skipped: {peer_skip}")
     peer_info: dict[str, Any] = {}
     bw = measure_bandwidth(device) if roofline else None
+    read_gbs = bw.read_gbs if bw else None
     records: list[dict] = []
     weight_bytes: dict[str, dict[str, int]] = {}
     agreement: dict[str, str] = {}
@@ -258,48 +311,21 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
             makers.append(("hf", lambda dt=dt: HFGenerate(path, device, dt, hf_attn)))
         greedy: dict[str, Any] = {}
         weight_bytes[dt] = {}
+        bench_args = (cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, warmups, runs, seed,
+                      read_gbs, progress)
         for name, make in makers:
-            gc.collect()
-            with PeakMemory(device) as pm:
-                t0 = clock(device)
-                impl = make()
-                load_s = clock(device) - t0
-            weight_bytes[dt][name] = impl.weight_bytes()
-            if name == "qwen3lab" and fast and device.type == "cpu":
-                from ..fast import describe
-
-                kernels[dt] = describe(impl.lm.model)
-            records.append(make_record("generate", name, "load", "from_pretrained", device, dt,
-                                         latency_ms=1e3 * load_s, peak_mem_bytes=pm.peak_bytes,
-                                         weight_bytes=weight_bytes[dt][name],
-                                         peak_growth_x_weights=pm.growth_over(weight_bytes[dt][name])))
-            recs, toks = _bench_impl(impl, cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len,
-                                     warmups, runs, seed, bw.read_gbs if bw else None, progress)
+            recs, greedy[name], weight_bytes[dt][name], k = _load_and_bench(name, make, device, dt, fast, bench_args)
             records += recs
-            greedy[name] = toks
-            impl.close()
-            del impl
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            if k is not None:
+                kernels[dt] = k
         if peer is not None and not peer_skip:
-            try:
-                recs, peer_info[dt] = llama_cpp.run(path, device, dt, prompt_lens, batches, new_tokens,
-                                                    decode_prompt_len, runs, log)
-            except InputError as e:  # the peer's own failure: ours and HF's figures stand, the note says why
-                log(f"note: {e}")
-                notes.append(str(e))
-                recs = []
-            roof = _decode_roofline(cfg, dt, bw.read_gbs if bw else None, decode_prompt_len, new_tokens, 1)
-            for r in recs:
-                if r["phase"] == "decode" and roof:  # llama-bench decodes one sequence
-                    r.update(roofline_tok_per_s=roof, roofline_fraction=r["tok_per_s"] / roof)
+            recs, info = _peer(path, cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, runs,
+                               read_gbs, log, notes)
             records += recs
-        if greedy.get("qwen3lab") and greedy.get("hf"):
-            a, b = greedy["qwen3lab"][0], greedy["hf"][0]
-            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-            # information, not a check: random weights make near-ties, and bf16 rounding may break them differently
-            agreement[dt] = f"{same}/{min(len(a), len(b))}"
+            if info is not None:
+                peer_info[dt] = info
+        if _agreement(greedy):
+            agreement[dt] = _agreement(greedy)
     extra: dict[str, Any] = {
         "model": str(path), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size, "prompt_lens": list(prompt_lens), "batches": list(batches),
@@ -307,12 +333,9 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         "bandwidth": bw.as_dict() if bw else None, "hf_attn_implementation": hf_attn if hf else None,
         "baseline_rss_bytes": rss_bytes(),
     }
-    if agreement:
-        extra["greedy_agreement_tokens"] = agreement
-    if kernels:
-        extra["kernels"] = kernels
+    for key, value in (("greedy_agreement_tokens", agreement), ("kernels", kernels), ("notes", notes)):
+        if value:
+            extra[key] = value
     if peer_info:
         extra["peer"] = {"llama.cpp": peer_info}
-    if notes:
-        extra["notes"] = notes
     return records, extra
