@@ -29,7 +29,7 @@ LAYERS = {
         "chat_template", "memory_estimate"},
     1: {"fast", "dist"},
     2: {"models"},
-    3: {"engine", "backends", "loading", "qwen3"},
+    3: {"engine", "backends", "loading", "qwen3", "llm"},
     4: {"verify", "tiny", "bench", "serve"},
     5: {"cli", "api", "__init__", "__main__"},
 }
