@@ -46,6 +46,8 @@ class StandInEngine:
                              f"length {ctx}")
         task = InferTask(list(prompt_ids), params, stop_ids=stop_ids or frozenset(),
                          max_new_tokens=room if max_tokens is None else max_tokens)
+        # cache room for at most 256 new tokens up front (it grows past that), not the whole context
+        task.cache = self.model.new_cache(len(prompt_ids) + min(task.max_new_tokens, 256))
         self.waiting.append((request_id, task))
         self.counts["prompt_tokens"] += len(prompt_ids)
 
