@@ -18,6 +18,7 @@ import click
 
 from .errors import InputError, Qwen3LabError, TokenizerError
 from .runspec import ACT_DTYPES, GROUP_SIZES, QUANTS, RUN_DTYPES
+from .serve.command import serve_options
 
 MODEL_HELP = "checkpoint dir (config.json + safetensors + tokenizer.json); default: the embedded default model"
 
@@ -103,7 +104,7 @@ def make_model_cmd(out_dir, preset, layers, dtype, seed, shard_size, overwrite):
 
 
 # ---- generate / chat -----------------------------------------------------------------------------
-def _sampling_options(fn):
+def _model_options(fn):
     for opt in reversed([
         click.option("--model", "model", default=None, help=MODEL_HELP),
         click.option("--device", default="cpu", show_default=True,
@@ -119,6 +120,13 @@ def _sampling_options(fn):
         click.option("--no-fast", is_flag=True, help="run the plain eager model instead of the fast CPU path"),
         click.option("--threads", type=int, default=None,
                      help="torch intra-op threads [default: torch's, one per core]"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _sampling_options(fn):
+    for opt in reversed([
         click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most (>= 1)"),
         click.option("--temperature", type=float, default=0.0, show_default=True,
                      help="0 = greedy, else >= 0.01 (below it, sampling is greedy in effect)"),
@@ -127,7 +135,7 @@ def _sampling_options(fn):
         click.option("--seed", type=int, default=None, help="0..2**64-1 [default: a fresh random seed]"),
     ]):
         fn = opt(fn)
-    return fn
+    return _model_options(fn)
 
 
 def _run_options(max_steps, temperature, top_k, top_p, seed):
@@ -402,6 +410,20 @@ def tiny_cmd(**opts):
     from .tiny import run_tiny_command
 
     sys.exit(run_tiny_command(**opts))
+
+
+# ---- serve ----------------------------------------------------------------------------------------
+@main.command("serve")
+@_model_options
+@serve_options
+@friendly_errors
+def serve_cmd(model, device, dtype, quant, group_size, no_fast, threads, **opts):
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+    from .paths import resolve_model_path
+    from .serve.command import run_server
+
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
+    run_server(lm, str(resolve_model_path(model)), **opts)
 
 
 # ---- bench -----------------------------------------------------------------------------------------
