@@ -450,3 +450,23 @@ _bench_command("moe", "The Qwen3-MoE sparse block, ours vs HF: latency and tok/s
                       "token counts, plus routing statistics.")
 _bench_command("generate", "End to end on a checkpoint dir: prefill tok/s, TTFT, decode tok/s and inter-token "
                            "latency at batch 1 and 8, peak memory, roofline fraction; ours vs HF generate.")
+
+
+@bench_group.command("serve")
+@click.option("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 (else --model starts one)")
+@click.option("--model", default=None, help="checkpoint dir: start `qwen3lab serve` on it in a subprocess")
+@click.option("--dtype", type=click.Choice(RUN_DTYPES), default="bfloat16", show_default=True)
+@click.option("--threads", type=int, default=None, help="the started server's torch threads")
+@click.option("--num-requests", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--concurrency", default="1,16", show_default=True, help="comma list: requests in flight at most")
+@click.option("--request-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="requests per second (Poisson) instead of --concurrency")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True, help="new tokens per request")
+@click.option("--served-model-name", default=None, help="model name to send [default: the server's]")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
+@friendly_errors
+def bench_serve_cmd(**opts):
+    """Serving throughput and latency: requests/s, output tok/s, TTFT and ITL p50/p90/p99."""
+    from .bench.serve import bench_serve  # httpx: the serve extra
+
+    bench_serve(**opts)

@@ -71,6 +71,9 @@ class Server:
                                 f"{self.ctx}", param=p, code="context_length_exceeded")
         return GenRequest(prompt_ids=ids, **f)
 
+    def _stops(self, req: GenRequest) -> frozenset[int]:
+        return frozenset() if req.ignore_eos else self.stop_ids
+
     def _chunk(self, rid: str, req: GenRequest, choices: list[dict], usage=None) -> str:
         obj = "chat.completion.chunk" if req.chat else "text_completion"
         out = {"id": rid, "object": obj, "created": int(time.time()), "model": self.name, "choices": choices}
@@ -91,7 +94,7 @@ class Server:
 
     async def stream(self, req: GenRequest) -> AsyncIterator[str]:
         rid, usage = new_id("chatcmpl" if req.chat else "cmpl"), Usage()
-        gen = run_request(self.loop, self.tokenizer, self.metrics, req, self.stop_ids, usage)
+        gen = run_request(self.loop, self.tokenizer, self.metrics, req, self._stops(req), usage)
         first = True
         async with contextlib.aclosing(gen):
             if req.chat:  # OpenAI opens each choice with its role
@@ -111,7 +114,8 @@ class Server:
         rid, usage = new_id("chatcmpl" if req.chat else "cmpl"), Usage()
         text, reasoning = [""] * req.n, [""] * req.n
         lps, finish = [[] for _ in range(req.n)], [None] * req.n
-        gen = run_request(self.loop, self.tokenizer, self.metrics, req, self.stop_ids, usage, http.is_disconnected)
+        gen = run_request(self.loop, self.tokenizer, self.metrics, req, self._stops(req), usage,
+                          http.is_disconnected)
         async with contextlib.aclosing(gen):
             async for d in gen:
                 text[d.index] += d.text

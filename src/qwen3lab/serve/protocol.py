@@ -12,8 +12,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InputError
 from ..engine.sampler import SamplingParams, check_max_tokens
+from ..errors import InputError
 
 MAX_N = 16  # choices per request; each one is a sequence in the engine
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -51,6 +51,7 @@ class GenRequest:
     logprobs: int | None = None  # top alternatives per token (0: only the chosen token's); None: none
     echo_model: str = ""
     chat: bool = False
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
 
 
 def _is_int(v) -> bool:
@@ -141,7 +142,7 @@ def parse_common(body: Any, chat: bool) -> dict[str, Any]:
     return dict(sampling=_sampling(body), max_tokens=max_tokens, stop=_stop(body),
                 n=_opt_int(body, "n", 1, MAX_N) or 1, stream=stream,
                 include_usage=bool(so and so.get("include_usage")), logprobs=_logprobs(body, chat),
-                echo_model=body.get("model") or "", chat=chat)
+                echo_model=body.get("model") or "", chat=chat, ignore_eos=_opt_bool(body, "ignore_eos"))
 
 
 def completion_prompt(body: dict, tokenizer) -> list[int]:
