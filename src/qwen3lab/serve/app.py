@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .engine_loop import EngineLoop
@@ -151,13 +151,13 @@ def make_app(model, served_model_name: str = "qwen3lab", max_num_seqs: int = 256
     app = FastAPI(title="qwen3lab", lifespan=lifespan)
     app.state.server = server
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
-                                       type_="authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+    async def auth(request: Request):
+        # a dependency, not @app.middleware: Starlette's BaseHTTPMiddleware wraps streamed bodies and cancels them
+        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                           type_="authentication_error", code="invalid_api_key")
+
+    keyed = [Depends(auth)]
 
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
@@ -175,15 +175,15 @@ def make_app(model, served_model_name: str = "qwen3lab", max_num_seqs: int = 256
             return StreamingResponse(server.stream(req), media_type="text/event-stream")
         return JSONResponse(await server.complete(req, request))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: Request):
         return await generate(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed)
     async def models():
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
                                             "owned_by": "qwen3lab", "max_model_len": server.ctx}]}
@@ -192,7 +192,7 @@ def make_app(model, served_model_name: str = "qwen3lab", max_num_seqs: int = 256
     async def health():
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=keyed)
     async def metrics():
         return Response(server.metrics.render(server.loop.stats()), media_type="text/plain; version=0.0.4")
 
