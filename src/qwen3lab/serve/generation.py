@@ -46,7 +46,8 @@ class _Choice:
     def __init__(self, index: int, tokenizer, req: GenRequest):
         self.index = index
         self.text = _TextStops(tokenizer, req.stop)
-        self.reasoning = ReasoningStream() if req.chat else None
+        opened = req.chat and tokenizer.decode(req.prompt_ids[-2:]).rstrip("\n").endswith("<think>")
+        self.reasoning = ReasoningStream(opened) if req.chat else None
         self.done = False
         self.last_t: float | None = None
 

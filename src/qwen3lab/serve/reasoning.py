@@ -3,8 +3,9 @@
 As vLLM's Qwen3 reasoning parser: the output is reasoning only if a </think> ends it (a leading <think> is
 dropped; with enable_thinking the template may already have opened it); output with no </think> is all
 content. Streaming cannot wait for the end, so it routes text to reasoning while it started with <think>
-(or the prompt opened one) until </think> arrives; a tag split across two deltas is held back until it is
-whole, so no partial "</thi" leaks into either channel.
+(or `opened`: the prompt ended in <think>, as thinking-only templates do) until </think> arrives; a tag
+split across two deltas is held back until it is whole, so no partial "</thi" leaks into either channel; an
+unclosed <think> has then been streamed as reasoning, where the whole-text split calls it content.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def _partial_tag(s: str, tag: str) -> int:
 class ReasoningStream:
     """push(delta) -> (reasoning_delta, content_delta); finish() releases what is held."""
 
-    def __init__(self):
-        self.state = "start"  # start -> (reasoning ->) content
+    def __init__(self, opened: bool = False):
+        self.state = "reasoning" if opened else "start"  # start -> (reasoning -> after_end ->) content
         self.buf = ""
 
     def push(self, delta: str) -> tuple[str, str]:
@@ -44,19 +45,20 @@ class ReasoningStream:
                 return "", ""  # may still become <think>
             if self.buf.startswith(START):
                 self.buf, self.state = self.buf[len(START):], "reasoning"
-            elif END in self.buf:  # the template opened <think>: reasoning without its own start tag
-                self.state = "reasoning"
             else:
                 self.state = "content"
         if self.state == "reasoning":
             if END in self.buf:
                 r, _, self.buf = self.buf.partition(END)
-                self.state = "content"
-                self.buf = self.buf.lstrip("\n")
+                self.state = "after_end"
             else:
                 keep = _partial_tag(self.buf, END)
                 r, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
                 return r, ""
+        if self.state == "after_end":  # the newlines after </think> belong to neither channel
+            self.buf = self.buf.lstrip("\n")
+            if self.buf:
+                self.state = "content"
         if self.state == "content":
             c, self.buf = self.buf, ""
         return r, c
