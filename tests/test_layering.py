@@ -26,7 +26,7 @@ LAYERS = {
         "taps", "runspec", "presets", "random_init", "make_model", "params", "paths", "data"},
     1: {"fast", "dist"},
     2: {"models"},
-    3: {"engine", "backends", "loading", "qwen3"},
+    3: {"engine", "backends", "loading", "qwen3", "llm"},
     4: {"verify", "tiny", "bench", "serve"},
     5: {"cli", "api", "__init__", "__main__"},
 }

@@ -24,6 +24,14 @@ def __getattr__(name: str):
         from .qwen3 import Qwen3ForCausalLM
 
         return Qwen3ForCausalLM
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from .engine.sampler import SamplingParams
+
+        return SamplingParams
     if name == "verify":
         # the verify subpackage is itself callable: qwen3lab.verify(reference, candidate, input_ids, ...)
         return importlib.import_module(".verify", __name__)
@@ -31,6 +39,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ConfigError", "DumpError", "InputError", "MultiDeviceError", "NumericsError", "Qwen3Config", "Qwen3ForCausalLM",
-    "Qwen3LabError", "RunSpec", "TokenizerError", "WeightsError", "load", "load_config", "verify", "__version__",
+    "ConfigError", "DumpError", "InputError", "LLM", "MultiDeviceError", "NumericsError", "Qwen3Config",
+    "Qwen3ForCausalLM", "Qwen3LabError", "RunSpec", "SamplingParams", "TokenizerError", "WeightsError", "load",
+    "load_config", "verify", "__version__",
 ]

@@ -4,8 +4,11 @@ sampler.py   SamplingParams, greedy / temperature / top-k / top-p with HF semant
 task.py      InferTask: tokens, own cache, own sampling settings, finished flag
 runner.py    batch_infer_one_round(model, tasks): one packed forward for a whole batch
 generate.py  generate() / TokenStream: stop ids, stop strings, max_steps, streaming
+block_manager.py  paged KV blocks: free list, reference counts, prefix caching (hash per full block, LRU)
+scheduler.py      continuous batching: token budget, chunked prefill, max_num_seqs, preemption by recompute
+llm_engine.py     LLMEngine: add_request / step / abort / stats over one paged KV pool (the server's engine)
 
-The KV cache the model writes into (KVCache, one sequence's preallocated keys/values) is the model's:
-models/kv_cache.py; the engine imports it from there, so models never import the engine.
+The KV caches the model writes into (KVCache, one sequence's preallocated keys/values; KVPool / PagedSeqCache,
+the paged pool) are the model's: models/kv_cache.py, models/paged_cache.py; the engine imports it from there, so models never import the engine.
 Nothing is imported here.
 """

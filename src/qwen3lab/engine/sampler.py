@@ -104,12 +104,24 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # None = a fresh nondeterministic seed; else 0..2**64-1
+    # what LLM.generate (vLLM's shape) reads; the token-level paths take their own max_steps / stop arguments
+    max_tokens: int = 16  # new tokens at most (vLLM's default)
+    stop: tuple[str, ...] = ()  # stop strings (a str or a list of them is accepted); the text is cut before one
+    logprobs: int | None = None  # None = none; k = the chosen token's logprob and the k most likely
 
     def __post_init__(self):
         # numpy scalars and the like become plain Python numbers, so torch sees exactly what was checked
         checked = _checked(self.temperature, self.top_k, self.top_p, self.seed, cli=False)
         for name, v in zip(("temperature", "top_k", "top_p", "seed"), checked, strict=True):
             object.__setattr__(self, name, v)
+        object.__setattr__(self, "max_tokens", check_max_tokens(self.max_tokens, "max_tokens"))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__") \
+                or not all(isinstance(x, str) and x for x in stop):
+            raise InputError(f"stop must be a non-empty str or a list of them, got {_got(self.stop)}")
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise InputError(f"logprobs must be None or an integer in 0..20, got {_got(self.logprobs)}")
 
     @classmethod
     def make(cls, temperature=0.0, top_k=0, top_p=1.0, seed=None, *, cli: bool = False) -> SamplingParams:

@@ -12,7 +12,10 @@ is the only per-sequence op; `plans()` gives each span's attention facts (its ro
 forward for every layer.
 
 Rules (checked by plans()): a span with a cache continues it (start == cache.length) and fits its capacity;
-a span without a cache attends over its own tokens only and starts at position 0.
+a span without a cache attends over its own tokens only and starts at position 0. A span's cache is either a
+contiguous KVCache or a PagedSeqCache (models/paged_cache.py: a block table over the engine's shared pool, with
+the same write/advance protocol); the fused C++ decode kernel takes contiguous caches only, so a batch with a
+paged span runs attention through SDPA (AttnPlan.decode).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import KVCache
+from .paged_cache import PagedSeqCache
+
+Cache = KVCache | PagedSeqCache
 
 
 @dataclass
@@ -30,7 +36,7 @@ class Span:
     """One sequence's slice of a packed batch: `length` new tokens at positions start..start+length-1.
     cache None means no KV cache: attention over this span's own tokens only (start must be 0)."""
 
-    cache: KVCache | None
+    cache: Cache | None
     start: int
     length: int
 
@@ -39,7 +45,7 @@ class Span:
 class AttnPlan:
     """Per-forward attention facts for one span, shared by every layer (built by ForwardBatch.plans)."""
 
-    cache: KVCache | None
+    cache: Cache | None
     start: int
     T: int
     offset: int  # first row of this span in the packed [1, N, ...] stream
@@ -48,8 +54,9 @@ class AttnPlan:
 
     @property
     def decode(self) -> bool:
-        """One new token continuing a cache: what the single-query decode attention kernel takes."""
-        return self.T == 1 and self.cache is not None
+        """One new token continuing a contiguous cache: what the single-query decode attention kernel takes
+        (a paged cache goes through SDPA over its gathered blocks)."""
+        return self.T == 1 and isinstance(self.cache, KVCache)
 
 
 @dataclass
@@ -60,13 +67,13 @@ class ForwardBatch:
     logits_rows: torch.Tensor | None = None  # [R] long: rows of the packed stream that need logits; None: all
 
     @classmethod
-    def single(cls, ids, cache: KVCache | None = None, start: int = 0, last_only: bool = False,
+    def single(cls, ids, cache: Cache | None = None, start: int = 0, last_only: bool = False,
                device: str | torch.device | None = None) -> ForwardBatch:
         """One sequence: its new tokens `ids` at positions start.. (continuing `cache` when given)."""
         return cls.pack([(cache, start, ids)], last_only=last_only, device=device)
 
     @classmethod
-    def pack(cls, seqs: Sequence[tuple[KVCache | None, int, Sequence[int] | torch.Tensor]], last_only: bool = True,
+    def pack(cls, seqs: Sequence[tuple[Cache | None, int, Sequence[int] | torch.Tensor]], last_only: bool = True,
              device: str | torch.device | None = None) -> ForwardBatch:
         """Several sequences (cache, start, new ids) packed into one stream; last_only: logits of each
         sequence's last row only (what sampling needs)."""
