@@ -33,7 +33,7 @@ def served(tmp_path_factory, one_torch_thread):
 
     path = make_model(tmp_path_factory.mktemp("serve") / "tiny", preset="tiny", dtype="float32")
     lm = Qwen3ForCausalLM.from_pretrained(path, dtype="float32", fast=False)
-    app = make_app(lm, "tiny", max_num_seqs=16, api_key=KEY, max_queue=64)
+    app = make_app(lm, "tiny", max_num_seqs=16, kv_memory_gib=0.1, api_key=KEY, max_queue=64)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)

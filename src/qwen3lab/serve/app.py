@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health and /metrics.
 
-`make_app(model, ...)` wraps a loaded Qwen3ForCausalLM in an engine (engine/llm_engine.py's LLMEngine when it
-is there, serve/standin.py's otherwise), runs it on one thread (engine_loop.py) from the app's lifespan, and
+`make_app(model, ...)` wraps a loaded Qwen3ForCausalLM in an LLMEngine (engine/llm_engine.py: paged KV, prefix
+caching, continuous batching), steps it on one thread (engine_loop.py) from the app's lifespan, and
 answers in OpenAI's shapes: streamed answers are server-sent events ending in `data: [DONE]`; every error is
 {"error": {"message", "type", "param", "code"}}. With api_key, every route but /health needs
 `Authorization: Bearer KEY`. Uvicorn's graceful shutdown (SIGTERM) lets running requests finish before the
@@ -18,20 +18,11 @@ from collections.abc import AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..engine.llm_engine import LLMEngine
 from .engine_loop import EngineLoop
 from .generation import Delta, Usage, new_id, run_request
 from .metrics import Metrics
 from .protocol import APIError, GenRequest, chat_prompt, completion_prompt, parse_common
-
-
-def _make_engine(model, max_num_seqs: int, kv_memory_gib: float | None):
-    try:
-        from ..engine.llm_engine import LLMEngine  # the paged engine, once merged (branch serve-engine)
-    except ImportError:
-        from .standin import StandInEngine
-
-        return StandInEngine(model.model, max_num_seqs=max_num_seqs)
-    return LLMEngine(model, max_num_seqs=max_num_seqs, kv_memory_gib=kv_memory_gib)
 
 
 def _logprobs_obj(deltas: list, tokenizer, chat: bool) -> dict | None:
@@ -49,7 +40,7 @@ def _logprobs_obj(deltas: list, tokenizer, chat: bool) -> dict | None:
 class Server:
     def __init__(self, model, name: str, max_num_seqs: int, kv_memory_gib: float | None, max_queue: int | None):
         self.model, self.name, self.tokenizer = model, name, model.tokenizer
-        self.engine = _make_engine(model, max_num_seqs, kv_memory_gib)
+        self.engine = LLMEngine(model, max_num_seqs=max_num_seqs, kv_memory_gib=kv_memory_gib)
         self.loop = EngineLoop(self.engine, max_queue or max_num_seqs * 4)
         self.metrics = Metrics(name)
         self.stop_ids = frozenset(model.eos_token_ids)
@@ -69,6 +60,9 @@ class Server:
             p = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
             raise APIError(400, f"{p}: {len(ids)} prompt tokens + {f['max_tokens']} is past the context length "
                                 f"{self.ctx}", param=p, code="context_length_exceeded")
+        if f["max_tokens"] is None:  # chat's default: the rest of the context, as far as the KV memory holds it
+            kv_tokens = self.engine.blocks.num_blocks * self.engine.blocks.block_size
+            f["max_tokens"] = max(1, min(self.ctx, kv_tokens) - len(ids))
         return GenRequest(prompt_ids=ids, **f)
 
     def _stops(self, req: GenRequest) -> frozenset[int]:

@@ -43,6 +43,7 @@ def run_server(lm, model_dir: str, host: str, port: int, max_num_seqs: int, max_
     name = served_model_name or Path(str(model_dir)).name or "qwen3lab"
     app = make_app(lm, name, max_num_seqs=max_num_seqs, kv_memory_gib=kv_memory, api_key=api_key,
                    max_queue=max_queue)
-    click.echo(f"serving {name} on http://{host}:{port}/v1 ({type(app.state.server.engine).__name__}, "
-               f"max {max_num_seqs} sequences{', API key required' if api_key else ''})", err=True)
+    click.echo(app.state.server.engine.describe(), err=True)
+    click.echo(f"serving {name} on http://{host}:{port}/v1 (max {max_num_seqs} sequences"
+               f"{', API key required' if api_key else ''})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=None)

@@ -1,7 +1,8 @@
 """One thread runs the engine; HTTP handlers (asyncio) add and abort requests and read their tokens.
 
-The engine is plain, single-threaded Python, so every call into it (add_request, abort, step, stats) holds
-one lock; the thread steps while anything is unfinished and sleeps on an Event otherwise. Each step's
+LLMEngine is thread-safe (add_request / abort from the event loop, step() from this thread; its own lock is not
+held during the forward, so adding a request never waits for one). Our lock guards only `routes` (request id
+-> its asyncio queue). The thread steps while anything is unfinished and sleeps on an Event otherwise. Each step's
 outputs go to the asyncio.Queue of their request with loop.call_soon_threadsafe (asyncio queues are not
 thread-safe). A request counts against `max_queue` from add() until its last token or its abort: past
 that, add() answers 429 with Retry-After instead of queueing without bound.
@@ -58,44 +59,43 @@ class EngineLoop:
                                 f"{self.max_queue} (--max-queue); retry shortly",
                            type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        with self.lock:
-            added = []
-            try:
-                for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
+        added = []
+        try:
+            for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
+                with self.lock:
                     self.routes[rid] = (loop, queue, i)  # before the engine can step it
-                    self.engine.add_request(rid, prompt_ids, p, max_tokens, stop_ids=stop_ids, logprobs=logprobs)
-                    added.append(rid)
-            except InputError as e:
+                self.engine.add_request(rid, prompt_ids, p, max_tokens, stop_ids=stop_ids, logprobs=logprobs)
+                added.append(rid)
+        except InputError as e:
+            with self.lock:
                 for rid in request_ids:
                     self.routes.pop(rid, None)
-                for rid in added:
-                    self.engine.abort(rid)
-                raise APIError(400, f"prompt: {e}", param="prompt") from None
+            for rid in added:
+                self.engine.abort(rid)
+            raise APIError(400, f"prompt: {e}", param="prompt") from None
         self.wake.set()
 
     def abort(self, request_ids: list[str]) -> None:
         """Free these sequences now (a client went away, or a stop string ended the text)."""
-        with self.lock:
-            for rid in request_ids:
-                if self.routes.pop(rid, None) is not None:
-                    self.engine.abort(rid)
+        for rid in request_ids:
+            with self.lock:
+                known = self.routes.pop(rid, None) is not None
+            if known:
+                self.engine.abort(rid)
 
     def stats(self) -> dict[str, Any]:
-        with self.lock:
-            return dict(self.engine.stats())
+        return dict(self.engine.stats())
 
     def _run(self) -> None:
         while not self.stopping:
-            with self.lock:
-                busy = self.engine.has_unfinished()
-            if not busy:
+            if not self.engine.has_unfinished():
                 self.wake.wait(0.5)
                 self.wake.clear()
                 continue
             try:
+                outs = self.engine.step()
+                sends = []
                 with self.lock:
-                    outs = self.engine.step()
-                    sends = []
                     for o in outs:
                         route = self.routes.get(o.request_id)
                         if route is None:  # aborted since the step began
@@ -113,7 +113,7 @@ class EngineLoop:
     def _fail_all(self, message: str) -> None:
         with self.lock:
             routes, self.routes = self.routes, {}
-            for rid in routes:
-                self.engine.abort(rid)
+        for rid in routes:
+            self.engine.abort(rid)
         for loop, q, i in routes.values():
             loop.call_soon_threadsafe(q.put_nowait, (i, EngineError(message)))
