@@ -113,7 +113,7 @@ async def run_load(url: str, model: str, n: int, concurrency: int | None, rate: 
     ttft = [r["ttft"] * 1e3 for r in ok]
     itl = [x * 1e3 for r in ok for x in r["itl"]]
     out = {"concurrency": concurrency, "request_rate": rate, "requests": n, "failed": len(errors),
-           "wall_s": round(wall, 3), "requests_per_s": len(ok) / wall,
+           "wall_s": round(wall, 3), "output_tokens": sum(r["tokens"] for r in ok), "requests_per_s": len(ok) / wall,
            "output_tok_per_s": sum(r["tokens"] for r in ok) / wall}
     for name, xs in (("ttft_ms", ttft), ("itl_ms", itl)):
         for q in (50, 90, 99):

@@ -33,8 +33,10 @@ def _logprobs_obj(deltas: list, tokenizer, chat: bool) -> dict | None:
         return {"content": [{"token": tok([t]), "logprob": lp, "bytes": list(tok([t]).encode()),
                              "top_logprobs": [{"token": tok([a]), "logprob": b, "bytes": list(tok([a]).encode())}
                                               for a, b in top]} for t, lp, top in deltas]}
-    return {"tokens": [tok([t]) for t, _, _ in deltas], "token_logprobs": [lp for _, lp, _ in deltas],
-            "top_logprobs": [{tok([a]): b for a, b in top} for _, _, top in deltas], "text_offset": []}
+    tokens = [tok([t]) for t, _, _ in deltas]
+    offsets = [sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]  # within this completion's text
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in deltas],
+            "top_logprobs": [{tok([a]): b for a, b in top} for _, _, top in deltas], "text_offset": offsets}
 
 
 class Server:
