@@ -219,3 +219,26 @@ def test_n_choices_and_seed(served):
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # a seed makes sampling reproducible
     assert json.loads(a.model_dump_json())["object"] == "text_completion"
+
+
+def test_logprobs_match_the_models_log_softmax(served):
+    import torch
+
+    from qwen3lab.models.batch import ForwardBatch
+
+    lm, _, url = served
+    r = client(url).completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=1, temperature=0, logprobs=3)
+    ids = lm.tokenizer.encode(PROMPTS[2])
+    cache = lm.model.new_cache(len(ids) + 1)
+    with torch.no_grad():
+        logits = lm.model(ForwardBatch.pack([(cache, cache.reserve(len(ids)), ids)], last_only=True,
+                                            device=lm.device))[0]
+    ref = torch.log_softmax(logits.double(), -1)
+    top = torch.topk(ref, 3)
+    lp = r.choices[0].logprobs
+    want = {lm.tokenizer.decode([int(i)]): float(v) for i, v in zip(top.indices, top.values, strict=True)}
+    got = lp.top_logprobs[0]
+    assert set(got) == set(want), (got, want)
+    diff = max(abs(got[k] - want[k]) for k in want)
+    assert diff < 1e-4, (got, want, diff)
+    assert lp.tokens[0] == max(want, key=want.get) and abs(lp.token_logprobs[0] - max(want.values())) < 1e-4
