@@ -91,15 +91,12 @@ class Server:
     async def stream(self, req: GenRequest) -> AsyncIterator[str]:
         rid, usage = new_id("chatcmpl" if req.chat else "cmpl"), Usage()
         gen = run_request(self.loop, self.tokenizer, self.metrics, req, self._stops(req), usage)
-        first = True
         async with contextlib.aclosing(gen):
             if req.chat:  # OpenAI opens each choice with its role
                 for i in range(req.n):
                     yield self._chunk(rid, req, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}])
             async for d in gen:
-                if first:
-                    first = False
                 if d.text or d.reasoning or d.finish_reason or d.logprobs:
                     yield self._chunk(rid, req, [self._choice_delta(d, req)])
         if req.include_usage:
