@@ -137,7 +137,7 @@ def print_table(report: dict[str, Any]) -> None:
     for r in report["results"]:
         t.add_row(*["-" if r.get(c) is None else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
                     for c in cols])
-    Console().print(t)
+    Console(width=max(160, Console().width)).print(t)
 
 
 def bench_serve(url: str | None, model: str | None, dtype: str, threads: int | None, num_requests: int,
