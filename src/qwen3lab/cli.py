@@ -19,6 +19,7 @@ import click
 from .bench.options import click_options
 from .errors import InputError, Qwen3LabError, TokenizerError
 from .runspec import ACT_DTYPES, GROUP_SIZES, QUANTS, RUN_DTYPES
+from .serve.command import serve_options
 
 MODEL_HELP = "checkpoint dir (config.json + safetensors + tokenizer.json); default: the embedded default model"
 
@@ -104,7 +105,7 @@ def make_model_cmd(out_dir, preset, layers, dtype, seed, shard_size, overwrite):
 
 
 # ---- generate / chat -----------------------------------------------------------------------------
-def _sampling_options(fn):
+def _model_options(fn):
     for opt in reversed([
         click.option("--model", "model", default=None, help=MODEL_HELP),
         click.option("--device", default="cpu", show_default=True,
@@ -120,6 +121,13 @@ def _sampling_options(fn):
         click.option("--no-fast", is_flag=True, help="run the plain eager model instead of the fast CPU path"),
         click.option("--threads", type=int, default=None,
                      help="torch intra-op threads [default: torch's, one per core]"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _sampling_options(fn):
+    for opt in reversed([
         click.option("--max-steps", type=int, default=128, show_default=True, help="new tokens at most (>= 1)"),
         click.option("--temperature", type=float, default=0.0, show_default=True,
                      help="0 = greedy, else >= 0.01 (below it, sampling is greedy in effect)"),
@@ -128,7 +136,7 @@ def _sampling_options(fn):
         click.option("--seed", type=int, default=None, help="0..2**64-1 [default: a fresh random seed]"),
     ]):
         fn = opt(fn)
-    return fn
+    return _model_options(fn)
 
 
 def _run_options(max_steps, temperature, top_k, top_p, seed):
@@ -405,6 +413,20 @@ def tiny_cmd(**opts):
     sys.exit(run_tiny_command(**opts))
 
 
+# ---- serve ----------------------------------------------------------------------------------------
+@main.command("serve")
+@_model_options
+@serve_options
+@friendly_errors
+def serve_cmd(model, device, dtype, quant, group_size, no_fast, threads, **opts):
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+    from .paths import resolve_model_path
+    from .serve.command import run_server
+
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
+    run_server(lm, str(resolve_model_path(model)), **opts)
+
+
 # ---- bench -----------------------------------------------------------------------------------------
 @main.group("bench")
 def bench_group() -> None:
@@ -429,3 +451,23 @@ _bench_command("moe", "The Qwen3-MoE sparse block, ours vs HF: latency and tok/s
                       "token counts, plus routing statistics.")
 _bench_command("generate", "End to end on a checkpoint dir: prefill tok/s, TTFT, decode tok/s and inter-token "
                            "latency at batch 1 and 8, peak memory, roofline fraction; ours vs HF generate.")
+
+
+@bench_group.command("serve")
+@click.option("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 (else --model starts one)")
+@click.option("--model", default=None, help="checkpoint dir: start `qwen3lab serve` on it in a subprocess")
+@click.option("--dtype", type=click.Choice(RUN_DTYPES), default="bfloat16", show_default=True)
+@click.option("--threads", type=int, default=None, help="the started server's torch threads")
+@click.option("--num-requests", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--concurrency", default="1,16", show_default=True, help="comma list: requests in flight at most")
+@click.option("--request-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="requests per second (Poisson) instead of --concurrency")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True, help="new tokens per request")
+@click.option("--served-model-name", default=None, help="model name to send [default: the server's]")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
+@friendly_errors
+def bench_serve_cmd(**opts):
+    """Serving throughput and latency: requests/s, output tok/s, TTFT and ITL p50/p90/p99."""
+    from .bench.serve import bench_serve  # httpx: the serve extra
+
+    bench_serve(**opts)

@@ -1,0 +1,82 @@
+"""`qwen3lab serve` as users run it (a subprocess): SIGTERM mid-stream lets the running request finish with all its
+tokens and `data: [DONE]`, then the process exits 0; `bench serve --url` against it reports every request."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.slow  # a subprocess that imports torch and loads a checkpoint
+
+
+@pytest.fixture(scope="module")
+def server_proc(tmp_path_factory):
+    from qwen3lab.bench.serve import free_port
+    from qwen3lab.make_model import make_model
+
+    path = make_model(tmp_path_factory.mktemp("serve_cli") / "tiny", preset="tiny", dtype="float32")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from qwen3lab.cli import main; main()", "serve", "--model",
+                             str(path), "--dtype", "float32", "--no-fast", "--threads", "1", "--port", str(port),
+                             "--kv-memory", "0.1"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "server did not answer /health in 60 s"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield proc, url
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_bench_serve_against_url(server_proc, capsys):
+    from qwen3lab.bench.serve import bench_serve
+
+    _, url = server_proc
+    rep = bench_serve(url, None, "float32", None, num_requests=4, concurrency="1,2", request_rate=None,
+                      max_tokens=5, served_model_name=None, json_path=None)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["bench"] == "serve"
+    for r in rep["results"]:
+        assert r["failed"] == 0 and r["requests"] == 4, r
+        assert r["output_tokens"] == 4 * 5, r  # every request made exactly max_tokens (ignore_eos)
+
+
+def test_sigterm_drains_running_request(server_proc):
+    proc, url = server_proc
+    body = {"prompt": "a", "max_tokens": 300, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    got: dict = {"lines": []}
+    first = threading.Event()
+
+    def read():
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                got["lines"].append(line)
+                first.set()
+
+    th = threading.Thread(target=read)
+    th.start()
+    assert first.wait(30), "no first chunk"
+    proc.send_signal(signal.SIGTERM)
+    th.join(timeout=60)
+    assert proc.wait(timeout=60) == 0
+    data = [x for x in got["lines"] if x.startswith("data: ")]
+    assert data[-1] == "data: [DONE]", data[-3:]
+    usage = json.loads(data[-2][6:])["usage"]
+    assert usage["completion_tokens"] == 300, usage
