@@ -26,9 +26,9 @@ from ..errors import InputError
 from .kv_cache import KVCache
 from .torch_model import Qwen3LMHeadModel, _torch_dtype
 
-HEAD_SITES = ("q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "attn")  # [1, N, H, Dh]: split on dim 2
+HEAD_SITES = ("q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "attn")  # [N, H, Dh]: split on dim 1
 KV_SITES = ("k", "v", "k_norm", "k_rot")
-MLP_SITES = ("gate", "up", "act")  # dense layers [1, N, I]: split on the last dim
+MLP_SITES = ("gate", "up", "act")  # dense layers [N, I]: split on the last dim (probs [Hq, T, S]: dim 0)
 
 
 def check_tp(cfg: Qwen3Config, world: int) -> None:
@@ -160,12 +160,12 @@ def _site(name: str) -> str:
 
 
 def _split_dim(name: str, arr: np.ndarray) -> int | None:
-    """The dim a rank's tap is a slice of (taps keep their leading batch dim of 1), or None: replicated."""
+    """The dim a rank's tap (canonical shape, no batch dim) is a slice of, or None: replicated."""
     s = _site(name)
     if s in HEAD_SITES:
-        return 2
-    if s == "probs":
         return 1
+    if s == "probs":
+        return 0
     if s in MLP_SITES:
         return arr.ndim - 1
     return None
