@@ -31,7 +31,7 @@ from ..dist import group
 from ..dist.group import DistError
 from ..dist.layers import STATS
 from ..weights import load_weights
-from .base import RunResult
+from .base import RunResult, check_input_ids
 from .batch import ForwardBatch, Span
 from .tp import build_shard, check_tp, gather_taps, shard_rule
 
@@ -57,6 +57,14 @@ def _ready(rank: int, world: int, fn):
         r, m = bad[0]
         raise DistError(f"rank {r} of {world} failed to load: {m}")
     return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux ru_maxrss is KiB; macOS bytes)."""
+    import resource  # noqa: PLC0415 -- POSIX only; absent on Windows
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
 
 
 def _bcast(obj=None):
@@ -89,6 +97,17 @@ class _Rank:
             return self.model(batch)
         if kind == "run":
             return self._run(*cmd[1:-1])
+        if kind == "plant":  # a sharding bug on purpose (tests): leaf cmd[1]'s all_reduce left out, on every rank
+            self.model.get_submodule(cmd[1]).skip_reduce = True
+            return None
+        if kind == "stats":  # every rank's peak RSS (bytes) and time in collectives, gathered on rank 0
+            mine = {"rank": self.model.rank, "peak_rss": peak_rss(), "collective_s": STATS.seconds,
+                    "collective_calls": STATS.calls, "collective_bytes": STATS.bytes}
+            if cmd[1]:
+                STATS.reset()
+            out: list = [None] * self.model.world if self.model.rank == 0 else None
+            dist.gather_object(mine, out, dst=0)
+            return out
         raise DistError(f"unknown tensor-parallel command {kind!r}")
 
     def _run(self, ids, decode_steps, names):
@@ -171,8 +190,13 @@ class TPModel:
         ids = np.asarray(input_ids, dtype=np.int64).tolist()
         return self._send("run", ids, decode_steps, taps)
 
-    def collective_stats(self):
-        return STATS
+    def rank_stats(self, reset: bool = False) -> list[dict]:
+        """Per rank: peak RSS (bytes), seconds / calls / bytes in collectives since the last reset."""
+        return self._send("stats", bool(reset))
+
+    def plant_skip_reduce(self, leaf: str) -> None:
+        """Tests: leave out the all_reduce of row-parallel `leaf` (e.g. "model.layers.0.self_attn.o_proj")."""
+        self._send("plant", leaf)
 
     def close(self) -> None:
         if self.closed:
@@ -239,3 +263,24 @@ def join_launched(path, world: int, device="cpu", dtype=torch.float32) -> TPMode
     finally:
         group.shutdown()
     raise SystemExit(0)
+
+
+class TPBackend:
+    """verify's backend contract over a TPModel: `.run(input_ids, taps=None)` / `.run_decode(...)` with every
+    rank's taps gathered into the canonical full shapes on rank 0. No graft (a grafted full tensor would have
+    to be re-sliced per rank), so verify names the first divergent tap without isolating the culprit."""
+
+    supports_graft = False
+    uses_tap_sites = True
+
+    def __init__(self, tp: TPModel):
+        self.tp, self.cfg = tp, tp.cfg
+        self.name = f"torch-tp{tp.world}"
+        self.dtype = str(tp.dtype).removeprefix("torch.")
+        self.device = tp.device
+
+    def run(self, input_ids, taps=None) -> RunResult:
+        return self.tp.run(check_input_ids(input_ids, self.cfg), taps)
+
+    def run_decode(self, input_ids, decode_steps: int, taps=None) -> RunResult:
+        return self.tp.run(check_input_ids(input_ids, self.cfg), taps, decode_steps=int(decode_steps))
