@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import sys
 import weakref
 
@@ -30,14 +31,27 @@ from ..config import Qwen3Config
 from ..dist import group
 from ..dist.group import DistError
 from ..dist.layers import STATS
+from ..errors import InputError
 from ..weights import load_weights
 from .base import RunResult, check_input_ids
 from .batch import ForwardBatch, Span
 from .tp import build_shard, check_tp, gather_taps, shard_rule
 
+RSS_BEFORE_LOAD = [0]  # this process's resident bytes just before its shard was loaded (bench / tests)
+
+
+def rss_now() -> int:
+    """Resident bytes of this process now (Linux /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        return 0
+
 
 def load_rank(path, rank: int, world: int, device, dtype) -> torch.nn.Module:
     """The rank's shard, reading only its slices of the checkpoint."""
+    RSS_BEFORE_LOAD[0] = rss_now()
     cfg = Qwen3Config.from_file(path)
     check_tp(cfg, world)
     w = load_weights(path, cfg, dtype=dtype, device=device, shard=shard_rule(cfg, rank, world))
@@ -98,10 +112,11 @@ class _Rank:
         if kind == "run":
             return self._run(*cmd[1:-1])
         if kind == "plant":  # a sharding bug on purpose (tests): leaf cmd[1]'s all_reduce left out, on every rank
-            self.model.get_submodule(cmd[1]).skip_reduce = True
+            self.model.get_submodule(cmd[1]).skip_reduce = cmd[2]
             return None
         if kind == "stats":  # every rank's peak RSS (bytes) and time in collectives, gathered on rank 0
-            mine = {"rank": self.model.rank, "peak_rss": peak_rss(), "collective_s": STATS.seconds,
+            mine = {"rank": self.model.rank, "peak_rss": peak_rss(), "rss_before_load": RSS_BEFORE_LOAD[0],
+                    "collective_s": STATS.seconds,
                     "collective_calls": STATS.calls, "collective_bytes": STATS.bytes}
             if cmd[1]:
                 STATS.reset()
@@ -194,9 +209,9 @@ class TPModel:
         """Per rank: peak RSS (bytes), seconds / calls / bytes in collectives since the last reset."""
         return self._send("stats", bool(reset))
 
-    def plant_skip_reduce(self, leaf: str) -> None:
+    def plant_skip_reduce(self, leaf: str, on: bool = True) -> None:
         """Tests: leave out the all_reduce of row-parallel `leaf` (e.g. "model.layers.0.self_attn.o_proj")."""
-        self._send("plant", leaf)
+        self._send("plant", leaf, bool(on))
 
     def close(self) -> None:
         if self.closed:
@@ -271,7 +286,6 @@ class TPBackend:
     to be re-sliced per rank), so verify names the first divergent tap without isolating the culprit."""
 
     supports_graft = False
-    uses_tap_sites = True
 
     def __init__(self, tp: TPModel):
         self.tp, self.cfg = tp, tp.cfg
@@ -279,8 +293,16 @@ class TPBackend:
         self.dtype = str(tp.dtype).removeprefix("torch.")
         self.device = tp.device
 
-    def run(self, input_ids, taps=None) -> RunResult:
+    def run(self, input_ids, taps=None, graft=None) -> RunResult:
+        _no_graft(graft)
         return self.tp.run(check_input_ids(input_ids, self.cfg), taps)
 
-    def run_decode(self, input_ids, decode_steps: int, taps=None) -> RunResult:
+    def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
+        _no_graft(graft)
         return self.tp.run(check_input_ids(input_ids, self.cfg), taps, decode_steps=int(decode_steps))
+
+
+def _no_graft(graft) -> None:
+    if graft is not None:
+        raise InputError("a tensor-parallel candidate cannot graft (taps are gathered, not re-sliced); "
+                         "verify names the first divergent tap without isolating the culprit")
