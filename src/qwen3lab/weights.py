@@ -374,7 +374,7 @@ def load_weights(
             cut = shard(name) if shard is not None else None
             if cut == "skip":
                 continue
-            out[name] = convert(handles[f].get_tensor(name) if cut is None else _read_slice(handles[f], name, cut))
+            out[name] = convert(handles[f].get_tensor(name) if cut is None else _read_slice(handles[f], name, cut, ranges))
     for name, prefix in fused.items():
         f = found[name][0]
         t = convert(handles[f].get_tensor(name))  # [E, 2I, D] or [E, D, I]
@@ -397,11 +397,17 @@ def load_weights(
     return out
 
 
-def _read_slice(h, name: str, cut: tuple[int, int, int]) -> torch.Tensor:
-    """Rows / columns [lo, hi) of dim `dim` of one tensor, read through the memory map (a copy of the slice)."""
+def _read_slice(h, name: str, cut: tuple[int, int, int], ranges) -> torch.Tensor:
+    """Rows / columns [lo, hi) of dim `dim` of one tensor. Rows (dim 0) stay a view of the memory map (only
+    their pages are ever read); a cut on another dim is copied and the whole tensor's file pages given back
+    (the strided read faulted in pages around every row)."""
     dim, lo, hi = cut
-    sl = h.get_slice(name)
-    return sl[(slice(None),) * dim + (slice(lo, hi),)]
+    full = h.get_tensor(name)  # a view of the mapping: nothing read yet
+    if dim == 0:
+        return full[lo:hi]
+    part = full.narrow(dim, lo, hi - lo).contiguous()
+    release([full], ranges)
+    return part
 
 
 def check_finite(weights: Mapping[str, torch.Tensor], source: str = "weights") -> None:

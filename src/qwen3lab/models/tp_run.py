@@ -37,7 +37,8 @@ from .base import RunResult, check_input_ids
 from .batch import ForwardBatch, Span
 from .tp import build_shard, check_tp, gather_taps, shard_rule
 
-RSS_BEFORE_LOAD = [0]  # this process's resident bytes just before its shard was loaded (bench / tests)
+# this process's resident bytes just before its shard was loaded, and its peak just after (bench / tests)
+RSS_BEFORE_LOAD, PEAK_AFTER_LOAD = [0], [0]
 
 
 def rss_now() -> int:
@@ -55,7 +56,9 @@ def load_rank(path, rank: int, world: int, device, dtype) -> torch.nn.Module:
     cfg = Qwen3Config.from_file(path)
     check_tp(cfg, world)
     w = load_weights(path, cfg, dtype=dtype, device=device, shard=shard_rule(cfg, rank, world))
-    return build_shard(cfg, w, rank, world, device=device, dtype=dtype)
+    model = build_shard(cfg, w, rank, world, device=device, dtype=dtype)
+    PEAK_AFTER_LOAD[0] = peak_rss()
+    return model
 
 
 def _ready(rank: int, world: int, fn):
@@ -74,7 +77,15 @@ def _ready(rank: int, world: int, fn):
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size in bytes (Linux ru_maxrss is KiB; macOS bytes)."""
+    """This process's peak resident set size in bytes: Linux VmHWM (ru_maxrss would carry the high-water mark
+    of the process that forked this one across exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource  # noqa: PLC0415 -- POSIX only; absent on Windows
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -116,6 +127,7 @@ class _Rank:
             return None
         if kind == "stats":  # every rank's peak RSS (bytes) and time in collectives, gathered on rank 0
             mine = {"rank": self.model.rank, "peak_rss": peak_rss(), "rss_before_load": RSS_BEFORE_LOAD[0],
+                    "peak_after_load": PEAK_AFTER_LOAD[0],
                     "collective_s": STATS.seconds,
                     "collective_calls": STATS.calls, "collective_bytes": STATS.bytes}
             if cmd[1]:
