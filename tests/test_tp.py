@@ -145,7 +145,11 @@ def test_torchrun_two_nodes_on_loopback(ckpts, tmp_path):
                                "1", "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
                                str(script), str(ckpts["tiny"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for r in range(2)]
-    outs = [p.communicate(timeout=180) for p in procs]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-2000:]
     lines = [ln for o, _ in outs for ln in o.splitlines() if ln.startswith("TOKENS")]
