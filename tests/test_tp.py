@@ -127,13 +127,13 @@ def test_rank_memory_is_about_half(tmp_path):
         assert grow <= 0.6 * grow1, f"rank {r['rank']}: +{grow / 2**20:.0f} MiB vs one rank +{grow1 / 2**20:.0f} MiB"
 
 
-_NODE = textwrap.dedent("""
+_NODE = textwrap.dedent(f"""
     import json, sys
     from qwen3lab import Qwen3ForCausalLM
     m = Qwen3ForCausalLM.from_pretrained(sys.argv[1], dtype="float32", fast=False, ndev=2)
-    print("TOKENS", json.dumps(m.generate(%r, max_steps=6).token_ids))
+    print("TOKENS", json.dumps(m.generate({IDS!r}, max_steps=6).token_ids))
     m.model.close()
-""" % IDS)
+""")
 
 
 def test_torchrun_two_nodes_on_loopback(ckpts, tmp_path):
@@ -150,7 +150,7 @@ def test_torchrun_two_nodes_on_loopback(ckpts, tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, (o, e) in zip(procs, outs):
+    for p, (_, e) in zip(procs, outs, strict=True):
         assert p.returncode == 0, e[-2000:]
     lines = [ln for o, _ in outs for ln in o.splitlines() if ln.startswith("TOKENS")]
     assert len(lines) == 1, outs  # only rank 0 prints

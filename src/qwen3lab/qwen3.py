@@ -12,7 +12,8 @@
 
 Notable: stop = eos ids (tokenizer's generation_config + config.json) plus `stop` (ids and/or strings);
 ndev > 1 runs tensor parallel (models/tp.py, models/tp_run.py): ndev local ranks
-spawned here, or the world torchrun launched; `.model` is then the rank-0 TPModel (close() stops the ranks). Every argument is checked here, at
+spawned here, or the world torchrun launched; `.model` is then the rank-0 TPModel
+(close() stops the ranks). Every argument is checked here, at
 the boundary, with an InputError naming it: paths str / os.PathLike, prompts a str or integer ids (bytes is
 neither), step counts integers >= 1, stream a callable, a batch of distinct InferTasks (one task twice would
 feed its cache twice).
@@ -27,12 +28,12 @@ import torch
 
 from .checks import check_int, shorten
 from .config import Qwen3Config
+from .dist.group import launched
 from .engine.generate import GenerateResult, generate, stop_string_list
 from .engine.runner import batch_infer_one_round, check_ids, check_prompt
 from .engine.sampler import SamplingParams
 from .engine.task import InferTask, is_id, token_id_list
 from .errors import InputError
-from .dist.group import launched
 from .models.torch_model import Qwen3LMHeadModel
 from .models.tp_run import TPModel, join_launched, start_local
 from .runspec import RunSpec

@@ -374,7 +374,8 @@ def load_weights(
             cut = shard(name) if shard is not None else None
             if cut == "skip":
                 continue
-            out[name] = convert(handles[f].get_tensor(name) if cut is None else _read_slice(handles[f], name, cut, ranges))
+            t = handles[f].get_tensor(name) if cut is None else _read_slice(handles[f], name, cut, ranges)
+            out[name] = convert(t)
     for name, prefix in fused.items():
         f = found[name][0]
         t = convert(handles[f].get_tensor(name))  # [E, 2I, D] or [E, D, I]
