@@ -168,3 +168,11 @@ def test_nccl_two_gpus_match_one(ckpts):
         assert tp.generate(IDS, max_steps=8).token_ids == one.generate(IDS, max_steps=8).token_ids
     finally:
         tp.model.close()
+
+
+def test_verify_command_ndev_2(ckpts):
+    from rich.console import Console
+
+    from qwen3lab.verify.command import run_verify_command
+
+    assert run_verify_command(Console(quiet=True), model_path=str(ckpts["tiny-moe"]), candidate="torch", ndev=2) == 0

@@ -368,6 +368,8 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
                    "quantised weights, judged at the activations' tolerance (checks the arithmetic, not the "
                    "format's rounding loss)")
 @click.option("--self-test", is_flag=True, help="plant known bugs and show verify names each one")
+@click.option("--ndev", type=int, default=1, show_default=True,
+              help="run the torch candidate on N tensor-parallel ranks; their taps are gathered to full shapes")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first
     divergence named, and each failure labelled as its own op's error or inherited."""
