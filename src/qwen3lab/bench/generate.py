@@ -64,16 +64,19 @@ def random_prompts(cfg: Qwen3Config, batch: int, length: int, seed: int) -> list
 class OursGenerate:
     impl = "qwen3lab"
 
-    def __init__(self, path: Path, device: torch.device, dtype: str, fast: bool = True):
+    def __init__(self, path: Path, device: torch.device, dtype: str, fast: bool = True, ndev: int = 1):
         from ..qwen3 import Qwen3ForCausalLM
 
-        # dtype "int8" / "int4": bfloat16 activations + those weights (fast path); fast=False: plain eager
-        self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, fast=fast)
+        # dtype "int8" / "int4": bfloat16 activations + those weights (fast path); fast=False: plain eager;
+        # ndev > 1: tensor parallel (eager parallel leaves), weight_bytes then rank 0's share
+        self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, fast=fast and ndev == 1,
+                                                   ndev=ndev)
+        self.ndev = ndev
         self.cfg = self.lm.config
 
     def weight_bytes(self) -> int:
         seen, n = set(), 0
-        for p in self.lm.model.parameters():
+        for p in getattr(self.lm.model, "local", self.lm.model).parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 n += p.numel() * p.element_size()
@@ -93,7 +96,13 @@ class OursGenerate:
             live = [t for t in live if not t.finished]
         return [t.generated for t in tasks]
 
+    def rank_stats(self) -> list[dict]:
+        """ndev > 1: per rank peak RSS and time in collectives (models/tp_run.py); [] for one rank."""
+        return self.lm.model.rank_stats() if self.ndev > 1 else []
+
     def close(self) -> None:
+        if self.ndev > 1:
+            self.lm.model.close()
         del self.lm
 
 
@@ -211,7 +220,7 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
         hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: Progress | None = None,
         fast: bool = True, log: Callable[[str], None] | None = None,
-        peer: str | None = None) -> tuple[list[dict], dict[str, Any]]:
+        peer: str | None = None, ndev: int = 1) -> tuple[list[dict], dict[str, Any]]:
     """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
     HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
     from ..paths import resolve_model_path
@@ -249,8 +258,9 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
     weight_bytes: dict[str, dict[str, int]] = {}
     agreement: dict[str, str] = {}
     kernels: dict[str, dict[str, str]] = {}
+    tp_ranks: dict[str, list[dict]] = {}
     for dt in dtypes:
-        makers: list[tuple[str, Callable]] = [("qwen3lab", lambda dt=dt: OursGenerate(path, device, dt, fast))]
+        makers: list[tuple[str, Callable]] = [("qwen3lab", lambda dt=dt: OursGenerate(path, device, dt, fast, ndev))]
         if hf and dt in HF_SKIPPED:
             log(f"note: {HF_SKIPPED[dt]}")
             notes.append(HF_SKIPPED[dt])
@@ -277,6 +287,8 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
                                      warmups, runs, seed, bw.read_gbs if bw else None, progress)
             records += recs
             greedy[name] = toks
+            if name == "qwen3lab" and ndev > 1:
+                tp_ranks[dt] = _tp_note(impl.rank_stats(), log)
             impl.close()
             del impl
             gc.collect()
@@ -315,4 +327,14 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         extra["peer"] = {"llama.cpp": peer_info}
     if notes:
         extra["notes"] = notes
+    if tp_ranks:
+        extra["tp_ranks"] = tp_ranks
     return records, extra
+
+
+def _tp_note(stats: list[dict], log) -> list[dict]:
+    """One log line per rank: peak RSS and the time its collectives took over the whole bench."""
+    for s in stats:
+        log(f"rank {s['rank']}: peak RSS {s['peak_rss'] / 2**20:.0f} MiB, collectives {s['collective_s']:.3f} s "
+            f"in {s['collective_calls']} calls ({s['collective_bytes'] / 2**20:.1f} MiB)")
+    return stats

@@ -41,7 +41,7 @@ PER_KIND: dict[str, dict[str, Any]] = {
     "moe": {"prefill_tokens": "512", "decode_tokens": "1,8", "hf_experts": "grouped_mm"},
     "generate": {"model": None, "prompt_lens": "128,512", "batch": "1,8", "new_tokens": 64,
                  "decode_prompt_len": None, "hf_attn": "sdpa", "no_roofline": False, "no_fast": False,
-                 "peer": None},
+                 "peer": None, "ndev": 1},
 }
 # spellings a caller may use for the same option
 ALIASES = {"json_path": "json", "json_file": "json", "compare_path": "compare", "plot_path": "plot",
@@ -202,7 +202,8 @@ def run_bench_command(kind: str, **options: Any) -> int:
                                    batches=parse_int_list(o["batch"], "--batch"),
                                    new_tokens=int(o["new_tokens"]), decode_prompt_len=o["decode_prompt_len"],
                                    hf=hf, hf_attn=o["hf_attn"], seed=o["seed"], roofline=not o["no_roofline"],
-                                   progress=progress, fast=not o["no_fast"], log=log, peer=o["peer"])
+                                   progress=progress, fast=not o["no_fast"], log=log, peer=o["peer"],
+                                   ndev=int(o["ndev"] or 1))
             if settings["fast"] and device.type == "cpu":
                 from ..fast import tune
 
@@ -427,6 +428,8 @@ def click_options(kind: str):
             click.option("--no-roofline", is_flag=True, help="skip the bandwidth measurement"),
             click.option("--no-fast", is_flag=True,
                          help="ours on the plain eager model, not the fast CPU path (to show the fast path's gain)"),
+            click.option("--ndev", type=int, default=1, show_default=True,
+                         help="ours on N tensor-parallel ranks (eager leaves); per-rank memory and collective time"),
             click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
                          help="also run llama.cpp (built once by `make peer`) on a GGUF of the same checkpoint"),
         ],
