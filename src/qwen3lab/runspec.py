@@ -249,6 +249,10 @@ def _check_present(dev, device, ndev: int, cli: bool = False) -> None:
         raise InputError(f"{name} {str(device)!r}: qwen3lab runs models on cpu, cuda or mps only; {_offers()}")
     if ndev > 1 and dev.type == "mps":
         raise MultiDeviceError(f"ndev={ndev}: tensor parallelism runs on cpu (gloo) or cuda (NCCL), not mps")
+    cores = os.cpu_count() or 1
+    if ndev > 1 and dev.type == "cpu" and ndev > cores and "WORLD_SIZE" not in os.environ:
+        raise MultiDeviceError(f"ndev={ndev} cpu ranks need a core each; this machine has {cores}. "
+                               f"Use ndev<={cores}, or torchrun across machines.")
     if ndev > 1 and dev.type == "cuda" and n_cuda < ndev and "WORLD_SIZE" not in os.environ:
         raise MultiDeviceError(f"ndev={ndev} needs {ndev} CUDA devices (one a rank); this machine has {n_cuda}. "
                                f"Use ndev<={n_cuda}, or torchrun across machines.")
