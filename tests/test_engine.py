@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
@@ -299,12 +300,12 @@ def test_api_errors(real_vocab):
 def test_ndev_and_device_errors(real_vocab):
     path, _ = real_vocab
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    k = max(2, n + 1)
-    with pytest.raises(MultiDeviceError, match=f"ndev={k} needs {k} CUDA devices; this machine has {n}"):
+    k = (os.cpu_count() or 1) + 1  # more cpu ranks than cores: refused before any process starts
+    with pytest.raises(MultiDeviceError, match=f"ndev={k} cpu ranks need a core each"):
         Qwen3ForCausalLM.from_pretrained(path, ndev=k)
-    if n >= 2:
-        with pytest.raises(MultiDeviceError, match="tensor parallelism .* not implemented"):
-            Qwen3ForCausalLM.from_pretrained(path, ndev=2)
+    if n >= 1:
+        with pytest.raises(MultiDeviceError, match=f"ndev={n + 1} needs {n + 1} CUDA devices; this machine has {n}"):
+            Qwen3ForCausalLM.from_pretrained(path, device="cuda", ndev=n + 1)
     with pytest.raises(InputError, match="ndev"):
         Qwen3ForCausalLM.from_pretrained(path, ndev=0)
     if n == 0:

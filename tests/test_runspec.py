@@ -3,6 +3,8 @@ are checked. Each refusal is one InputError naming the options as the caller spe
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -65,8 +67,11 @@ def test_device_refusals_without_cuda():
         RunSpec.make("cuda", "float32", fast=True, fast_name="backend 'torch-fast'")
     with pytest.raises(InputError, match="no CUDA device is available"):
         RunSpec.make("cuda", "float32")
-    with pytest.raises(MultiDeviceError, match="ndev=2 needs 2 CUDA devices; this machine has 0"):
-        RunSpec.make(ndev=2)
+    if not torch.cuda.is_available():  # ndev on cpu: tensor-parallel ranks, one core each, no fast path
+        assert RunSpec.make(ndev=2).fast is False
+    k = (os.cpu_count() or 1) + 1
+    with pytest.raises(MultiDeviceError, match=f"ndev={k} cpu ranks need a core each"):
+        RunSpec.make(ndev=k)
 
 
 def test_kernel_set_is_read_and_checked(monkeypatch):

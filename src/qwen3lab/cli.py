@@ -12,6 +12,7 @@ runspec.RunSpec before anything is loaded. The "loading ..." line says which pat
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -160,6 +161,17 @@ def _utf8(text: str, what: str) -> str:
     return text
 
 
+def _ndev_option(fn):
+    return click.option("--ndev", type=int, default=1, show_default=True,
+                        help="tensor-parallel ranks: spawned here (cpu: gloo, cores split; cuda: one GPU each), "
+                             "or under torchrun the launched world")(fn)
+
+
+def _rank0() -> bool:
+    """Under torchrun only rank 0 prints (spawned followers never run the CLI)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _path_line(device: str, fast: bool) -> str:
     """Which forward runs: the fast path and its kernels (qwen3lab.fast.status()), or the plain eager model."""
     if not fast:
@@ -175,13 +187,13 @@ def _threads(n: int) -> str:
     return f"{n} thread{'s' if n != 1 else ''}"
 
 
-def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, group_size=None):
+def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, group_size=None, ndev=1):
     from .config import load_config
     from .paths import resolve_model_path
     from .runspec import RunSpec
 
     spec = RunSpec.make(device, dtype, quant, fast=False if no_fast else None, threads=threads,
-                        group_size=None if group_size is None else int(group_size), cli=True)
+                        group_size=None if group_size is None else int(group_size), cli=True, ndev=ndev)
     import torch
 
     from .qwen3 import Qwen3ForCausalLM
@@ -190,8 +202,10 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, g
         torch.set_num_threads(spec.threads)
     path = resolve_model_path(model)
     load_config(path)  # a bad config.json is refused before the status line builds the kernels
-    click.echo(f"loading {path} ({spec.describe()}, {device}, {_threads(torch.get_num_threads())}, "
-               f"{_path_line(device, not no_fast)})", err=True)
+    if _rank0():
+        tp = f", {ndev} tensor-parallel ranks" if ndev > 1 else ""
+        click.echo(f"loading {path} ({spec.describe()}, {device}{tp}, {_threads(torch.get_num_threads())}, "
+                   f"{_path_line(device, spec.fast)})", err=True)
     lm = Qwen3ForCausalLM.from_pretrained(path, spec=spec)
     if spec.fast:
         from .fast import describe
@@ -219,16 +233,17 @@ def _stream_text(_tok: int, delta: str) -> None:
 @click.option("--chat", "as_chat", is_flag=True, help="wrap the prompt in the chat template as a user turn")
 @click.option("--no-think", is_flag=True, help="with --chat: enable_thinking=False")
 @click.option("--stop", multiple=True, help="extra stop string (repeatable); eos ids always stop")
+@_ndev_option
 @friendly_errors
 def generate_cmd(prompt, model, device, dtype, quant, group_size, no_fast, threads, max_steps, temperature, top_k,
-                 top_p, seed, as_chat, no_think, stop):
+                 top_p, seed, as_chat, no_think, stop, ndev):
     """Continue PROMPT (UTF-8 text) with the model, streaming tokens as they come; tokens/s at the end."""
     prompt = _utf8(prompt, "PROMPT")
     if not prompt and not as_chat:  # refused before the model loads (and its kernels build)
         raise InputError("PROMPT is empty: give some text to continue (or --chat for an empty user turn)")
     stop = [_utf8(s, "--stop") for s in stop]
     sampling = _run_options(max_steps, temperature, top_k, top_p, seed)
-    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size, ndev)
     if as_chat:
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                   add_generation_prompt=True, enable_thinking=not no_think)
@@ -242,16 +257,17 @@ def generate_cmd(prompt, model, device, dtype, quant, group_size, no_fast, threa
 @_sampling_options
 @click.option("--system", default=None, help="system prompt")
 @click.option("--no-think", is_flag=True, help="enable_thinking=False (Qwen3's /no_think mode)")
+@_ndev_option
 @friendly_errors
 def chat_cmd(model, device, dtype, quant, group_size, no_fast, threads, max_steps, temperature, top_k, top_p, seed,
-             system, no_think):
+             system, no_think, ndev):
     """Interactive chat with the chat template; replies stream. /exit quits, /reset clears the history.
     A line that is not UTF-8, or that would take the conversation past the model's context, is refused
     with a message and not sent; the session and its history go on."""
     if system is not None:
         system = _utf8(system, "--system")
     sampling = _run_options(max_steps, temperature, top_k, top_p, seed)
-    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size, ndev)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     click.echo("chat: /exit to quit, /reset to clear the history, /think or /no_think to switch thinking", err=True)
     think = not no_think
@@ -361,6 +377,8 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
                    "quantised weights, judged at the activations' tolerance (checks the arithmetic, not the "
                    "format's rounding loss)")
 @click.option("--self-test", is_flag=True, help="plant known bugs and show verify names each one")
+@click.option("--ndev", type=int, default=1, show_default=True,
+              help="run the torch candidate on N tensor-parallel ranks; their taps are gathered to full shapes")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first
     divergence named, and each failure labelled as its own op's error or inherited."""

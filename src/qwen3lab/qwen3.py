@@ -11,8 +11,9 @@
         tasks = [t for t in tasks if not t.finished]
 
 Notable: stop = eos ids (tokenizer's generation_config + config.json) plus `stop` (ids and/or strings);
-ndev > 1 is refused with a clear error: tensor parallelism is not implemented yet (a single process runs on
-one device), and without that many CUDA devices it could not run anyway. Every argument is checked here, at
+ndev > 1 runs tensor parallel (models/tp.py, models/tp_run.py): ndev local ranks
+spawned here, or the world torchrun launched; `.model` is then the rank-0 TPModel
+(close() stops the ranks). Every argument is checked here, at
 the boundary, with an InputError naming it: paths str / os.PathLike, prompts a str or integer ids (bytes is
 neither), step counts integers >= 1, stream a callable, a batch of distinct InferTasks (one task twice would
 feed its cache twice).
@@ -27,12 +28,14 @@ import torch
 
 from .checks import check_int, shorten
 from .config import Qwen3Config
+from .dist.group import launched
 from .engine.generate import GenerateResult, generate, stop_string_list
 from .engine.runner import batch_infer_one_round, check_ids, check_prompt
 from .engine.sampler import SamplingParams
 from .engine.task import InferTask, is_id, token_id_list
 from .errors import InputError
 from .models.torch_model import Qwen3LMHeadModel
+from .models.tp_run import TPModel, join_launched, start_local
 from .runspec import RunSpec
 
 
@@ -43,6 +46,13 @@ def _speed_up(model: Qwen3LMHeadModel, spec: RunSpec) -> Qwen3LMHeadModel:
 
         optimize(model, quant=spec.quant, group_size=spec.group_size)
     return model
+
+
+def _tensor_parallel(path, spec: RunSpec):
+    """ndev ranks: spawned here (rank 0 is this process), or the world torchrun launched (ranks > 0 follow
+    rank 0 inside this call and then exit the process). models/tp_run.py."""
+    start = join_launched if launched() else start_local
+    return start(path, spec.ndev, device=spec.device, dtype=spec.torch_dtype)
 
 
 def _spec(device, dtype, quant, fast: bool, ndev: int = 1, group_size: int | None = None) -> RunSpec:
@@ -58,7 +68,7 @@ class Qwen3ForCausalLM:
     def __init__(self, model: Qwen3LMHeadModel, tokenizer=None):
         from .tokenizer import Tokenizer
 
-        if not isinstance(model, Qwen3LMHeadModel):
+        if not isinstance(model, (Qwen3LMHeadModel, TPModel)):
             raise InputError(f"model must be a Qwen3LMHeadModel (qwen3lab.models.torch_model), got "
                              f"{type(model).__name__} {shorten(model)}; load a checkpoint with from_pretrained")
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
@@ -89,6 +99,8 @@ class Qwen3ForCausalLM:
             check_path(path)
         spec = spec or _spec(device, dtype, quant, fast, ndev, group_size)
         path = resolve_model_path(path)
+        if spec.ndev > 1:
+            return cls(_tensor_parallel(path, spec), Tokenizer.from_dir(path))
         cfg = Qwen3Config.from_file(path)
         weights = load_weights(path, cfg, dtype=spec.torch_dtype, device=spec.device, release_pages=spec.fast)
         model = Qwen3LMHeadModel.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)

@@ -59,7 +59,7 @@ NEEDS = {  # /proc/cpuinfo flags each compiled path needs
 
 
 class MultiDeviceError(Qwen3LabError, NotImplementedError):
-    """ndev > 1: tensor parallelism is not implemented."""
+    """An ndev > 1 combination tensor parallelism cannot run (mps, quantised weights, too few devices)."""
 
 
 def cpu_flags() -> set[str]:
@@ -166,11 +166,14 @@ class RunSpec:
         if quant is not None and fast is False:
             raise InputError(f"{what}: {quant} weights need the fast path; drop --no-fast" if cli else
                              f"{what}: {quant} weights need the fast path (fast=True)")
+        if ndev > 1 and quant is not None:
+            raise MultiDeviceError(f"{what}: {quant} weights with ndev={ndev}: tensor parallelism runs the eager "
+                                   f"float leaves only")
         if fast is True and dev.type != "cpu":
             raise InputError(f"{fast_name} runs on the CPU only (its kernels are CPU ones), got "
                              f"{o('device', device)}")
         _check_present(dev, device, ndev, cli)
-        use_fast = fast is not False and dev.type == "cpu"
+        use_fast = fast is not False and dev.type == "cpu" and ndev == 1  # TP: eager parallel leaves
         return cls(device=str(dev), dtype=act, quant=quant, group_size=group_size, fast=use_fast,
                    kernels=kernel_choice() if use_fast else None, threads=threads, ndev=ndev)
 
@@ -244,8 +247,12 @@ def _check_present(dev, device, ndev: int, cli: bool = False) -> None:
         raise InputError(f"{name} {str(device)!r}: MPS (Apple GPU) is not available here; {_offers()}")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"{name} {str(device)!r}: qwen3lab runs models on cpu, cuda or mps only; {_offers()}")
-    if ndev > 1:
-        if n_cuda < ndev:
-            raise MultiDeviceError(f"ndev={ndev} needs {ndev} CUDA devices; this machine has {n_cuda}. Use ndev=1.")
-        raise MultiDeviceError(f"ndev={ndev}: tensor parallelism across devices is not implemented yet; "
-                               f"use ndev=1 (one device)")
+    if ndev > 1 and dev.type == "mps":
+        raise MultiDeviceError(f"ndev={ndev}: tensor parallelism runs on cpu (gloo) or cuda (NCCL), not mps")
+    cores = os.cpu_count() or 1
+    if ndev > 1 and dev.type == "cpu" and ndev > cores and "WORLD_SIZE" not in os.environ:
+        raise MultiDeviceError(f"ndev={ndev} cpu ranks need a core each; this machine has {cores}. "
+                               f"Use ndev<={cores}, or torchrun across machines.")
+    if ndev > 1 and dev.type == "cuda" and n_cuda < ndev and "WORLD_SIZE" not in os.environ:
+        raise MultiDeviceError(f"ndev={ndev} needs {ndev} CUDA devices (one a rank); this machine has {n_cuda}. "
+                               f"Use ndev<={n_cuda}, or torchrun across machines.")

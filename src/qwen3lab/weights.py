@@ -265,6 +265,7 @@ def load_weights(
     strict: bool = True,
     check_finite: bool = True,
     release_pages: bool = False,
+    shard=None,
 ) -> dict[str, torch.Tensor]:
     """{hf_name: tensor} in `dtype` on `device`, checked against cfg; `lm_head.weight` always present.
 
@@ -272,7 +273,9 @@ def load_weights(
     are always errors. check_finite scans every tensor for NaN/Inf (one cheap pass). release_pages gives back
     each memory-mapped tensor's file pages once scanned (fast.optimize copies every weight it streams, so
     the scan would otherwise leave the whole file resident next to the copies: an int8 load peaked at 1.5x
-    its weight bytes); a later read of such a tensor faults its pages back in from the page cache."""
+    its weight bytes); a later read of such a tensor faults its pages back in from the page cache.
+    shard (tensor parallel, models/tp.py): name -> None (whole tensor), "skip" (not on this rank) or
+    (dim, lo, hi): only that slice is read through the memory map, so a rank holds ~ weights / ranks."""
     dtype = torch_dtype(dtype)
     where, weight_map, files = resolve_files(path)
     want = expected_shapes(cfg, include_lm_head=False if cfg.tie_word_embeddings else True)
@@ -368,25 +371,44 @@ def load_weights(
     for name in want:
         if name in found:
             f = found[name][0]
-            out[name] = convert(handles[f].get_tensor(name))
+            cut = shard(name) if shard is not None else None
+            if cut == "skip":
+                continue
+            t = handles[f].get_tensor(name) if cut is None else _read_slice(handles[f], name, cut, ranges)
+            out[name] = convert(t)
     for name, prefix in fused.items():
         f = found[name][0]
         t = convert(handles[f].get_tensor(name))  # [E, 2I, D] or [E, D, I]
         I = cfg.moe_intermediate_size
         for e in range(cfg.num_experts):
+            if shard is not None and shard(f"{prefix}.{e}.down_proj.weight") == "skip":
+                continue  # an expert on another rank (fused layouts are read whole, then cut)
             if name.endswith("gate_up_proj"):
                 out[f"{prefix}.{e}.gate_proj.weight"] = t[e, :I]  # [I, D], gate rows come first
                 out[f"{prefix}.{e}.up_proj.weight"] = t[e, I:]  # [I, D]
             else:
                 out[f"{prefix}.{e}.down_proj.weight"] = t[e]  # [D, I]
     # expected_shapes order (embed, layer by layer, norm), then lm_head
-    out = {n: out[n] for n in want}
+    out = {n: out[n] for n in want if n in out}
     out["lm_head.weight"] = out["model.embed_tokens.weight"] if cfg.tie_word_embeddings else out["lm_head.weight"]
     if check_finite:
         _assert_finite(out, source=str(where), ranges=ranges if release_pages else None)
     elif release_pages:
         release(list(out.values()), ranges)
     return out
+
+
+def _read_slice(h, name: str, cut: tuple[int, int, int], ranges) -> torch.Tensor:
+    """Rows / columns [lo, hi) of dim `dim` of one tensor. Rows (dim 0) stay a view of the memory map (only
+    their pages are ever read); a cut on another dim is copied and the whole tensor's file pages given back
+    (the strided read faulted in pages around every row)."""
+    dim, lo, hi = cut
+    full = h.get_tensor(name)  # a view of the mapping: nothing read yet
+    if dim == 0:
+        return full[lo:hi]
+    part = full.narrow(dim, lo, hi - lo).contiguous()
+    release([full], ranges)
+    return part
 
 
 def check_finite(weights: Mapping[str, torch.Tensor], source: str = "weights") -> None:

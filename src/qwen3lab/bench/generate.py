@@ -67,16 +67,19 @@ def random_prompts(cfg: Qwen3Config, batch: int, length: int, seed: int) -> list
 class OursGenerate:
     impl = "qwen3lab"
 
-    def __init__(self, path: Path, device: torch.device, dtype: str, fast: bool = True):
+    def __init__(self, path: Path, device: torch.device, dtype: str, fast: bool = True, ndev: int = 1):
         from ..qwen3 import Qwen3ForCausalLM
 
-        # dtype "int8" / "int4": bfloat16 activations + those weights (fast path); fast=False: plain eager
-        self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, fast=fast)
+        # dtype "int8" / "int4": bfloat16 activations + those weights (fast path); fast=False: plain eager;
+        # ndev > 1: tensor parallel (eager parallel leaves), weight_bytes then rank 0's share
+        self.lm = Qwen3ForCausalLM.from_pretrained(path, device=device, dtype=dtype, fast=fast and ndev == 1,
+                                                   ndev=ndev)
+        self.ndev = ndev
         self.cfg = self.lm.config
 
     def weight_bytes(self) -> int:
         seen, n = set(), 0
-        for p in self.lm.model.parameters():
+        for p in getattr(self.lm.model, "local", self.lm.model).parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 n += p.numel() * p.element_size()
@@ -96,7 +99,13 @@ class OursGenerate:
             live = [t for t in live if not t.finished]
         return [t.generated for t in tasks]
 
+    def rank_stats(self) -> list[dict]:
+        """ndev > 1: per rank peak RSS and time in collectives (models/tp_run.py); [] for one rank."""
+        return self.lm.model.rank_stats() if self.ndev > 1 else []
+
     def close(self) -> None:
+        if self.ndev > 1:
+            self.lm.model.close()
         del self.lm
 
 
@@ -233,7 +242,8 @@ def _checked(path, dtype, warmups: int, runs: int, new_tokens: int, prompt_lens,
 
 
 def _load_and_bench(name: str, make: Callable, device, dt: str, fast: bool, bench_args: tuple):
-    """Load one impl (timed, peak memory), bench it; (records, greedy tokens, weight bytes, kernels or None)."""
+    """Load one impl (timed, peak memory), bench it; (records, greedy tokens, weight bytes, kernels or None,
+    per-rank stats of a tensor-parallel run or [])."""
     gc.collect()
     with PeakMemory(device) as pm:
         t0 = clock(device)
@@ -244,12 +254,13 @@ def _load_and_bench(name: str, make: Callable, device, dt: str, fast: bool, benc
     records = [make_record("generate", name, "load", "from_pretrained", device, dt, latency_ms=1e3 * load_s,
                            peak_mem_bytes=pm.peak_bytes, weight_bytes=wb, peak_growth_x_weights=pm.growth_over(wb))]
     recs, toks = _bench_impl(impl, *bench_args)
+    ranks = impl.rank_stats() if name == "qwen3lab" else []
     impl.close()
     del impl
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return records + recs, toks, wb, kernels
+    return records + recs, toks, wb, kernels, ranks
 
 
 def _peer(path: Path, cfg: Qwen3Config, device, dt: str, prompt_lens, batches, new_tokens: int,
@@ -284,7 +295,7 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         new_tokens: int = DEFAULT_NEW_TOKENS, decode_prompt_len: int | None = None, hf: bool = True,
         hf_attn: str = "sdpa", seed: int = 0, roofline: bool = True, progress: Progress | None = None,
         fast: bool = True, log: Callable[[str], None] | None = None,
-        peer: str | None = None) -> tuple[list[dict], dict[str, Any]]:
+        peer: str | None = None, ndev: int = 1) -> tuple[list[dict], dict[str, Any]]:
     """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
     HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -302,8 +313,9 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
     weight_bytes: dict[str, dict[str, int]] = {}
     agreement: dict[str, str] = {}
     kernels: dict[str, dict[str, str]] = {}
+    tp_ranks: dict[str, list[dict]] = {}
     for dt in dtypes:
-        makers: list[tuple[str, Callable]] = [("qwen3lab", lambda dt=dt: OursGenerate(path, device, dt, fast))]
+        makers: list[tuple[str, Callable]] = [("qwen3lab", lambda dt=dt: OursGenerate(path, device, dt, fast, ndev))]
         if hf and dt in HF_SKIPPED:
             log(f"note: {HF_SKIPPED[dt]}")
             notes.append(HF_SKIPPED[dt])
@@ -314,10 +326,13 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         bench_args = (cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, warmups, runs, seed,
                       read_gbs, progress)
         for name, make in makers:
-            recs, greedy[name], weight_bytes[dt][name], k = _load_and_bench(name, make, device, dt, fast, bench_args)
+            recs, greedy[name], weight_bytes[dt][name], k, ranks = _load_and_bench(name, make, device, dt, fast,
+                                                                                   bench_args)
             records += recs
             if k is not None:
                 kernels[dt] = k
+            if ranks:
+                tp_ranks[dt] = _tp_note(ranks, log)
         if peer is not None and not peer_skip:
             recs, info = _peer(path, cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, runs,
                                read_gbs, log, notes)
@@ -333,9 +348,18 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         "bandwidth": bw.as_dict() if bw else None, "hf_attn_implementation": hf_attn if hf else None,
         "baseline_rss_bytes": rss_bytes(),
     }
-    for key, value in (("greedy_agreement_tokens", agreement), ("kernels", kernels), ("notes", notes)):
+    for key, value in (("greedy_agreement_tokens", agreement), ("kernels", kernels), ("notes", notes),
+                       ("tp_ranks", tp_ranks)):
         if value:
             extra[key] = value
     if peer_info:
         extra["peer"] = {"llama.cpp": peer_info}
     return records, extra
+
+
+def _tp_note(stats: list[dict], log) -> list[dict]:
+    """One log line per rank: peak RSS and the time its collectives took over the whole bench."""
+    for s in stats:
+        log(f"rank {s['rank']}: peak RSS {s['peak_rss'] / 2**20:.0f} MiB, collectives {s['collective_s']:.3f} s "
+            f"in {s['collective_calls']} calls ({s['collective_bytes'] / 2**20:.1f} MiB)")
+    return stats

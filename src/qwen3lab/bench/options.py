@@ -31,7 +31,7 @@ PER_KIND: dict[str, dict[str, Any]] = {
     "moe": {"prefill_tokens": "512", "decode_tokens": "1,8", "hf_experts": "grouped_mm"},
     "generate": {"model": None, "prompt_lens": "128,512", "batch": "1,8", "new_tokens": 64,
                  "decode_prompt_len": None, "hf_attn": "sdpa", "no_roofline": False, "no_fast": False,
-                 "peer": None},
+                 "peer": None, "ndev": 1},
 }
 
 
@@ -238,6 +238,8 @@ def click_options(kind: str):
             click.option("--no-roofline", is_flag=True, help="skip the bandwidth measurement"),
             click.option("--no-fast", is_flag=True,
                          help="ours on the plain eager model, not the fast CPU path (to show the fast path's gain)"),
+            click.option("--ndev", type=int, default=1, show_default=True,
+                         help="ours on N tensor-parallel ranks (eager leaves); per-rank memory and collective time"),
             click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
                          help="also run llama.cpp (built once by `make peer`) on a GGUF of the same checkpoint"),
         ],

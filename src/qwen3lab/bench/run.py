@@ -162,7 +162,8 @@ def _generate(o: dict[str, Any], device, dtypes: list[str], hf: bool, progress, 
                            batches=parse_int_list(o["batch"], "--batch"),
                            new_tokens=int(o["new_tokens"]), decode_prompt_len=o["decode_prompt_len"],
                            hf=hf, hf_attn=o["hf_attn"], seed=o["seed"], roofline=not o["no_roofline"],
-                           progress=progress, fast=not o["no_fast"], log=log, peer=o["peer"])
+                           progress=progress, fast=not o["no_fast"], log=log, peer=o["peer"],
+                           ndev=int(o["ndev"] or 1))
     return o["model"] or "default", warmups, runs, records, extra
 
 

@@ -172,11 +172,11 @@ class Qwen3MoeBlock(nn.Module):
         out = torch.zeros_like(h)  # [N, D]
         start = 0
         for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            rows = token_of[start:start + c]
-            y = self.experts[e](h[rows]) * weight_of[start:start + c, None]  # [c, D]
-            out.index_add_(0, rows, y)  # experts added in ascending id order, like HF
+            expert = self.experts[e]  # None: held by another rank (expert parallel, models/tp.py)
+            if c > 0 and expert is not None:
+                rows = token_of[start:start + c]
+                y = expert(h[rows]) * weight_of[start:start + c, None]  # [c, D]
+                out.index_add_(0, rows, y)  # experts added in ascending id order, like HF
             start += c
         return out.view(1, N, D)
 

@@ -22,7 +22,7 @@ from .report_terminal import ROWS, RichProgress, render
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
-         "sweep", "self_test", "quantised_reference"}
+         "sweep", "self_test", "quantised_reference", "ndev"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -42,7 +42,7 @@ def run_verify_command(console: Console | None = None, **opts) -> int:
 def _run(console: Console, model_path=None, reference="numpy", candidate="torch", device="cpu", dtype=None,
          test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
-         sweep=False, self_test=False, quantised_reference=False) -> int:
+         sweep=False, self_test=False, quantised_reference=False, ndev=1) -> int:
     from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
@@ -72,9 +72,32 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
     from .runner import verify
 
-    rep = verify(reference, candidate, ids, model_path=path, test_input=test_input, device=device, dtype=dtype,
-                 layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
-                 progress=RichProgress(), quantised_reference=quantised_reference, **tol_kw)
+    tp = None
+    if int(ndev or 1) > 1:  # the candidate split over ndev ranks, its taps gathered to full shapes
+        candidate, tp = _tensor_parallel(candidate, path, int(ndev), device, dtype)
+    try:
+        rep = verify(reference, candidate, ids, model_path=path, test_input=test_input, device=device, dtype=dtype,
+                     layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
+                     progress=RichProgress(), quantised_reference=quantised_reference, **tol_kw)
+    finally:
+        if tp is not None:
+            tp.close()
+    return _report(console, rep, taps, outputs)
+
+
+def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
+    """--ndev N: the torch candidate as N tensor-parallel ranks (models/tp_run.py)."""
+    from ..models.tp_run import TPBackend, start_local
+    from ..runspec import RunSpec
+
+    if candidate != "torch":
+        raise Qwen3LabError(f"--ndev {ndev} runs the torch candidate tensor parallel; got --candidate {candidate!r}")
+    spec = RunSpec.make(device, dtype or "float32", fast=False, ndev=ndev, cli=True)
+    tp = start_local(path, ndev, device=spec.device, dtype=spec.torch_dtype)
+    return TPBackend(tp), tp
+
+
+def _report(console, rep, taps, outputs) -> int:
     render(rep, console, rows=taps)
     for option, p in outputs:
         console.print(f"wrote {_write_report(rep, option, p)}")
