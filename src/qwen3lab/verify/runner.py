@@ -257,7 +257,7 @@ class _PrefillRun:
     def _compare_run(self, phase: str, graft=None) -> dict[str, TapResult]:
         """Run the candidate, comparing each tap against the store as it arrives."""
         t = time.perf_counter()
-        comp = Comparator(self.report.cfg, self.report.tolerance)
+        comp = Comparator(self.report.cfg, self.report.tolerance, grafted=graft is not None)
         out: dict[str, TapResult] = {}
         first: list = []
         self.progress.start(phase, len(self.names))
@@ -424,7 +424,7 @@ class _DecodeRun(_PrefillRun):
         res = self.cand.run_decode(self.ids, self.steps, self.select, graft=graft)
         self.progress.advance(phase)
         rep = self.report
-        comp = Comparator(rep.cfg, rep.tolerance)
+        comp = Comparator(rep.cfg, rep.tolerance, grafted=graft is not None)
         want = {n for n in self.store if split_name(n)[1] is None or layer_selected(n, self.sel_set)}
         names = sorted({n for n in (*want, *res.taps) if layer_selected(n, self.sel_set)}, key=dataflow_key)
         out = {}
