@@ -33,7 +33,7 @@ def test_swapped_router_rows_fail_topk_idx_even_at_close_logits():
     comp = Comparator(moe_cfg(), TOL)
     r_logits = comp.compare("layers.0.router_logits", cand, ref)
     r_idx = comp.compare("layers.0.topk_idx", topk(cand), topk(ref))
-    differ = int(np.sum([set(a) != set(b) for a, b in zip(topk(cand), topk(ref))]))
+    differ = int(np.sum([set(a) != set(b) for a, b in zip(topk(cand), topk(ref), strict=True)]))
     assert r_logits.status == "fail", r_logits.reasons
     assert differ > 0
     assert r_idx.status == "fail", (r_idx.reasons, r_idx.metrics.near_tie_tokens)
