@@ -64,3 +64,24 @@ def test_isolated_topk_weight_is_scattered_at_the_grafted_ids():
     plain = Comparator(moe_cfg(), TOL)
     plain.compare("layers.0.topk_idx", cand_idx, ref_idx)
     assert plain.compare("layers.0.topk_weight", w, w).status == "fail"
+
+
+def test_piped_table_is_full_width_and_never_cut(tmp_path):
+    """rich's piped default is 80 columns: names and numbers used to end in '…'. Piped, the table takes its
+    full width; every tap name and every number is printed whole."""
+    import io
+
+    from rich.console import Console
+
+    from qwen3lab.make_model import make_model
+    from qwen3lab.verify import verify
+    from qwen3lab.verify.report_terminal import render
+
+    model = make_model(tmp_path / "tiny", preset="tiny", vocab_size=512, seed=2)
+    rep = verify("numpy", "numpy", [5, 17, 300], model_path=model, mse_max=-0.0)  # everything passes
+    buf = io.StringIO()
+    render(rep, Console(file=buf, width=80), rows="all")
+    out = buf.getvalue()
+    assert "…" not in out, out
+    for r in rep.results:
+        assert f"\n{r.name} " in out, (r.name, out)
