@@ -128,7 +128,7 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
            tolerance: Tolerance | None = None, preset: str | None = None, cos_min: float | None = None,
            mse_max: float | None = None, rel_max: float | None = None, stream: bool | None = None,
            stream_bytes: int = STREAM_BYTES, progress: Progress | None = None,
-           quantised_reference: bool = False) -> VerifyReport:
+           quantised_reference: bool = False, name_map=None, isolated: str | None = None) -> VerifyReport:
     """Compare `candidate` against `reference` tap by tap; find the first divergence and the culprit op.
 
     reference / candidate: a spec string ("numpy", "torch", "hf", "dump:FILE", "module:Class",
@@ -141,7 +141,9 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     (reference taps spilled to disk past `stream_bytes`). `quantised_reference`: for a candidate with quantised
     weights (torch-fast --dtype int8 / int4), the NumPy oracle runs on the same weights quantised by the
     format's rules (models/numpy_quant.py) and the tolerance is that of the candidate's activations: the port's
-    arithmetic is checked, not the format's rounding loss.
+    arithmetic is checked, not the format's rounding loss. `name_map`: a map file or built-in name
+    ("llama.cpp") for dumps with foreign names (namemap.py); `isolated`: "dump:FILE" (or FILE), the candidate
+    dump's isolated twin (its ops run on the reference's inputs, export.py), which labels taps op/inherited.
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -151,10 +153,14 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         raise InputError(f"{path}: no config.json (expected a checkpoint directory)")
     cfg = Qwen3Config.from_file(path) if path is not None else None
     ref_dt = reference_dtype or "float64"
+    nmap = _name_map(name_map)
     ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt,
-                  role="reference")
+                  role="reference", name_map=nmap if _is_dump(reference) else None)
     cfg = cfg or ref.cfg
-    cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate")
+    if isolated is not None:
+        isolated = isolated[5:] if isolated.startswith("dump:") else isolated
+    cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate",
+                   name_map=nmap if _is_dump(candidate) or not _is_dump(reference) else None, isolated=isolated)
     if quantised_reference:
         ref, cand.precision = _quantised_reference(reference, cand, path)  # judged at its activations' tolerance
     timings["load_s"] = time.perf_counter() - t
@@ -185,7 +191,23 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
                           kernels=_kernels_of(cand.backend))
     run = _DecodeRun if decode_steps else _PrefillRun
     run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
+    for side in (ref, cand):  # a dump's tensors that were not compared, and why
+        if callable(getattr(side.backend, "uncompared", None)):
+            report.notes += side.backend.uncompared(names, decode_steps, None if sel is None else set(sel))
     return report
+
+
+def _is_dump(spec) -> bool:
+    return isinstance(spec, str) and spec.startswith("dump:")
+
+
+def _name_map(spec):
+    """--map: None, a NameMap, or a file / built-in name to load."""
+    if spec is None or not isinstance(spec, (str, Path)):
+        return spec
+    from .namemap import NameMap
+
+    return NameMap.load(spec)
 
 
 def _quantised_reference(reference, cand: Side, path: Path | None) -> tuple[Side, str]:
