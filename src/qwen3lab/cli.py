@@ -352,6 +352,11 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
                    "quantised weights, judged at the activations' tolerance (checks the arithmetic, not the "
                    "format's rounding loss)")
 @click.option("--self-test", is_flag=True, help="plant known bugs and show verify names each one")
+@click.option("--export-reference", default=None, type=click.Path(dir_okay=False),
+              help="write the reference's taps, ids and positions as a dump (for a port's isolated run) and stop")
+@click.option("--isolated", default=None, help="dump:FILE: the candidate dump's run on the reference's inputs "
+                                               "(labels failing taps op / inherited)")
+@click.option("--map", "name_map", default=None, help="name/layout map for foreign dump names: FILE.toml or llama.cpp")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first
     divergence named, and each failure labelled as its own op's error or inherited."""

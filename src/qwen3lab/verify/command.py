@@ -22,7 +22,7 @@ from .report_terminal import ROWS, RichProgress, render
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
-         "sweep", "self_test", "quantised_reference"}
+         "sweep", "self_test", "quantised_reference", "export_reference", "isolated", "name_map"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -42,7 +42,8 @@ def run_verify_command(console: Console | None = None, **opts) -> int:
 def _run(console: Console, model_path=None, reference="numpy", candidate="torch", device="cpu", dtype=None,
          test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
-         sweep=False, self_test=False, quantised_reference=False) -> int:
+         sweep=False, self_test=False, quantised_reference=False, export_reference=None, isolated=None,
+         name_map=None) -> int:
     from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
@@ -62,6 +63,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     path = resolve_model_path(model_path) if needs_model else None
     if path is not None and layers is not None:
         _check_layers(path, layers)
+    if export_reference:
+        return _export(console, export_reference, reference, path, ids, test_input, decode_steps, probs, layers)
     tol_kw = dict(preset=preset, cos_min=cos_min, mse_max=mse_max, rel_max=rel_max)
     if sweep:
         from .sweep import run_sweep
@@ -74,11 +77,25 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
     rep = verify(reference, candidate, ids, model_path=path, test_input=test_input, device=device, dtype=dtype,
                  layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
-                 progress=RichProgress(), quantised_reference=quantised_reference, **tol_kw)
+                 progress=RichProgress(), quantised_reference=quantised_reference, name_map=name_map,
+                 isolated=isolated, **tol_kw)
     render(rep, console, rows=taps)
     for option, p in outputs:
         console.print(f"wrote {_write_report(rep, option, p)}")
     return 0 if rep.overall_success else 1
+
+
+def _export(console: Console, out, reference, path, ids, test_input, decode_steps, probs, layers) -> int:
+    """--export-reference: the reference's taps as a dump, for a port's isolated run (export.py)."""
+    from ..guards import check_output_file
+    from .export import export_reference
+
+    if path is None:
+        raise Qwen3LabError("--export-reference needs --model-path (the model the port runs)")
+    written, n = export_reference(check_output_file(out, "--export-reference"), reference, ids, model_path=path,
+                                  test_input=test_input, decode_steps=decode_steps, probs=probs, layers=layers)
+    console.print(f"wrote {written}: {n} reference taps ({reference}), input_ids and positions in the dump format")
+    return 0
 
 
 def _check_outputs(output, html) -> list:

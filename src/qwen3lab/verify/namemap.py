@@ -99,7 +99,8 @@ class NameMap:
                 if why_not_a_tap(key, cfg) is None:
                     out[key] = taps[key]  # already canonical
                 else:
-                    dropped.setdefault(f"no rule of the map {Path(self.source).name} matches", []).append(key)
+                    op = f" ({ops[key]})" if key in ops else ""
+                    dropped.setdefault(f"no rule of the map {Path(self.source).name} matches", []).append(key + op)
         ids = meta.get("input_ids")
         steps = {_taps.split_name(n)[0] for n, _, _ in matched} - {None}
         prefill = (len(ids) - len(steps)) if ids is not None else None
