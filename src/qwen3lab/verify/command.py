@@ -8,7 +8,9 @@ Options (the CLI flag is the option name with dashes): model_path, reference ("n
 for torch and torch-fast; "int8" / "int4" = those weights, torch-fast only), test_input, ids
 ("1,2,3"), layers ("0-4"), decode_steps, isolate (None = automatic, True/False), output (JSON path),
 html (HTML path), cos_min, mse_max, rel_max, preset ("simple"), taps ("layer" | "sublayer" | "all": rows of
-the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test.
+the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test,
+export_reference (write the reference's taps as a dump and stop: export.py), isolated ("dump:FILE", the candidate
+dump's run on the reference's inputs), name_map (--map: a TOML file or "llama.cpp", namemap.py).
 """
 
 from __future__ import annotations
