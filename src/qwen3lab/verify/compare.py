@@ -20,7 +20,7 @@ import numpy as np
 
 from ..taps import dataflow_key, split_name
 from .metrics import TapMetrics, axes_for, compare_arrays, compare_topk_idx, compare_topk_weight, valid_expert_ids
-from .tolerances import Tolerance, check
+from .tolerances import Tolerance, check, for_tap
 
 FAILING = ("fail", "shape_mismatch", "invalid")
 ATTN_BLOCK = ("attn_in", "q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "probs", "attn", "attn_out",
@@ -118,7 +118,7 @@ class Comparator:
         if m is None:
             res.status, res.reasons = "invalid", why
             return res
-        res.reasons = why + check(m, self.tol, site)
+        res.reasons = why + check(m, for_tap(self.tol, name, self.grafted), site)
         res.status = "fail" if res.reasons else "pass"
         if site == "router_logits" and res.status == "fail":
             self._router_failed.add(name)

@@ -128,7 +128,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
            tolerance: Tolerance | None = None, preset: str | None = None, cos_min: float | None = None,
            mse_max: float | None = None, rel_max: float | None = None, stream: bool | None = None,
            stream_bytes: int = STREAM_BYTES, progress: Progress | None = None,
-           quantised_reference: bool = False, name_map=None, isolated: str | None = None) -> VerifyReport:
+           quantised_reference: bool = False, name_map=None, isolated: str | None = None,
+           kv_dtype: str | None = None) -> VerifyReport:
     """Compare `candidate` against `reference` tap by tap; find the first divergence and the culprit op.
 
     reference / candidate: a spec string ("numpy", "torch", "hf", "dump:FILE", "module:Class",
@@ -144,6 +145,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     arithmetic is checked, not the format's rounding loss. `name_map`: a map file or built-in name
     ("llama.cpp") for dumps with foreign names (namemap.py); `isolated`: "dump:FILE" (or FILE), the candidate
     dump's isolated twin (its ops run on the reference's inputs, export.py), which labels taps op/inherited.
+    `kv_dtype`: the candidate's KV-cache dtype (else a dump's `kv_dtype` metadata), loosening the taps after
+    the cache (tolerances.py).
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -175,7 +178,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     if decode_steps and not cand.supports_decode:
         raise InputError(f"candidate {cand.spec!r} has no KV-cache decode (run_decode); drop --decode-steps")
     tol = tolerance or tolerance_for(cand.precision, ref.precision, preset=preset, cos_min=cos_min,
-                                     mse_max=mse_max, rel_max=rel_max)
+                                     mse_max=mse_max, rel_max=rel_max,
+                                     kv_dtype=kv_dtype or getattr(cand.backend, "kv_dtype", None))
 
     names = tap_sites(cfg, probs=probs, layers=sel)
     ref_names = names
