@@ -76,3 +76,24 @@ def test_f16_kv_port_passes_with_its_kv_dtype_and_a_real_bug_still_fails(tmp_pat
     buggy = _f16_kv_port(model, tmp_path / "bug.safetensors", q_norm_ones)
     rep = verify("numpy", f"dump:{buggy}", model_path=model)
     assert rep.first_divergence.name == "layers.0.q_norm", rep.sentence()
+
+
+def test_band_thresholds_come_from_the_references_own_spread(tmp_path):
+    """A bfloat16 dump (our torch model's taps) with one tap 5% off: inside bfloat16's one-size 0.08, outside
+    the band measured from the reference's own bfloat16 spread at that tap; the clean dump passes both."""
+    from qwen3lab.loading import load
+
+    model = make_model(tmp_path / "tiny", preset="tiny", vocab_size=512, seed=2)
+    taps = load(model, backend="torch", dtype="bfloat16").run(np.asarray(IDS), taps="all").taps
+    taps = {k: np.asarray(v, dtype=np.float32) for k, v in taps.items()}
+    clean = write_dump(tmp_path / "c.safetensors", taps, backend="p", dtype="bfloat16", input_ids=IDS)
+    off = write_dump(tmp_path / "o.safetensors", dict(taps, **{"layers.1.mlp_out": taps["layers.1.mlp_out"] * 1.05}),
+                     backend="p", dtype="bfloat16", input_ids=IDS)
+    assert verify("numpy", f"dump:{off}", model_path=model).overall_success  # 0.05 < 0.08: missed without a band
+    rep = verify("numpy", f"dump:{off}", model_path=model, band=True)
+    assert rep.first_divergence.name == "layers.1.mlp_out", rep.sentence()
+    assert any(n.startswith("--band:") for n in rep.notes), rep.notes
+    band = rep.tolerance.bands["layers.1.mlp_out"]
+    assert DTYPE_DEFAULTS["float32"].rel_max <= band.rel_max < 0.05, band
+    ok = verify("numpy", f"dump:{clean}", model_path=model, band=True)
+    assert ok.overall_success, ok.sentence()

@@ -359,6 +359,8 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
 @click.option("--map", "name_map", default=None, help="name/layout map for foreign dump names: FILE.toml or llama.cpp")
 @click.option("--kv-dtype", default=None, help="the candidate's KV-cache dtype (float16, bfloat16): loosens the "
                                                "taps after the cache [default: a dump's kv_dtype metadata]")
+@click.option("--band", is_flag=True, help="per-tap thresholds from the reference's own spread at the candidate's "
+                                        "precision vs float64")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first
     divergence named, and each failure labelled as its own op's error or inherited."""

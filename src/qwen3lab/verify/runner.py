@@ -129,7 +129,7 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
            mse_max: float | None = None, rel_max: float | None = None, stream: bool | None = None,
            stream_bytes: int = STREAM_BYTES, progress: Progress | None = None,
            quantised_reference: bool = False, name_map=None, isolated: str | None = None,
-           kv_dtype: str | None = None) -> VerifyReport:
+           kv_dtype: str | None = None, band: bool = False) -> VerifyReport:
     """Compare `candidate` against `reference` tap by tap; find the first divergence and the culprit op.
 
     reference / candidate: a spec string ("numpy", "torch", "hf", "dump:FILE", "module:Class",
@@ -146,7 +146,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     ("llama.cpp") for dumps with foreign names (namemap.py); `isolated`: "dump:FILE" (or FILE), the candidate
     dump's isolated twin (its ops run on the reference's inputs, export.py), which labels taps op/inherited.
     `kv_dtype`: the candidate's KV-cache dtype (else a dump's `kv_dtype` metadata), loosening the taps after
-    the cache (tolerances.py).
+    the cache (tolerances.py). `band`: per-tap thresholds from the reference's own spread at the candidate's
+    precision (band.py; prefill only).
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -182,6 +183,14 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
                                      kv_dtype=kv_dtype or getattr(cand.backend, "kv_dtype", None))
 
     names = tap_sites(cfg, probs=probs, layers=sel)
+    band_note = None
+    if band:
+        if decode_steps:
+            raise InputError("--band covers prefill taps only; drop --decode-steps")
+        from .band import band_tolerance
+
+        tol, band_note = band_tolerance(tol, ref.run(np.asarray(ids, dtype=np.int64), names).taps, cfg, path, ids,
+                                        names, cand.precision)
     ref_names = names
     if sel is not None:
         # the layer before each selected one: its output is what the isolation run grafts into the layer
@@ -193,6 +202,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
                           input_ids=ids, results=[], model_path=str(path) if path else None, test_input=text,
                           layers=sel, decode_steps=decode_steps, problems=problems, timings=timings,
                           kernels=_kernels_of(cand.backend))
+    if band_note:
+        report.notes.append(band_note)
     run = _DecodeRun if decode_steps else _PrefillRun
     run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
     for side in (ref, cand):  # a dump's tensors that were not compared, and why

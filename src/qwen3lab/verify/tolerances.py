@@ -69,10 +69,12 @@ class Tolerance:
     topk_match_min: float = 1.0
     name: str = "custom"
     kv: Tolerance | None = None  # the KV cache's, for the taps downstream of it (module docstring)
+    bands: dict | None = None  # {tap: Tolerance} from --band (band.py); taps not in it keep these thresholds
 
     def to_dict(self) -> dict:
         return {"name": self.name, "cos_min": self.cos_min, "rel_max": self.rel_max, "mse_max": self.mse_max,
-                "topk_match_min": self.topk_match_min, "kv": self.kv.to_dict() if self.kv else None}
+                "topk_match_min": self.topk_match_min, "kv": self.kv.to_dict() if self.kv else None,
+                "band": {k: {"rel_max": v.rel_max, "cos_min": v.cos_min} for k, v in (self.bands or {}).items()}}
 
 
 DTYPE_DEFAULTS: dict[str, Tolerance] = {
@@ -143,13 +145,20 @@ def tolerance_for(cand_dtype: str | None, ref_dtype: str | None = "float64", *, 
 
 def for_tap(tol: Tolerance, name: str, grafted: bool = False) -> Tolerance:
     """The tolerance of one tap: the KV cache's for the taps it reaches (all of them after layers.0's attention;
-    in a grafted run only the ones that read the cache), else the compute's."""
+    in a grafted run only the ones that read the cache), else the compute's; a --band threshold first."""
+    band = (tol.bands or {}).get(_no_step(name))
+    if band is not None:
+        return band
     if tol.kv is None:
         return tol
     _, layer, site = split_name(name)
     if site in KV_READERS or (not grafted and not (site in _BEFORE_CACHE and layer in (None, 0))):
         return replace(tol.kv, topk_match_min=tol.topk_match_min, mse_max=tol.mse_max)
     return tol
+
+
+def _no_step(name: str) -> str:
+    return name.split(".", 1)[1] if split_name(name)[0] is not None else name
 
 
 def check(m: TapMetrics, tol: Tolerance, site: str) -> list[str]:
