@@ -21,7 +21,7 @@ from ..config import Qwen3Config
 from ..errors import InputError
 from .backends import resolve
 from .dumpfile import file_sha256
-from .runner import parse_layers, resolve_input_ids
+from .inputs import parse_layers, resolve_input_ids
 
 
 def export_reference(path, reference="numpy", input_ids=None, *, model_path, test_input: str | None = None,

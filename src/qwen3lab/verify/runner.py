@@ -14,25 +14,23 @@ re-run routed as the candidate was (routing.py) and everything is compared with 
 
 from __future__ import annotations
 
-import operator
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
-from ..models.base import check_input_ids
-from ..taps import canonical_shape, dataflow_key, split_name, split_steps, tap_sites
+from ..taps import dataflow_key, split_name, split_steps, tap_sites
 from .backends import Side, resolve
 from .compare import FAILING, Comparator, TapResult, layer_selected
+from .inputs import DEFAULT_TEST_INPUT as DEFAULT_TEST_INPUT  # re-exported (qwen3lab.verify)
+from .inputs import estimate_bytes, is_dump, load_name_map, parse_layers, resolve_input_ids
 from .isolate import attach_isolated, label_origins
 from .report import VerifyReport
 from .store import DiskStore, MemoryStore, Without
 from .tolerances import Tolerance, normalize_dtype, tolerance_for
 
-DEFAULT_TEST_INPUT = "Hello, this is a test input"
 STREAM_BYTES = 1 << 30  # spill the reference's taps to disk past this estimated size
 
 
@@ -44,76 +42,6 @@ class Progress:
     def advance(self, phase: str, n: int = 1) -> None: ...
 
     def stop(self) -> None: ...
-
-
-def parse_layers(spec, num_layers: int) -> list[int] | None:
-    """'0-4' / '0,2,5-7' / [1, 2] / None -> sorted layer indices (errors name the bad part). Each index and
-    range end is checked against num_layers before a range is expanded, so '0-100000000000' is refused at once."""
-    if spec is None or spec == "" or spec == "all":
-        return None
-    last = f"the model has layers 0..{num_layers - 1}"
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        spec = [spec]
-    if not isinstance(spec, str):
-        try:
-            items = [operator.index(i) for i in spec]
-        except TypeError:
-            raise InputError(f"--layers {_short(spec)}: expected a spec like 0-4 or a list of layer indices") from None
-        bad = [i for i in items if not 0 <= i < num_layers]
-        if bad:
-            raise InputError(f"--layers: layer {_short(bad[0])} does not exist ({last})")
-        return sorted(set(items))
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            a, b = part.split("-", 1) if "-" in part else (part, part)
-            lo, hi = int(a), int(b)
-            if lo > hi:
-                raise ValueError
-        except ValueError:
-            raise InputError(f"--layers {_short(spec)}: {_short(part)} is not a layer index or range like 0-4") \
-                from None
-        if lo < 0 or hi >= num_layers:  # the first index of the part that does not exist is named
-            bad = lo if lo < 0 or lo >= num_layers else num_layers
-            raise InputError(f"--layers {_short(spec)}: layer {_short(bad)} does not exist ({last})")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
-
-
-def _short(v) -> str:
-    text = repr(v) if isinstance(v, str) else str(v)
-    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
-
-
-def resolve_input_ids(input_ids, test_input: str | None, model_path, sides: Iterable[Side], cfg) -> tuple:
-    """(ids, text): explicit ids, else the text tokenized, else a dump's own ids, else the default text."""
-    if input_ids is not None:
-        if isinstance(input_ids, str):
-            try:
-                input_ids = [int(x) for x in input_ids.replace(" ", "").split(",") if x]
-            except ValueError:
-                raise InputError(f"--ids {input_ids!r}: expected comma-separated integers like 1,2,3") from None
-        return check_input_ids(list(input_ids), cfg).tolist(), test_input
-    if test_input is None:
-        for s in sides:
-            if s.fixed_input_ids is not None:
-                return check_input_ids(s.fixed_input_ids, cfg).tolist(), None
-        test_input = DEFAULT_TEST_INPUT
-    from ..tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(model_path) if model_path is not None else Tokenizer.bundled()
-    return check_input_ids(tok.encode(test_input), cfg).tolist(), test_input
-
-
-def estimate_bytes(cfg, names: list[str], T: int) -> int:
-    total = 0
-    for n in names:
-        try:
-            total += int(np.prod(canonical_shape(cfg, n, T))) * 8
-        except KeyError:
-            pass
-    return total
 
 
 def _same_config(a: Qwen3Config, b: Qwen3Config) -> list[str]:
@@ -157,14 +85,14 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         raise InputError(f"{path}: no config.json (expected a checkpoint directory)")
     cfg = Qwen3Config.from_file(path) if path is not None else None
     ref_dt = reference_dtype or "float64"
-    nmap = _name_map(name_map)
+    nmap = load_name_map(name_map)
     ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt,
-                  role="reference", name_map=nmap if _is_dump(reference) else None)
+                  role="reference", name_map=nmap if is_dump(reference) else None)
     cfg = cfg or ref.cfg
     if isolated is not None:
         isolated = isolated[5:] if isolated.startswith("dump:") else isolated
     cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate",
-                   name_map=nmap if _is_dump(candidate) or not _is_dump(reference) else None, isolated=isolated)
+                   name_map=nmap if is_dump(candidate) or not is_dump(reference) else None, isolated=isolated)
     if quantised_reference:
         ref, cand.precision = _quantised_reference(reference, cand, path)  # judged at its activations' tolerance
     timings["load_s"] = time.perf_counter() - t
@@ -210,19 +138,6 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         if callable(getattr(side.backend, "uncompared", None)):
             report.notes += side.backend.uncompared(names, decode_steps, None if sel is None else set(sel))
     return report
-
-
-def _is_dump(spec) -> bool:
-    return isinstance(spec, str) and spec.startswith("dump:")
-
-
-def _name_map(spec):
-    """--map: None, a NameMap, or a file / built-in name to load."""
-    if spec is None or not isinstance(spec, (str, Path)):
-        return spec
-    from .namemap import NameMap
-
-    return NameMap.load(spec)
 
 
 def _quantised_reference(reference, cand: Side, path: Path | None) -> tuple[Side, str]:
