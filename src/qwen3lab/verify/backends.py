@@ -8,7 +8,8 @@ Specs:
 - `dump:FILE`: a safetensors tap dump (DESIGN.md format) written by any program. Its metadata is checked:
   `config_sha256` against the model's config.json (sha256 of the file's bytes, or of Qwen3Config.sha256()),
   `input_ids` against the ids being verified, `dtype` against --dtype. Differences become `problems` in the
-  report (an input_ids mismatch is an input error: the numbers would not be comparable);
+  report (an input_ids mismatch is an input error: the numbers would not be comparable). The dump backend
+  (dumpfile.py) also reads foreign names through a --map and an --isolated twin, and notes what it leaves out;
 - `module:Class` or `path/to/file.py:Class`: a user's Python backend, built as `Class(model_path, **options)`
   (options it accepts among device/dtype), with `run(input_ids, graft=None) -> dict[tap name, array]`, an
   optional `dtype` attribute and optional `run_decode(input_ids, decode_steps, graft=None) -> dict`.
