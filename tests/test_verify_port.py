@@ -192,3 +192,22 @@ def test_bad_maps_positions_and_extra_layers_are_named(dense, tmp_path):
     assert any("layer 3 does not exist" in n for n in rep.notes), rep.notes
     with pytest.raises(InputError, match="for dumps"):
         verify("numpy", "torch", model_path=dense, isolated="dump:x")
+
+
+def test_baseline_flags_a_tap_whose_error_grew_and_jsonl_has_every_tap(dense, tmp_path, capsys):
+    """A port's CI: the baseline of a clean float32 dump; then the port with ffn_down x1.00001, still inside
+    float32's tolerance (1e-5 < 1e-4) but 10x its clean error: the baseline names the tap that grew."""
+    clean, _ = Port(dense).dumps(tmp_path)
+    base, jl = tmp_path / "base.json", tmp_path / "taps.jsonl"
+    kw = dict(model_path=str(dense), name_map="llama.cpp")
+    assert run_verify_command(candidate=f"dump:{clean}", save_baseline=str(base), jsonl=str(jl), **kw) == 0
+    lines = [json.loads(x) for x in jl.read_text().splitlines()]
+    assert {x["name"] for x in lines} >= {"embed", "layers.1.mlp_out", "logits"}
+    assert run_verify_command(candidate=f"dump:{clean}", baseline=str(base), **kw) == 0
+    (tmp_path / "w").mkdir()
+    worse, _ = Port(dense, down_x(1, 1.00001)).dumps(tmp_path / "w")
+    assert verify("numpy", f"dump:{worse}", model_path=dense, name_map="llama.cpp").overall_success
+    capsys.readouterr()
+    assert run_verify_command(candidate=f"dump:{worse}", baseline=str(base), **kw) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "regressed since the baseline: layers.1.mlp_out" in out, out

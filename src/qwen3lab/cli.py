@@ -361,6 +361,10 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
                                                "taps after the cache [default: a dump's kv_dtype metadata]")
 @click.option("--band", is_flag=True, help="per-tap thresholds from the reference's own spread at the candidate's "
                                         "precision vs float64")
+@click.option("--save-baseline", default=None, type=click.Path(dir_okay=False), help="write each tap's error (JSON)")
+@click.option("--baseline", default=None, type=click.Path(dir_okay=False),
+              help="fail when a tap's error grew beyond noise since this --save-baseline file")
+@click.option("--jsonl", default=None, type=click.Path(dir_okay=False), help="write one JSON record per tap")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first
     divergence named, and each failure labelled as its own op's error or inherited."""

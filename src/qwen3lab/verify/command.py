@@ -11,7 +11,8 @@ html (HTML path), cos_min, mse_max, rel_max, preset ("simple"), taps ("layer" | 
 the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test,
 export_reference (write the reference's taps as a dump and stop: export.py), isolated ("dump:FILE", the candidate
 dump's run on the reference's inputs), name_map (--map: a TOML file or "llama.cpp", namemap.py), kv_dtype
-(the candidate's KV-cache dtype, tolerances.py), band (per-tap noise-floor thresholds, band.py).
+(the candidate's KV-cache dtype, tolerances.py), band (per-tap noise-floor thresholds, band.py), save_baseline /
+baseline / jsonl (a port's CI, baseline.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from .report_terminal import ROWS, RichProgress, render
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
-         "sweep", "self_test", "quantised_reference", "export_reference", "isolated", "name_map", "kv_dtype", "band"}
+         "sweep", "self_test", "quantised_reference", "export_reference", "isolated", "name_map", "kv_dtype", "band",
+         "save_baseline", "baseline", "jsonl"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -46,7 +48,7 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
          test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
          sweep=False, self_test=False, quantised_reference=False, export_reference=None, isolated=None,
-         name_map=None, kv_dtype=None, band=False) -> int:
+         name_map=None, kv_dtype=None, band=False, save_baseline=None, baseline=None, jsonl=None) -> int:
     from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
@@ -85,7 +87,26 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     render(rep, console, rows=taps)
     for option, p in outputs:
         console.print(f"wrote {_write_report(rep, option, p)}")
-    return 0 if rep.overall_success else 1
+    return _ci(console, rep, save_baseline, baseline, jsonl, rep.overall_success)
+
+
+def _ci(console: Console, rep, save_baseline, baseline, jsonl, ok: bool) -> int:
+    """--jsonl, --save-baseline, --baseline (baseline.py): a regression since the baseline fails the run."""
+    from ..guards import check_output_file
+    from .baseline import regressions, write_baseline, write_jsonl
+
+    if jsonl:
+        console.print(f"wrote {write_jsonl(rep, check_output_file(jsonl, '--jsonl'))}")
+    if save_baseline:
+        console.print(f"wrote {write_baseline(rep, check_output_file(save_baseline, '--save-baseline'))}")
+    if baseline:
+        grown = regressions(rep, baseline)
+        for line in grown:
+            console.print(f"[red]regressed since the baseline:[/] {line}", highlight=False)
+        if not grown:
+            console.print(f"no tap's error grew beyond noise since the baseline {baseline}")
+        ok = ok and not grown
+    return 0 if ok else 1
 
 
 def _export(console: Console, out, reference, path, ids, test_input, decode_steps, probs, layers) -> int:
