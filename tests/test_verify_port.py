@@ -211,3 +211,30 @@ def test_baseline_flags_a_tap_whose_error_grew_and_jsonl_has_every_tap(dense, tm
     assert run_verify_command(candidate=f"dump:{worse}", baseline=str(base), **kw) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "regressed since the baseline: layers.1.mlp_out" in out, out
+
+
+PLUGIN = '''
+from qwen3lab.models.numpy_ref import NumpyBackend
+
+
+class Port:
+    def __init__(self, model_path, scale="1.0"):
+        self.b = NumpyBackend.from_pretrained(model_path, dtype="float32")
+        self.b.weights["model.layers.1.mlp.down_proj.weight"] *= float(scale)
+        self.dtype = "float32"
+
+    def run(self, input_ids, graft=None):
+        return self.b.run(input_ids, taps="all", graft=graft).taps
+'''
+
+
+def test_candidate_opt_reaches_a_plugins_constructor(dense, tmp_path):
+    plug = tmp_path / "port.py"
+    plug.write_text(PLUGIN)
+    ok = verify("numpy", f"{plug}:Port", IDS, model_path=dense, candidate_opts=["scale=1.0"])
+    bad = verify("numpy", f"{plug}:Port", IDS, model_path=dense, candidate_opts={"scale": "1.5"})
+    assert ok.overall_success and bad.culprit.name == "layers.1.mlp_out", (ok.sentence(), bad.sentence())
+    with pytest.raises(InputError, match="no such option.*takes scale"):
+        verify("numpy", f"{plug}:Port", IDS, model_path=dense, candidate_opts=["threads=2"])
+    with pytest.raises(InputError, match="key=value"):
+        verify("numpy", f"{plug}:Port", IDS, model_path=dense, candidate_opts=["threads"])

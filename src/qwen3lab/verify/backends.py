@@ -258,16 +258,35 @@ def load_plugin_class(spec: str):
     return cls
 
 
+def _accepted(cls, spec: str, options: dict[str, str]) -> dict[str, str]:
+    """--candidate-opt key=value pairs, each one a parameter of the plugin's constructor (else an error naming
+    the ones it takes)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return dict(options)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    bad = sorted(set(options) - set(params))
+    if bad:
+        takes = ", ".join(p for p in params if p != "model_path") or "nothing"
+        raise InputError(f"--candidate-opt {bad[0]}: {spec}'s constructor takes no such option (it takes {takes})")
+    return dict(options)
+
+
 # ---- resolution ------------------------------------------------------------------------------------
 def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, device: str = "cpu",
-            dtype: str | None = None, role: str = "plugin", name_map=None, isolated: str | None = None) -> Side:
+            dtype: str | None = None, role: str = "plugin", name_map=None, isolated: str | None = None,
+            options: dict[str, str] | None = None) -> Side:
     """A spec string (or a backend object) -> Side. `dtype` None picks the backend's default. role ("candidate",
     "reference") names a plugin in its errors. name_map (namemap.NameMap) and isolated (the isolated twin's
-    path) are for dumps only."""
+    path) are for dumps only; options (--candidate-opt key=value) are passed to a plugin's constructor."""
     if not isinstance(spec, str):
         if not callable(getattr(spec, "run", None)) or getattr(spec, "cfg", None) is None:
             raise Qwen3LabError(f"{spec!r} is not a backend (needs .cfg and .run(input_ids, taps=, graft=))")
         return Side(spec, getattr(spec, "name", type(spec).__name__))
+    if options and not (":" in spec and not spec.startswith("dump:")):
+        raise InputError(f"--candidate-opt is for plugins (module:Class, file.py:Class); the {role} is {spec!r}")
     if (isolated is not None or name_map is not None) and not spec.startswith("dump:"):
         raise InputError(f"--isolated and --map are for dumps (dump:FILE); the {role} is {spec!r}")
     if spec in BUILTIN:
@@ -298,6 +317,7 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         except (TypeError, ValueError):
             opts = {}
         opts = {k: v for k, v in opts.items() if v is not None}
+        opts.update(_accepted(cls, spec, options or {}))
         try:
             obj = cls(str(model_path) if model_path is not None else None, **opts)
         except Qwen3LabError:

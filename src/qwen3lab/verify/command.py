@@ -12,7 +12,7 @@ the terminal table), probs (also compare attention probs), stream (None = automa
 export_reference (write the reference's taps as a dump and stop: export.py), isolated ("dump:FILE", the candidate
 dump's run on the reference's inputs), name_map (--map: a TOML file or "llama.cpp", namemap.py), kv_dtype
 (the candidate's KV-cache dtype, tolerances.py), band (per-tap noise-floor thresholds, band.py), save_baseline /
-baseline / jsonl (a port's CI, baseline.py).
+baseline / jsonl (a port's CI, baseline.py), candidate_opt (["key=value"]: a plugin's constructor options).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .report_terminal import ROWS, RichProgress, render
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
          "sweep", "self_test", "quantised_reference", "export_reference", "isolated", "name_map", "kv_dtype", "band",
-         "save_baseline", "baseline", "jsonl"}
+         "save_baseline", "baseline", "jsonl", "candidate_opt"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -48,7 +48,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
          test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
          sweep=False, self_test=False, quantised_reference=False, export_reference=None, isolated=None,
-         name_map=None, kv_dtype=None, band=False, save_baseline=None, baseline=None, jsonl=None) -> int:
+         name_map=None, kv_dtype=None, band=False, save_baseline=None, baseline=None, jsonl=None,
+         candidate_opt=()) -> int:
     from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
@@ -83,7 +84,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     rep = verify(reference, candidate, ids, model_path=path, test_input=test_input, device=device, dtype=dtype,
                  layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
                  progress=RichProgress(), quantised_reference=quantised_reference, name_map=name_map,
-                 isolated=isolated, kv_dtype=kv_dtype, band=band, **tol_kw)
+                 isolated=isolated, kv_dtype=kv_dtype, band=band, candidate_opts=list(candidate_opt or ()),
+                 **tol_kw)
     render(rep, console, rows=taps)
     for option, p in outputs:
         console.print(f"wrote {_write_report(rep, option, p)}")

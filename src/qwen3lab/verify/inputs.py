@@ -98,3 +98,14 @@ def load_name_map(spec):
     from .namemap import NameMap
 
     return NameMap.load(spec)
+
+
+def parse_options(pairs) -> dict[str, str]:
+    """--candidate-opt key=value (repeatable) -> {key: value}; values stay strings (the plugin converts)."""
+    out: dict[str, str] = {}
+    for p in pairs or ():
+        key, eq, value = str(p).partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise InputError(f"--candidate-opt {p!r}: expected key=value with key a Python identifier")
+        out[key.strip()] = value
+    return out

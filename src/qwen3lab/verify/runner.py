@@ -25,7 +25,7 @@ from ..taps import dataflow_key, split_name, split_steps, tap_sites
 from .backends import Side, resolve
 from .compare import FAILING, Comparator, TapResult, layer_selected
 from .inputs import DEFAULT_TEST_INPUT as DEFAULT_TEST_INPUT  # re-exported (qwen3lab.verify)
-from .inputs import estimate_bytes, is_dump, load_name_map, parse_layers, resolve_input_ids
+from .inputs import estimate_bytes, is_dump, load_name_map, parse_layers, parse_options, resolve_input_ids
 from .isolate import attach_isolated, label_origins
 from .report import VerifyReport
 from .store import DiskStore, MemoryStore, Without
@@ -57,7 +57,7 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
            mse_max: float | None = None, rel_max: float | None = None, stream: bool | None = None,
            stream_bytes: int = STREAM_BYTES, progress: Progress | None = None,
            quantised_reference: bool = False, name_map=None, isolated: str | None = None,
-           kv_dtype: str | None = None, band: bool = False) -> VerifyReport:
+           kv_dtype: str | None = None, band: bool = False, candidate_opts=None) -> VerifyReport:
     """Compare `candidate` against `reference` tap by tap; find the first divergence and the culprit op.
 
     reference / candidate: a spec string ("numpy", "torch", "hf", "dump:FILE", "module:Class",
@@ -75,7 +75,7 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     dump's isolated twin (its ops run on the reference's inputs, export.py), which labels taps op/inherited.
     `kv_dtype`: the candidate's KV-cache dtype (else a dump's `kv_dtype` metadata), loosening the taps after
     the cache (tolerances.py). `band`: per-tap thresholds from the reference's own spread at the candidate's
-    precision (band.py; prefill only).
+    precision (band.py; prefill only). `candidate_opts`: {key: value} or ["key=value"] for a plugin's constructor.
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -92,7 +92,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     if isolated is not None:
         isolated = isolated[5:] if isolated.startswith("dump:") else isolated
     cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate",
-                   name_map=nmap if is_dump(candidate) or not is_dump(reference) else None, isolated=isolated)
+                   name_map=nmap if is_dump(candidate) or not is_dump(reference) else None, isolated=isolated,
+                   options=candidate_opts if isinstance(candidate_opts, dict) else parse_options(candidate_opts))
     if quantised_reference:
         ref, cand.precision = _quantised_reference(reference, cand, path)  # judged at its activations' tolerance
     timings["load_s"] = time.perf_counter() - t
