@@ -54,6 +54,10 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
     outputs = _check_outputs(output, html)
+    from ..guards import check_output_file
+
+    jsonl, save_baseline = (check_output_file(p, o) if p else None
+                            for o, p in (("--jsonl", jsonl), ("--save-baseline", save_baseline)))
     taps = taps or "layer"
     if taps not in ROWS:
         raise Qwen3LabError(f"--taps {taps!r}: choose one of {', '.join(ROWS)}")
@@ -94,13 +98,12 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
 def _ci(console: Console, rep, save_baseline, baseline, jsonl, ok: bool) -> int:
     """--jsonl, --save-baseline, --baseline (baseline.py): a regression since the baseline fails the run."""
-    from ..guards import check_output_file
     from .baseline import regressions, write_baseline, write_jsonl
 
-    if jsonl:
-        console.print(f"wrote {write_jsonl(rep, check_output_file(jsonl, '--jsonl'))}")
+    if jsonl:  # both checked writable before the run
+        console.print(f"wrote {write_jsonl(rep, jsonl)}")
     if save_baseline:
-        console.print(f"wrote {write_baseline(rep, check_output_file(save_baseline, '--save-baseline'))}")
+        console.print(f"wrote {write_baseline(rep, save_baseline)}")
     if baseline:
         grown = regressions(rep, baseline)
         for line in grown:
