@@ -78,7 +78,8 @@ def test_f16_kv_port_passes_with_its_kv_dtype_and_a_real_bug_still_fails(tmp_pat
     assert rep.first_divergence.name == "layers.0.q_norm", rep.sentence()
 
 
-def test_band_thresholds_come_from_the_references_own_spread(tmp_path):
+@pytest.mark.slow  # loads the torch model (~2 s)
+def test_band_thresholds_come_from_the_references_own_spread(tmp_path, one_torch_thread):
     """A bfloat16 dump (our torch model's taps) with one tap 5% off: inside bfloat16's one-size 0.08, outside
     the band measured from the reference's own bfloat16 spread at that tap; the clean dump passes both."""
     from qwen3lab.loading import load
