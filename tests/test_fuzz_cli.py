@@ -75,6 +75,9 @@ def assert_refused(res, *names: str) -> str:
 FILE_OUTPUTS = [
     (["verify"], "--output", ["--model-path", "{model}"], ".json"),
     (["verify"], "--html", ["--model-path", "{model}"], ".html"),
+    (["verify"], "--jsonl", ["--model-path", "{model}"], ".jsonl"),
+    (["verify"], "--save-baseline", ["--model-path", "{model}"], ".json"),
+    (["verify"], "--export-reference", ["--model-path", "{model}"], ".safetensors"),
     (["tiny"], "--output", [], ".json"),
     (["tiny"], "--save-weights", [], ".safetensors"),
     (["bench", "attention"], "--json", ["--preset", "tiny", "--no-hf"], ".json"),

@@ -379,6 +379,20 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
 @click.option("--self-test", is_flag=True, help="plant known bugs and show verify names each one")
 @click.option("--ndev", type=int, default=1, show_default=True,
               help="run the torch candidate on N tensor-parallel ranks; their taps are gathered to full shapes")
+@click.option("--export-reference", default=None, type=click.Path(dir_okay=False),
+              help="write the reference's taps, ids and positions as a dump (for a port's isolated run) and stop")
+@click.option("--isolated", default=None, help="dump:FILE: the candidate dump's run on the reference's inputs "
+                                               "(labels failing taps op / inherited)")
+@click.option("--map", "name_map", default=None, help="name/layout map for foreign dump names: FILE.toml or llama.cpp")
+@click.option("--kv-dtype", default=None, help="the candidate's KV-cache dtype (float16, bfloat16): loosens the "
+                                               "taps after the cache [default: a dump's kv_dtype metadata]")
+@click.option("--band", is_flag=True, help="per-tap thresholds from the reference's own spread at the candidate's "
+                                        "precision vs float64")
+@click.option("--save-baseline", default=None, type=click.Path(dir_okay=False), help="write each tap's error (JSON)")
+@click.option("--baseline", default=None, type=click.Path(dir_okay=False),
+              help="fail when a tap's error grew beyond noise since this --save-baseline file")
+@click.option("--jsonl", default=None, type=click.Path(dir_okay=False), help="write one JSON record per tap")
+@click.option("--candidate-opt", multiple=True, help="key=value for a plugin candidate's constructor (repeatable)")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first
     divergence named, and each failure labelled as its own op's error or inherited."""

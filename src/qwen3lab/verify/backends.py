@@ -8,7 +8,8 @@ Specs:
 - `dump:FILE`: a safetensors tap dump (DESIGN.md format) written by any program. Its metadata is checked:
   `config_sha256` against the model's config.json (sha256 of the file's bytes, or of Qwen3Config.sha256()),
   `input_ids` against the ids being verified, `dtype` against --dtype. Differences become `problems` in the
-  report (an input_ids mismatch is an input error: the numbers would not be comparable);
+  report (an input_ids mismatch is an input error: the numbers would not be comparable). The dump backend
+  (dumpfile.py) also reads foreign names through a --map and an --isolated twin, and notes what it leaves out;
 - `module:Class` or `path/to/file.py:Class`: a user's Python backend, built as `Class(model_path, **options)`
   (options it accepts among device/dtype), with `run(input_ids, graft=None) -> dict[tap name, array]`, an
   optional `dtype` attribute and optional `run_decode(input_ids, decode_steps, graft=None) -> dict`.
@@ -38,6 +39,7 @@ from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
 from ..loading import BACKENDS as BUILTIN  # the backends qwen3lab.load knows by name
 from ..models.base import RunResult
+from .dumpfile import DumpBackend, file_sha256  # noqa: F401 - file_sha256 re-exported
 from .tolerances import normalize_dtype
 
 
@@ -149,80 +151,7 @@ def decode_by_recompute(side: Side, input_ids, decode_steps: int, names) -> RunR
     return RunResult(logits if logits is not None else pre.logits, taps)
 
 
-# ---- dumps -----------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-class DumpBackend:
-    """A tap dump as a backend: run() returns the dump's taps. Cannot graft (isolation is skipped)."""
-
-    supports_graft = False
-    name = "dump"
-
-    def __init__(self, path: str | Path, cfg: Qwen3Config):
-        self.path = Path(path)
-        self.cfg = cfg
-        self.taps, self.meta = _taps.read_dump(self.path)
-        self.dtype = normalize_dtype(self.meta.get("dtype") or _dominant_dtype(self.taps))
-        self.fixed_input_ids = self.meta.get("input_ids")
-
-    def _check_ids(self, input_ids) -> None:
-        ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
-        if self.fixed_input_ids is not None and ids != self.fixed_input_ids:
-            raise InputError(
-                f"{self.path}: the dump was made for input_ids {_short(self.fixed_input_ids)} but verify was "
-                f"asked for {_short(ids)}; run verify with --ids {','.join(map(str, self.fixed_input_ids))} "
-                f"(or leave --ids/--test-input out to use the dump's)"
-            )
-
-    def _select(self, names, decode: bool) -> dict[str, np.ndarray]:
-        rec = _taps.record(names)
-        return {k: v for k, v in self.taps.items()
-                if (decode or _taps.split_name(k)[0] is None) and (names is None or rec.selects(k, optional=True))}
-
-    def run(self, input_ids, taps=None, graft=None) -> RunResult:
-        self._check_ids(input_ids)
-        out = self._select(taps, decode=False)
-        logits = self.taps.get("logits")
-        return RunResult(np.asarray(logits) if logits is not None else np.zeros((0, 0)), out)
-
-    def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
-        self._check_ids(input_ids)
-        steps = {_taps.split_name(k)[0] for k in self.taps} - {None}
-        if not steps:
-            raise InputError(f"{self.path}: --decode-steps {decode_steps} was asked for but the dump has no "
-                             f"step{{j}}. taps")
-        return RunResult(np.asarray(self.taps.get("logits", np.zeros((0, 0)))), self._select(taps, decode=True))
-
-    def problems(self, model_config: Path | None, want_dtype: str | None) -> list[str]:
-        out = []
-        m = self.meta
-        if m.get("format") is None:
-            out.append(f"{self.path}: metadata has no 'format' (expected {_taps.DUMP_FORMAT!r}); read as a tap dump")
-        got = m.get("config_sha256")
-        if got and model_config is not None and model_config.exists():
-            mine = {file_sha256(model_config), self.cfg.sha256()}
-            if got not in mine:
-                out.append(f"{self.path}: config_sha256 {got[:12]}... does not match {model_config} "
-                           f"(sha256 {file_sha256(model_config)[:12]}...): the dump may come from another model")
-        elif not got:
-            out.append(f"{self.path}: metadata has no config_sha256; cannot check it was made from {model_config}")
-        if want_dtype and m.get("dtype") and normalize_dtype(m["dtype"]) != normalize_dtype(want_dtype):
-            out.append(f"{self.path}: dump dtype {m['dtype']!r} differs from --dtype {want_dtype!r}; "
-                       f"tolerances follow the dump's dtype")
-        return out
-
-
-def _dominant_dtype(taps: Mapping[str, np.ndarray]) -> str:
-    for v in taps.values():
-        if np.issubdtype(np.asarray(v).dtype, np.floating):
-            return str(np.asarray(v).dtype)
-    return "float32"
-
-
-def _short(ids: list[int], n: int = 12) -> str:
-    return "[" + ", ".join(map(str, ids[:n])) + (f", ... ({len(ids)} ids)]" if len(ids) > n else "]")
+# ---- dumps: dumpfile.py ------------------------------------------------------------------------
 
 
 # ---- plugins ---------------------------------------------------------------------------------------
@@ -329,15 +258,37 @@ def load_plugin_class(spec: str):
     return cls
 
 
+def _accepted(cls, spec: str, options: dict[str, str]) -> dict[str, str]:
+    """--candidate-opt key=value pairs, each one a parameter of the plugin's constructor (else an error naming
+    the ones it takes)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return dict(options)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    bad = sorted(set(options) - set(params))
+    if bad:
+        takes = ", ".join(p for p in params if p != "model_path") or "nothing"
+        raise InputError(f"--candidate-opt {bad[0]}: {spec}'s constructor takes no such option (it takes {takes})")
+    return dict(options)
+
+
 # ---- resolution ------------------------------------------------------------------------------------
 def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, device: str = "cpu",
-            dtype: str | None = None, role: str = "plugin") -> Side:
+            dtype: str | None = None, role: str = "plugin", name_map=None, isolated: str | None = None,
+            options: dict[str, str] | None = None) -> Side:
     """A spec string (or a backend object) -> Side. `dtype` None picks the backend's default. role ("candidate",
-    "reference") names a plugin in its errors."""
+    "reference") names a plugin in its errors. name_map (namemap.NameMap) and isolated (the isolated twin's
+    path) are for dumps only; options (--candidate-opt key=value) are passed to a plugin's constructor."""
     if not isinstance(spec, str):
         if not callable(getattr(spec, "run", None)) or getattr(spec, "cfg", None) is None:
             raise Qwen3LabError(f"{spec!r} is not a backend (needs .cfg and .run(input_ids, taps=, graft=))")
         return Side(spec, getattr(spec, "name", type(spec).__name__))
+    if options and not (":" in spec and not spec.startswith("dump:")):
+        raise InputError(f"--candidate-opt is for plugins (module:Class, file.py:Class); the {role} is {spec!r}")
+    if (isolated is not None or name_map is not None) and not spec.startswith("dump:"):
+        raise InputError(f"--isolated and --map are for dumps (dump:FILE); the {role} is {spec!r}")
     if spec in BUILTIN:
         from ..loading import load
 
@@ -353,7 +304,7 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         cfg = Qwen3Config.from_file(model_path)
     if spec.startswith("dump:"):
         path = Path(spec[5:])
-        b = DumpBackend(path, cfg)
+        b = DumpBackend(path, cfg, name_map=name_map, isolated=isolated)
         cfg_file = None if model_path is None else Path(model_path) / "config.json"
         return Side(b, spec, label=f"dump {path.name} ({b.dtype})", problems=b.problems(cfg_file, dtype))
     if ":" in spec:
@@ -366,6 +317,7 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         except (TypeError, ValueError):
             opts = {}
         opts = {k: v for k, v in opts.items() if v is not None}
+        opts.update(_accepted(cls, spec, options or {}))
         try:
             obj = cls(str(model_path) if model_path is not None else None, **opts)
         except Qwen3LabError:

@@ -8,7 +8,11 @@ Options (the CLI flag is the option name with dashes): model_path, reference ("n
 for torch and torch-fast; "int8" / "int4" = those weights, torch-fast only), test_input, ids
 ("1,2,3"), layers ("0-4"), decode_steps, isolate (None = automatic, True/False), output (JSON path),
 html (HTML path), cos_min, mse_max, rel_max, preset ("simple"), taps ("layer" | "sublayer" | "all": rows of
-the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test.
+the terminal table), probs (also compare attention probs), stream (None = automatic), sweep, self_test,
+export_reference (write the reference's taps as a dump and stop: export.py), isolated ("dump:FILE", the candidate
+dump's run on the reference's inputs), name_map (--map: a TOML file or "llama.cpp", namemap.py), kv_dtype
+(the candidate's KV-cache dtype, tolerances.py), band (per-tap noise-floor thresholds, band.py), save_baseline /
+baseline / jsonl (a port's CI, baseline.py), candidate_opt (["key=value"]: a plugin's constructor options).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from .report_terminal import ROWS, RichProgress, render
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
-         "sweep", "self_test", "quantised_reference", "ndev"}
+         "sweep", "self_test", "quantised_reference", "ndev", "export_reference", "isolated", "name_map", "kv_dtype",
+         "band", "save_baseline", "baseline", "jsonl", "candidate_opt"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -42,11 +47,17 @@ def run_verify_command(console: Console | None = None, **opts) -> int:
 def _run(console: Console, model_path=None, reference="numpy", candidate="torch", device="cpu", dtype=None,
          test_input=None, ids=None, layers=None, decode_steps=0, isolate=None, output=None, html=None,
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
-         sweep=False, self_test=False, quantised_reference=False, ndev=1) -> int:
+         sweep=False, self_test=False, quantised_reference=False, ndev=1, export_reference=None, isolated=None,
+         name_map=None, kv_dtype=None, band=False, save_baseline=None, baseline=None, jsonl=None,
+         candidate_opt=()) -> int:
     from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
     outputs = _check_outputs(output, html)
+    from ..guards import check_output_file
+
+    jsonl, save_baseline = (check_output_file(p, o) if p else None
+                            for o, p in (("--jsonl", jsonl), ("--save-baseline", save_baseline)))
     taps = taps or "layer"
     if taps not in ROWS:
         raise Qwen3LabError(f"--taps {taps!r}: choose one of {', '.join(ROWS)}")
@@ -62,6 +73,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     path = resolve_model_path(model_path) if needs_model else None
     if path is not None and layers is not None:
         _check_layers(path, layers)
+    if export_reference:
+        return _export(console, export_reference, reference, path, ids, test_input, decode_steps, probs, layers)
     tol_kw = dict(preset=preset, cos_min=cos_min, mse_max=mse_max, rel_max=rel_max)
     if sweep:
         from .sweep import run_sweep
@@ -78,11 +91,13 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     try:
         rep = verify(reference, candidate, ids, model_path=path, test_input=test_input, device=device, dtype=dtype,
                      layers=layers, decode_steps=decode_steps, isolate=isolate, probs=probs, stream=stream,
-                     progress=RichProgress(), quantised_reference=quantised_reference, **tol_kw)
+                     progress=RichProgress(), quantised_reference=quantised_reference, name_map=name_map,
+                     isolated=isolated, kv_dtype=kv_dtype, band=band, candidate_opts=list(candidate_opt or ()),
+                     **tol_kw)
     finally:
         if tp is not None:
             tp.close()
-    return _report(console, rep, taps, outputs)
+    return _report(console, rep, taps, outputs, save_baseline, baseline, jsonl)
 
 
 def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
@@ -97,11 +112,42 @@ def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
     return TPBackend(tp), tp
 
 
-def _report(console, rep, taps, outputs) -> int:
+def _report(console, rep, taps, outputs, save_baseline, baseline, jsonl) -> int:
     render(rep, console, rows=taps)
     for option, p in outputs:
         console.print(f"wrote {_write_report(rep, option, p)}")
-    return 0 if rep.overall_success else 1
+    return _ci(console, rep, save_baseline, baseline, jsonl, rep.overall_success)
+
+
+def _ci(console: Console, rep, save_baseline, baseline, jsonl, ok: bool) -> int:
+    """--jsonl, --save-baseline, --baseline (baseline.py): a regression since the baseline fails the run."""
+    from .baseline import regressions, write_baseline, write_jsonl
+
+    if jsonl:  # both checked writable before the run
+        console.print(f"wrote {write_jsonl(rep, jsonl)}")
+    if save_baseline:
+        console.print(f"wrote {write_baseline(rep, save_baseline)}")
+    if baseline:
+        grown = regressions(rep, baseline)
+        for line in grown:
+            console.print(f"[red]regressed since the baseline:[/] {line}", highlight=False)
+        if not grown:
+            console.print(f"no tap's error grew beyond noise since the baseline {baseline}")
+        ok = ok and not grown
+    return 0 if ok else 1
+
+
+def _export(console: Console, out, reference, path, ids, test_input, decode_steps, probs, layers) -> int:
+    """--export-reference: the reference's taps as a dump, for a port's isolated run (export.py)."""
+    from ..guards import check_output_file
+    from .export import export_reference
+
+    if path is None:
+        raise Qwen3LabError("--export-reference needs --model-path (the model the port runs)")
+    written, n = export_reference(check_output_file(out, "--export-reference"), reference, ids, model_path=path,
+                                  test_input=test_input, decode_steps=decode_steps, probs=probs, layers=layers)
+    console.print(f"wrote {written}: {n} reference taps ({reference}), input_ids and positions in the dump format")
+    return 0
 
 
 def _check_outputs(output, html) -> list:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..taps import dataflow_key, split_name
 from .metrics import TapMetrics, axes_for, compare_arrays, compare_topk_idx, compare_topk_weight, valid_expert_ids
-from .tolerances import Tolerance, check
+from .tolerances import Tolerance, check, for_tap
 
 FAILING = ("fail", "shape_mismatch", "invalid")
 ATTN_BLOCK = ("attn_in", "q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "probs", "attn", "attn_out",
@@ -73,11 +73,15 @@ class Comparator:
     """Compares taps one at a time against a tolerance. Keeps the last topk_idx of each side so a
     following topk_weight can be aligned by expert id even when taps stream."""
 
-    def __init__(self, cfg, tol: Tolerance):
+    def __init__(self, cfg, tol: Tolerance, grafted: bool = False):
         self.cfg = cfg
         self.tol = tol
+        # grafted run: the op after topk_idx consumed the reference's ids (the graft pinned them), so the
+        # candidate's topk_weight belongs to those ids, not to the topk_idx it recorded
+        self.grafted = grafted
         self._idx: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
         self._router: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # router_logits, for near-tie routing
+        self._router_failed: set[str] = set()  # router_logits taps that failed: no near-tie excuse after them
 
     def align_weights_to(self, idx_name: str, ref_idx: np.ndarray) -> None:
         """The expert ids the reference's topk_weight belongs to, when that is not the topk_idx it was compared
@@ -114,8 +118,10 @@ class Comparator:
         if m is None:
             res.status, res.reasons = "invalid", why
             return res
-        res.reasons = why + check(m, self.tol, site)
+        res.reasons = why + check(m, for_tap(self.tol, name, self.grafted), site)
         res.status = "fail" if res.reasons else "pass"
+        if site == "router_logits" and res.status == "fail":
+            self._router_failed.add(name)
         return res
 
     def _metrics(self, name: str, site: str, cand: np.ndarray, ref: np.ndarray) -> tuple[TapMetrics | None, list]:
@@ -127,10 +133,14 @@ class Comparator:
                     self._idx[name] = (None, None)
                     return None, [f"{side} topk_idx {bad}"]
             self._idx[name] = (cand, ref)
-            rl = self._router.get(name.replace("topk_idx", "router_logits"), (None, None))
-            return compare_topk_idx(cand, ref, E, rl[0], rl[1]), []
+            rname = name.replace("topk_idx", "router_logits")
+            # a failing router cannot excuse its own choices as near ties (its error is the bug, not rounding)
+            rl = (None, None) if rname in self._router_failed else self._router.get(rname, (None, None))
+            return compare_topk_idx(cand, ref, E, rl[0], rl[1], rel_cap=self.tol.rel_max), []
         if site == "topk_weight" and E:
             ci, ri = self._idx.get(name.replace("topk_weight", "topk_idx"), (None, None))
+            if self.grafted and ri is not None:
+                ci = ri  # the weights were gathered at the grafted (reference's) experts
             if ci is not None and ri is not None and ci.shape == cand.shape and ri.shape == ref.shape:
                 return compare_topk_weight(cand, ref, ci, ri, E), []
             # without both sides' expert ids the weights can only be compared slot by slot

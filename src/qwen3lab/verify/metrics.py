@@ -176,9 +176,11 @@ def valid_expert_ids(idx: np.ndarray, num_experts: int) -> str | None:
 
 
 def compare_topk_idx(cand: np.ndarray, ref: np.ndarray, num_experts: int, cand_logits: np.ndarray | None = None,
-                     ref_logits: np.ndarray | None = None) -> TapMetrics:
+                     ref_logits: np.ndarray | None = None, rel_cap: float | None = None) -> TapMetrics:
     """Set comparison per token; numeric fields from the [T, E] multi-hot masks. With both sides' router
-    logits [T, E], differing tokens that are near ties (module docstring) are counted in near_tie_tokens."""
+    logits [T, E], differing tokens that are near ties (module docstring) are counted in near_tie_tokens;
+    `rel_cap` (the tolerance's rel_max) caps the logit error a near tie may claim, so a wrong router cannot
+    excuse its own wrong choices."""
     mc, mr = topk_mask(cand, num_experts), topk_mask(ref, num_experts)
     m = compare_arrays(mc, mr, ("token", "expert"))
     same = np.all(mc == mr, axis=-1)  # [T]
@@ -186,17 +188,22 @@ def compare_topk_idx(cand: np.ndarray, ref: np.ndarray, num_experts: int, cand_l
     m.tokens = int(same.size)
     if cand_logits is not None and ref_logits is not None and np.shape(cand_logits) == np.shape(ref_logits) \
             and np.shape(ref_logits) == mr.shape:
-        m.near_tie_tokens = sum(near_tie(mc[t], mr[t], cand_logits[t], ref_logits[t]) for t in np.flatnonzero(~same))
+        m.near_tie_tokens = sum(near_tie(mc[t], mr[t], cand_logits[t], ref_logits[t], rel_cap)
+                               for t in np.flatnonzero(~same))
     return m
 
 
-def near_tie(cand_mask: np.ndarray, ref_mask: np.ndarray, cand_logits: np.ndarray, ref_logits: np.ndarray) -> bool:
-    """Whether one token's different expert choice is explained by its router-logit error (r_a - r_b <= 2 err)."""
+def near_tie(cand_mask: np.ndarray, ref_mask: np.ndarray, cand_logits: np.ndarray, ref_logits: np.ndarray,
+             rel_cap: float | None = None) -> bool:
+    """Whether one token's different expert choice is explained by its router-logit error (r_a - r_b <= 2 err),
+    err capped at rel_cap * max |r| (what the dtype's tolerance allows a correct router)."""
     r = np.asarray(ref_logits, dtype=np.float64)
     c = np.asarray(cand_logits, dtype=np.float64)
     if not (np.all(np.isfinite(r)) and np.all(np.isfinite(c))):
         return False
     err = float(np.max(np.abs(c - r)))
+    if rel_cap is not None:
+        err = min(err, rel_cap * float(np.max(np.abs(r))))
     dropped = r[(ref_mask > 0) & (cand_mask == 0)]
     added = r[(cand_mask > 0) & (ref_mask == 0)]
     if dropped.size == 0 or added.size == 0:

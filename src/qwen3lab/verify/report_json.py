@@ -21,7 +21,8 @@
   "isolation": str,                  "ran", or why it did not
   "decode_steps": int,
   "layers": [int] | null,            the --layers selection
-  "tolerance": {"name", "cos_min", "rel_max", "mse_max", "topk_match_min"},
+  "tolerance": {"name", "cos_min", "rel_max", "mse_max", "topk_match_min",
+                "kv": {...} | null (KV-cache tolerance), "band": {tap: {"rel_max", "cos_min"}} (--band)},
   "problems": [str],                 metadata / config mismatches found on the way
   "notes": [str],                    how the comparison was made (e.g. MoE routing pinned at near ties)
   "timings": {"load_s", "reference_s", "candidate_s", "isolation_s"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -78,13 +79,14 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
     show_origin = any(r.origin for r in rep.results)
     # on a narrow terminal the cosine column goes (the relative error says the same; JSON/HTML keep both)
-    show_cos = console.width >= 100
+    show_cos = console.width >= 100 or not console.is_terminal
     cols = [("layer", "left", True), ("taps ok", "left", True), ("worst tap", "left", True),
             ("cosine", "right", show_cos), ("rel err", "right", True), ("max abs @ where", "left", True),
             ("origin", "left", show_origin)]
     keep = [i for i, c in enumerate(cols) if c[2]]
     for i in keep:
-        table.add_column(cols[i][0], justify=cols[i][1], no_wrap=cols[i][0] != "origin")
+        # fold, never cut: a name or number that does not fit wraps onto the next line instead of "2.14e…"
+        table.add_column(cols[i][0], justify=cols[i][1], no_wrap=cols[i][0] != "origin", overflow="fold")
     if rows == "all":
         rows_cells = [_row_cells(r.name, [r], r if r.passed is not None or r.metrics else None, r.passed,
                                  show_site=False) for r in rep.results]
@@ -93,12 +95,29 @@ def render(rep: VerifyReport, console: Console | None = None, rows: str = "layer
                       for g in rep.groups(sublayers=rows == "sublayer")]
     for cells in rows_cells:
         table.add_row(*[cells[i] for i in keep])
-    console.print(table)
+    # piped (not a terminal): the table at its full width, not rich's 80-column default
+    _print_full_width(console, table)
     style = "bold green" if rep.overall_success else "bold red"
     console.print(Text(rep.sentence(), style=style))
     t = rep.timings
     if t:
         console.print("[dim]" + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in t.items()) + "[/]")
+
+
+def _print_full_width(console: Console, table: Table) -> None:
+    """On a terminal: as wide as the terminal (cells fold). Piped: as wide as the table's widest cells side by
+    side, so nothing is folded or cut at rich's 80-column default (print(width=) cannot exceed console.width,
+    so the console's width is raised for this one print)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+    prev = console._width  # None = rich's default; restored as it was
+    console.width = max(console.width, natural)
+    try:
+        console.print(table)
+    finally:
+        console._width = prev
 
 
 def _ranges(ix: list[int]) -> str:

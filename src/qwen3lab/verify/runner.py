@@ -14,25 +14,23 @@ re-run routed as the candidate was (routing.py) and everything is compared with 
 
 from __future__ import annotations
 
-import operator
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
-from ..models.base import check_input_ids
-from ..taps import canonical_shape, dataflow_key, split_name, split_steps, tap_sites
+from ..taps import dataflow_key, split_name, split_steps, tap_sites
 from .backends import Side, resolve
 from .compare import FAILING, Comparator, TapResult, layer_selected
+from .inputs import DEFAULT_TEST_INPUT as DEFAULT_TEST_INPUT  # re-exported (qwen3lab.verify)
+from .inputs import estimate_bytes, is_dump, load_name_map, parse_layers, parse_options, resolve_input_ids
 from .isolate import attach_isolated, label_origins
 from .report import VerifyReport
 from .store import DiskStore, MemoryStore, Without
 from .tolerances import Tolerance, normalize_dtype, tolerance_for
 
-DEFAULT_TEST_INPUT = "Hello, this is a test input"
 STREAM_BYTES = 1 << 30  # spill the reference's taps to disk past this estimated size
 
 
@@ -44,76 +42,6 @@ class Progress:
     def advance(self, phase: str, n: int = 1) -> None: ...
 
     def stop(self) -> None: ...
-
-
-def parse_layers(spec, num_layers: int) -> list[int] | None:
-    """'0-4' / '0,2,5-7' / [1, 2] / None -> sorted layer indices (errors name the bad part). Each index and
-    range end is checked against num_layers before a range is expanded, so '0-100000000000' is refused at once."""
-    if spec is None or spec == "" or spec == "all":
-        return None
-    last = f"the model has layers 0..{num_layers - 1}"
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        spec = [spec]
-    if not isinstance(spec, str):
-        try:
-            items = [operator.index(i) for i in spec]
-        except TypeError:
-            raise InputError(f"--layers {_short(spec)}: expected a spec like 0-4 or a list of layer indices") from None
-        bad = [i for i in items if not 0 <= i < num_layers]
-        if bad:
-            raise InputError(f"--layers: layer {_short(bad[0])} does not exist ({last})")
-        return sorted(set(items))
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            a, b = part.split("-", 1) if "-" in part else (part, part)
-            lo, hi = int(a), int(b)
-            if lo > hi:
-                raise ValueError
-        except ValueError:
-            raise InputError(f"--layers {_short(spec)}: {_short(part)} is not a layer index or range like 0-4") \
-                from None
-        if lo < 0 or hi >= num_layers:  # the first index of the part that does not exist is named
-            bad = lo if lo < 0 or lo >= num_layers else num_layers
-            raise InputError(f"--layers {_short(spec)}: layer {_short(bad)} does not exist ({last})")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
-
-
-def _short(v) -> str:
-    text = repr(v) if isinstance(v, str) else str(v)
-    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
-
-
-def resolve_input_ids(input_ids, test_input: str | None, model_path, sides: Iterable[Side], cfg) -> tuple:
-    """(ids, text): explicit ids, else the text tokenized, else a dump's own ids, else the default text."""
-    if input_ids is not None:
-        if isinstance(input_ids, str):
-            try:
-                input_ids = [int(x) for x in input_ids.replace(" ", "").split(",") if x]
-            except ValueError:
-                raise InputError(f"--ids {input_ids!r}: expected comma-separated integers like 1,2,3") from None
-        return check_input_ids(list(input_ids), cfg).tolist(), test_input
-    if test_input is None:
-        for s in sides:
-            if s.fixed_input_ids is not None:
-                return check_input_ids(s.fixed_input_ids, cfg).tolist(), None
-        test_input = DEFAULT_TEST_INPUT
-    from ..tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(model_path) if model_path is not None else Tokenizer.bundled()
-    return check_input_ids(tok.encode(test_input), cfg).tolist(), test_input
-
-
-def estimate_bytes(cfg, names: list[str], T: int) -> int:
-    total = 0
-    for n in names:
-        try:
-            total += int(np.prod(canonical_shape(cfg, n, T))) * 8
-        except KeyError:
-            pass
-    return total
 
 
 def _same_config(a: Qwen3Config, b: Qwen3Config) -> list[str]:
@@ -128,7 +56,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
            tolerance: Tolerance | None = None, preset: str | None = None, cos_min: float | None = None,
            mse_max: float | None = None, rel_max: float | None = None, stream: bool | None = None,
            stream_bytes: int = STREAM_BYTES, progress: Progress | None = None,
-           quantised_reference: bool = False) -> VerifyReport:
+           quantised_reference: bool = False, name_map=None, isolated: str | None = None,
+           kv_dtype: str | None = None, band: bool = False, candidate_opts=None) -> VerifyReport:
     """Compare `candidate` against `reference` tap by tap; find the first divergence and the culprit op.
 
     reference / candidate: a spec string ("numpy", "torch", "hf", "dump:FILE", "module:Class",
@@ -141,7 +70,12 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     (reference taps spilled to disk past `stream_bytes`). `quantised_reference`: for a candidate with quantised
     weights (torch-fast --dtype int8 / int4), the NumPy oracle runs on the same weights quantised by the
     format's rules (models/numpy_quant.py) and the tolerance is that of the candidate's activations: the port's
-    arithmetic is checked, not the format's rounding loss.
+    arithmetic is checked, not the format's rounding loss. `name_map`: a map file or built-in name
+    ("llama.cpp") for dumps with foreign names (namemap.py); `isolated`: "dump:FILE" (or FILE), the candidate
+    dump's isolated twin (its ops run on the reference's inputs, export.py), which labels taps op/inherited.
+    `kv_dtype`: the candidate's KV-cache dtype (else a dump's `kv_dtype` metadata), loosening the taps after
+    the cache (tolerances.py). `band`: per-tap thresholds from the reference's own spread at the candidate's
+    precision (band.py; prefill only). `candidate_opts`: {key: value} or ["key=value"] for a plugin's constructor.
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -151,10 +85,15 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         raise InputError(f"{path}: no config.json (expected a checkpoint directory)")
     cfg = Qwen3Config.from_file(path) if path is not None else None
     ref_dt = reference_dtype or "float64"
+    nmap = load_name_map(name_map)
     ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt,
-                  role="reference")
+                  role="reference", name_map=nmap if is_dump(reference) else None)
     cfg = cfg or ref.cfg
-    cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate")
+    if isolated is not None:
+        isolated = isolated[5:] if isolated.startswith("dump:") else isolated
+    cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate",
+                   name_map=nmap if is_dump(candidate) or not is_dump(reference) else None, isolated=isolated,
+                   options=candidate_opts if isinstance(candidate_opts, dict) else parse_options(candidate_opts))
     if quantised_reference:
         ref, cand.precision = _quantised_reference(reference, cand, path)  # judged at its activations' tolerance
     timings["load_s"] = time.perf_counter() - t
@@ -169,9 +108,18 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     if decode_steps and not cand.supports_decode:
         raise InputError(f"candidate {cand.spec!r} has no KV-cache decode (run_decode); drop --decode-steps")
     tol = tolerance or tolerance_for(cand.precision, ref.precision, preset=preset, cos_min=cos_min,
-                                     mse_max=mse_max, rel_max=rel_max)
+                                     mse_max=mse_max, rel_max=rel_max,
+                                     kv_dtype=kv_dtype or getattr(cand.backend, "kv_dtype", None))
 
     names = tap_sites(cfg, probs=probs, layers=sel)
+    band_note = None
+    if band:
+        if decode_steps:
+            raise InputError("--band covers prefill taps only; drop --decode-steps")
+        from .band import band_tolerance
+
+        tol, band_note = band_tolerance(tol, ref.run(np.asarray(ids, dtype=np.int64), names).taps, cfg, path, ids,
+                                        names, cand.precision)
     ref_names = names
     if sel is not None:
         # the layer before each selected one: its output is what the isolation run grafts into the layer
@@ -183,8 +131,13 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
                           input_ids=ids, results=[], model_path=str(path) if path else None, test_input=text,
                           layers=sel, decode_steps=decode_steps, problems=problems, timings=timings,
                           kernels=_kernels_of(cand.backend))
+    if band_note:
+        report.notes.append(band_note)
     run = _DecodeRun if decode_steps else _PrefillRun
     run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
+    for side in (ref, cand):  # a dump's tensors that were not compared, and why
+        if callable(getattr(side.backend, "uncompared", None)):
+            report.notes += side.backend.uncompared(names, decode_steps, None if sel is None else set(sel))
     return report
 
 
@@ -257,7 +210,7 @@ class _PrefillRun:
     def _compare_run(self, phase: str, graft=None) -> dict[str, TapResult]:
         """Run the candidate, comparing each tap against the store as it arrives."""
         t = time.perf_counter()
-        comp = Comparator(self.report.cfg, self.report.tolerance)
+        comp = Comparator(self.report.cfg, self.report.tolerance, grafted=graft is not None)
         out: dict[str, TapResult] = {}
         first: list = []
         self.progress.start(phase, len(self.names))
@@ -424,7 +377,7 @@ class _DecodeRun(_PrefillRun):
         res = self.cand.run_decode(self.ids, self.steps, self.select, graft=graft)
         self.progress.advance(phase)
         rep = self.report
-        comp = Comparator(rep.cfg, rep.tolerance)
+        comp = Comparator(rep.cfg, rep.tolerance, grafted=graft is not None)
         want = {n for n in self.store if split_name(n)[1] is None or layer_selected(n, self.sel_set)}
         names = sorted({n for n in (*want, *res.taps) if layer_selected(n, self.sel_set)}, key=dataflow_key)
         out = {}

@@ -30,7 +30,25 @@ Qwen3-0.6B shapes with random weights, 32 random tokens, worst tap of the run (4
   1 - cosine up to 0.29, at the late layers' mlp_out. Threshold 1.2 relative, cosine 0.5: 1.5x the worst
   seen. That is loose by nature; to check an int4 port's arithmetic rather than the format's loss, verify it
   against the oracle on the same quantised weights (`--quantised-reference`), at its activations' tolerance.
+- q8_0 / q4_0 / q4_k (ggml block formats, a dump's `dtype`): measured with NumPy emulations of the formats
+  (weights in blocks of 32 along the input dim, every matmul's activations quantised as ggml's CPU dot
+  products do), the oracle's code in float32, Qwen3-0.6B shapes, 4 layers, 16 random tokens
+  (`benchmarks/calibrate_block_formats.py`): q8_0 clean 0.038 (1 - cosine 7.2e-4; llama.cpp's real q8_0
+  measured 0.039 in issue 15), ffn_down x1.1 0.105, q_norm weight -> 1 0.120: threshold 0.06 relative,
+  1 - 1.5e-3 cosine, between the two. q4_0 clean 0.44 and q4_k (emulated as 4-bit blocks of 32 with scale
+  and min) 0.38, a 10% bug adding ~0.01: nothing between; they take int4's row (1.2, cosine 0.5), measured
+  at 28 layers on a coarser format. Check a q4 port's arithmetic with the oracle on the same weights instead.
+- KV cache in lower precision than the compute (`kv_dtype` in dump metadata, `--kv-dtype`; llama.cpp's
+  default is an f16 cache with f32 compute): K and V rounded to the cache dtype before attention, float32
+  compute, against float64, Qwen3-0.6B shapes (4 layers) and tiny-moe, 32 tokens: f16 3.8e-4 at the
+  attention taps and 5.7e-4 after them (every later tap inherits it; 1 - cosine 1.6e-7); bf16 3.1e-3 /
+  4.6e-3 (1 - cosine 1.1e-5); llama.cpp measured 1.5e-4 (f16, layers.0.probs). So the cache's tolerance
+  (float16: 2e-3, 1 - 1e-6; bfloat16: 0.015, 1 - 5e-5) applies from the first tap that reads the cache
+  (layers.0.probs) on, where it is looser than the compute's; the taps before it (embed, layer 0's
+  projections, norms and RoPE) keep the compute's. In the isolated run only the taps that read the cache
+  (probs, attn, attn_out) get it: every other op there ran on the reference's inputs.
 Every planted bug but the RMSNorm-epsilon one is still caught at float32 and bfloat16 thresholds.
+An unknown dtype label is an error that lists the known ones.
 When the reference is itself lower precision than float64, the looser of the two dtypes applies.
 """
 
@@ -39,6 +57,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import Qwen3LabError
+from ..taps import split_name
 from .metrics import TapMetrics
 
 
@@ -49,10 +68,13 @@ class Tolerance:
     mse_max: float | None = None
     topk_match_min: float = 1.0
     name: str = "custom"
+    kv: Tolerance | None = None  # the KV cache's, for the taps downstream of it (module docstring)
+    bands: dict | None = None  # {tap: Tolerance} from --band (band.py); taps not in it keep these thresholds
 
     def to_dict(self) -> dict:
         return {"name": self.name, "cos_min": self.cos_min, "rel_max": self.rel_max, "mse_max": self.mse_max,
-                "topk_match_min": self.topk_match_min}
+                "topk_match_min": self.topk_match_min, "kv": self.kv.to_dict() if self.kv else None,
+                "band": {k: {"rel_max": v.rel_max, "cos_min": v.cos_min} for k, v in (self.bands or {}).items()}}
 
 
 DTYPE_DEFAULTS: dict[str, Tolerance] = {
@@ -62,14 +84,25 @@ DTYPE_DEFAULTS: dict[str, Tolerance] = {
     "bfloat16": Tolerance(cos_min=0.995, rel_max=0.08, name="bfloat16"),
     "int8": Tolerance(cos_min=0.99, rel_max=0.12, name="int8"),
     "int4": Tolerance(cos_min=0.5, rel_max=1.2, name="int4"),
+    "q8_0": Tolerance(cos_min=1 - 1.5e-3, rel_max=0.06, name="q8_0"),
+    "q4_0": Tolerance(cos_min=0.5, rel_max=1.2, name="q4_0"),
+    "q4_k": Tolerance(cos_min=0.5, rel_max=1.2, name="q4_k"),
 }
+KV_DEFAULTS: dict[str, Tolerance] = {
+    "float32": DTYPE_DEFAULTS["float32"],
+    "float16": Tolerance(cos_min=1 - 1e-6, rel_max=2e-3, name="float16 KV cache"),
+    "bfloat16": Tolerance(cos_min=1 - 5e-5, rel_max=0.015, name="bfloat16 KV cache"),
+}
+KV_READERS = ("probs", "attn", "attn_out")  # the taps computed from the KV cache
+_BEFORE_CACHE = ("embed", "attn_in", "q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot")
 PRESETS: dict[str, Tolerance] = {
     "simple": Tolerance(cos_min=0.99, rel_max=0.01, mse_max=1e-4, name="simple"),
 }
 # tighter first: the tolerance of a comparison is that of its least precise side
-_LOOSENESS = ["float64", "float32", "float16", "bfloat16", "int8", "int4"]
+_LOOSENESS = ["float64", "float32", "float16", "bfloat16", "q8_0", "int8", "q4_k", "q4_0", "int4"]
 _ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "fp16": "float16",
-            "half": "float16", "bf16": "bfloat16"}
+            "half": "float16", "bf16": "bfloat16", "f32": "float32", "f16": "float16", "f64": "float64",
+            "q4_k_m": "q4_k", "q4_k_s": "q4_k"}
 
 
 def normalize_dtype(dtype: str | None) -> str:
@@ -77,20 +110,30 @@ def normalize_dtype(dtype: str | None) -> str:
     return _ALIASES.get(d, d)
 
 
+def _known(d: str, what: str, table) -> str:
+    if d not in table:
+        raise Qwen3LabError(f"unknown {what} {d!r}: known labels are {', '.join(table)} (aliases "
+                            f"{', '.join(_ALIASES)})")
+    return d
+
+
 def tolerance_for(cand_dtype: str | None, ref_dtype: str | None = "float64", *, preset: str | None = None,
                   cos_min: float | None = None, mse_max: float | None = None,
-                  rel_max: float | None = None) -> Tolerance:
+                  rel_max: float | None = None, kv_dtype: str | None = None) -> Tolerance:
     """The tolerance for comparing a `cand_dtype` candidate against a `ref_dtype` reference, with the
-    `preset` (e.g. "simple") or per-dtype default, then any explicit threshold overriding it."""
+    `preset` (e.g. "simple") or per-dtype default, then any explicit threshold overriding it; `kv_dtype` (the
+    candidate's KV cache) loosens the taps downstream of the cache where it is looser (module docstring)."""
     if preset is not None:
         if preset not in PRESETS:
             raise Qwen3LabError(f"unknown tolerance preset {preset!r}; choose one of {', '.join(PRESETS)}")
         tol = PRESETS[preset]
     else:
-        dts = [normalize_dtype(cand_dtype), normalize_dtype(ref_dtype)]
-        # an unknown dtype (a dump saying "q3_k", say) gets the loosest defaults rather than a crash
-        rank = max(_LOOSENESS.index(d) if d in _LOOSENESS else len(_LOOSENESS) - 1 for d in dts)
-        tol = DTYPE_DEFAULTS[_LOOSENESS[rank]]
+        dts = [_known(normalize_dtype(d), "dtype", DTYPE_DEFAULTS) for d in (cand_dtype, ref_dtype)]
+        tol = DTYPE_DEFAULTS[_LOOSENESS[max(_LOOSENESS.index(d) for d in dts)]]
+    if kv_dtype is not None:
+        kv = KV_DEFAULTS[_known(normalize_dtype(kv_dtype), "KV-cache dtype", KV_DEFAULTS)]
+        if kv.rel_max > tol.rel_max or kv.cos_min < tol.cos_min:
+            tol = replace(tol, kv=kv, name=f"{tol.name}, {kv.name} from layers.0.probs on")
     changes = {k: v for k, v in (("cos_min", cos_min), ("mse_max", mse_max), ("rel_max", rel_max)) if v is not None}
     for k, v in changes.items():
         if not isinstance(v, (int, float)) or v != v or v < 0:
@@ -98,6 +141,24 @@ def tolerance_for(cand_dtype: str | None, ref_dtype: str | None = "float64", *, 
     if changes:
         tol = replace(tol, **changes, name=f"{tol.name}+overrides")
     return tol
+
+
+def for_tap(tol: Tolerance, name: str, grafted: bool = False) -> Tolerance:
+    """The tolerance of one tap: the KV cache's for the taps it reaches (all of them after layers.0's attention;
+    in a grafted run only the ones that read the cache), else the compute's; a --band threshold first."""
+    band = (tol.bands or {}).get(_no_step(name))
+    if band is not None:
+        return band
+    if tol.kv is None:
+        return tol
+    _, layer, site = split_name(name)
+    if site in KV_READERS or (not grafted and not (site in _BEFORE_CACHE and layer in (None, 0))):
+        return replace(tol.kv, topk_match_min=tol.topk_match_min, mse_max=tol.mse_max)
+    return tol
+
+
+def _no_step(name: str) -> str:
+    return name.split(".", 1)[1] if split_name(name)[0] is not None else name
 
 
 def check(m: TapMetrics, tol: Tolerance, site: str) -> list[str]:
