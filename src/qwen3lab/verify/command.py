@@ -12,7 +12,8 @@ the terminal table), probs (also compare attention probs), stream (None = automa
 export_reference (write the reference's taps as a dump and stop: export.py), isolated ("dump:FILE", the candidate
 dump's run on the reference's inputs), name_map (--map: a TOML file or "llama.cpp", namemap.py), kv_dtype
 (the candidate's KV-cache dtype, tolerances.py), band (per-tap noise-floor thresholds, band.py), save_baseline /
-baseline / jsonl (a port's CI, baseline.py), candidate_opt (["key=value"]: a plugin's constructor options).
+baseline / jsonl (a port's CI, baseline.py), candidate_opt (["key=value"]: a plugin's constructor options),
+repro (DIR: the first failing op as a standalone NumPy script, repro.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .report_terminal import ROWS, RichProgress, render
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
          "sweep", "self_test", "quantised_reference", "export_reference", "isolated", "name_map", "kv_dtype", "band",
-         "save_baseline", "baseline", "jsonl", "candidate_opt"}
+         "save_baseline", "baseline", "jsonl", "candidate_opt",
+         "repro"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -49,7 +51,7 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
          sweep=False, self_test=False, quantised_reference=False, export_reference=None, isolated=None,
          name_map=None, kv_dtype=None, band=False, save_baseline=None, baseline=None, jsonl=None,
-         candidate_opt=()) -> int:
+         candidate_opt=(), repro=None) -> int:
     from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
@@ -93,6 +95,12 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     render(rep, console, rows=taps)
     for option, p in outputs:
         console.print(f"wrote {_write_report(rep, option, p)}")
+    if repro:
+        from pathlib import Path
+
+        from .repro import write_repro
+
+        console.print(write_repro(rep, Path(repro), path), highlight=False)
     return _ci(console, rep, save_baseline, baseline, jsonl, rep.overall_success)
 
 
