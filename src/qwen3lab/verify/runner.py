@@ -73,9 +73,9 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     arithmetic is checked, not the format's rounding loss. `name_map`: a map file or built-in name
     ("llama.cpp") for dumps with foreign names (namemap.py); `isolated`: "dump:FILE" (or FILE), the candidate
     dump's isolated twin (its ops run on the reference's inputs, export.py), which labels taps op/inherited.
-    `kv_dtype`: the candidate's KV-cache dtype (else a dump's `kv_dtype` metadata), loosening the taps after
-    the cache (tolerances.py). `band`: per-tap thresholds from the reference's own spread at the candidate's
-    precision (band.py; prefill only). `candidate_opts`: {key: value} or ["key=value"] for a plugin's constructor.
+    `kv_dtype`: the candidate's KV-cache dtype (else the dump's), loosening the taps after the cache (tolerances.py);
+    `band`: per-tap thresholds from the reference's spread at the candidate's precision (band.py; prefill only);
+    `candidate_opts`: {key: value} or ["key=value"] for a plugin's constructor.
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -288,7 +288,8 @@ class _PrefillRun:
         elif isolate is False:
             rep.isolation = "turned off"
         elif not self.cand.supports_graft:
-            rep.isolation = f"the candidate {self.cand.spec} cannot run on grafted reference taps"
+            hint = " (give its isolated twin with --isolated dump:FILE)" if is_dump(self.cand.spec) else ""
+            rep.isolation = f"the candidate {self.cand.spec} cannot run on grafted reference taps{hint}"
         else:
             # taps whose shape does not match cannot be grafted (and would make the graft raise)
             bad = {r.name for r in rep.results if r.status in ("shape_mismatch", "invalid")}
