@@ -238,3 +238,21 @@ def test_candidate_opt_reaches_a_plugins_constructor(dense, tmp_path):
         verify("numpy", f"{plug}:Port", IDS, model_path=dense, candidate_opts=["threads=2"])
     with pytest.raises(InputError, match="key=value"):
         verify("numpy", f"{plug}:Port", IDS, model_path=dense, candidate_opts=["threads"])
+
+
+@pytest.mark.slow  # runs the script in a subprocess
+def test_repro_script_reproduces_the_culprit_with_numpy_alone(dense, tmp_path):
+    """--repro on the ffn_down x1.5 port: the script's formula gives the reference's output to ~1e-15 and the
+    candidate's output is 0.5 relative off it (the planted factor): run as a subprocess, NumPy only."""
+    import subprocess
+    import sys
+
+    ref = _ref(dense, tmp_path)
+    plain, iso = Port(dense, down_x(1, 1.5)).dumps(tmp_path, ref, name_o_proj=True)
+    rc = run_verify_command(model_path=str(dense), candidate=f"dump:{plain}", isolated=f"dump:{iso}",
+                            name_map="llama.cpp", repro=str(tmp_path / "r"))
+    assert rc == 1
+    out = subprocess.run([sys.executable, "repro.py"], cwd=tmp_path / "r", capture_output=True, text=True,
+                         check=True).stdout
+    formula, cand = (float(line.rsplit(":", 1)[1]) for line in out.splitlines())
+    assert formula < 1e-12 and abs(cand - 0.5) < 1e-5, out

@@ -393,6 +393,10 @@ def params_cmd(model, config, preset, context, batch, dtype, as_json):
               help="fail when a tap's error grew beyond noise since this --save-baseline file")
 @click.option("--jsonl", default=None, type=click.Path(dir_okay=False), help="write one JSON record per tap")
 @click.option("--candidate-opt", multiple=True, help="key=value for a plugin candidate's constructor (repeatable)")
+@click.option("--repro", default=None, type=click.Path(file_okay=False),
+              help="write the first failing op's inputs, weight, expected output and a NumPy script here")
+@click.option("--text", default=None, type=click.Path(dir_okay=False),
+              help="teacher-forced KL divergence, top-1 agreement and perplexity ratio over this text file")
 def verify_cmd(**opts):
     """Verify an implementation layer by layer against a reference: every tap compared, the first
     divergence named, and each failure labelled as its own op's error or inherited."""

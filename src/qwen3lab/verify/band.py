@@ -48,3 +48,11 @@ def band_tolerance(tol: Tolerance, reference_taps, cfg, model_path, ids, names, 
            f"float64 (between float32's and the {tol.name} default); {len(kept)} keep the {tol.name} default"
            + (f" ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""))
     return replace(tol, bands=bands, name=f"{tol.name} band"), how
+
+
+def band_for_run(tol: Tolerance, ref, cand, model_path, ids, names, decode_steps: int) -> tuple[Tolerance, str]:
+    """verify's --band: one more reference run (the float64 taps) and the candidate's precision's spread."""
+    if decode_steps:
+        raise InputError("--band covers prefill taps only; drop --decode-steps")
+    taps = ref.run(np.asarray(ids, dtype=np.int64), names).taps
+    return band_tolerance(tol, taps, ref.cfg, model_path, ids, names, cand.precision)

@@ -12,7 +12,9 @@ the terminal table), probs (also compare attention probs), stream (None = automa
 export_reference (write the reference's taps as a dump and stop: export.py), isolated ("dump:FILE", the candidate
 dump's run on the reference's inputs), name_map (--map: a TOML file or "llama.cpp", namemap.py), kv_dtype
 (the candidate's KV-cache dtype, tolerances.py), band (per-tap noise-floor thresholds, band.py), save_baseline /
-baseline / jsonl (a port's CI, baseline.py), candidate_opt (["key=value"]: a plugin's constructor options).
+baseline / jsonl (a port's CI, baseline.py), candidate_opt (["key=value"]: a plugin's constructor options),
+repro (DIR: the first failing op as a standalone NumPy script, repro.py), text (FILE: teacher-forced
+KL / top-1 / perplexity figures over a text instead of the tap comparison, quality.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .report_terminal import ROWS, RichProgress, render
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
          "sweep", "self_test", "quantised_reference", "ndev", "export_reference", "isolated", "name_map", "kv_dtype",
-         "band", "save_baseline", "baseline", "jsonl", "candidate_opt"}
+         "band", "save_baseline", "baseline", "jsonl", "candidate_opt", "repro", "text"}
 
 
 def run_verify_command(console: Console | None = None, **opts) -> int:
@@ -49,7 +51,7 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
          cos_min=None, mse_max=None, rel_max=None, preset=None, taps="layer", probs=False, stream=None,
          sweep=False, self_test=False, quantised_reference=False, ndev=1, export_reference=None, isolated=None,
          name_map=None, kv_dtype=None, band=False, save_baseline=None, baseline=None, jsonl=None,
-         candidate_opt=()) -> int:
+         candidate_opt=(), repro=None, text=None) -> int:
     from ..paths import resolve_model_path
 
     # before anything runs: a report that cannot be written must not cost the whole (possibly hour-long) run
@@ -73,6 +75,13 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     path = resolve_model_path(model_path) if needs_model else None
     if path is not None and layers is not None:
         _check_layers(path, layers)
+    if text:
+        from .quality import run_text
+
+        q = run_text(text, reference, candidate, path, device=device, dtype=dtype, candidate_opts=candidate_opt)
+        for line in q.lines():
+            console.print(line, highlight=False)
+        return 0
     if export_reference:
         return _export(console, export_reference, reference, path, ids, test_input, decode_steps, probs, layers)
     tol_kw = dict(preset=preset, cos_min=cos_min, mse_max=mse_max, rel_max=rel_max)
@@ -97,7 +106,7 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     finally:
         if tp is not None:
             tp.close()
-    return _report(console, rep, taps, outputs, save_baseline, baseline, jsonl)
+    return _report(console, rep, taps, outputs, save_baseline, baseline, jsonl, repro, path)
 
 
 def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
@@ -112,10 +121,16 @@ def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
     return TPBackend(tp), tp
 
 
-def _report(console, rep, taps, outputs, save_baseline, baseline, jsonl) -> int:
+def _report(console, rep, taps, outputs, save_baseline, baseline, jsonl, repro, path) -> int:
     render(rep, console, rows=taps)
     for option, p in outputs:
         console.print(f"wrote {_write_report(rep, option, p)}")
+    if repro:
+        from pathlib import Path
+
+        from .repro import write_repro
+
+        console.print(write_repro(rep, Path(repro), path), highlight=False)
     return _ci(console, rep, save_baseline, baseline, jsonl, rep.overall_success)
 
 

@@ -71,7 +71,7 @@ class DumpBackend:
         self.kv_dtype = self.meta.get("kv_dtype")
         self.fixed_input_ids = self.meta.get("input_ids")
         self._check_positions(self.path, self.meta)
-        self.isolated_path = Path(isolated) if isolated is not None else None
+        self.isolated_path = Path(str(isolated).removeprefix("dump:")) if isolated is not None else None
         self.isolated_taps: dict[str, np.ndarray] | None = None
         if self.isolated_path is not None:
             self.isolated_taps, meta = self._read(self.isolated_path, note=False)

@@ -23,6 +23,7 @@ from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
 from ..taps import dataflow_key, split_name, split_steps, tap_sites
 from .backends import Side, resolve
+from .band import band_for_run
 from .compare import FAILING, Comparator, TapResult, layer_selected
 from .inputs import DEFAULT_TEST_INPUT as DEFAULT_TEST_INPUT  # re-exported (qwen3lab.verify)
 from .inputs import estimate_bytes, is_dump, load_name_map, parse_layers, parse_options, resolve_input_ids
@@ -73,9 +74,9 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     arithmetic is checked, not the format's rounding loss. `name_map`: a map file or built-in name
     ("llama.cpp") for dumps with foreign names (namemap.py); `isolated`: "dump:FILE" (or FILE), the candidate
     dump's isolated twin (its ops run on the reference's inputs, export.py), which labels taps op/inherited.
-    `kv_dtype`: the candidate's KV-cache dtype (else a dump's `kv_dtype` metadata), loosening the taps after
-    the cache (tolerances.py). `band`: per-tap thresholds from the reference's own spread at the candidate's
-    precision (band.py; prefill only). `candidate_opts`: {key: value} or ["key=value"] for a plugin's constructor.
+    `kv_dtype`: the candidate's KV-cache dtype (else the dump's), loosening the taps after the cache (tolerances.py);
+    `band`: per-tap thresholds from the reference's spread at the candidate's precision (band.py; prefill only);
+    `candidate_opts`: {key: value} or ["key=value"] for a plugin's constructor.
     """
     progress = progress or Progress()
     timings: dict[str, float] = {}
@@ -89,8 +90,6 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     ref = resolve(reference, path, cfg, device=device if reference == "torch" else "cpu", dtype=ref_dt,
                   role="reference", name_map=nmap if is_dump(reference) else None)
     cfg = cfg or ref.cfg
-    if isolated is not None:
-        isolated = isolated[5:] if isolated.startswith("dump:") else isolated
     cand = resolve(candidate, path, cfg, device=device, dtype=dtype, role="candidate",
                    name_map=nmap if is_dump(candidate) or not is_dump(reference) else None, isolated=isolated,
                    options=candidate_opts if isinstance(candidate_opts, dict) else parse_options(candidate_opts))
@@ -110,16 +109,9 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
     tol = tolerance or tolerance_for(cand.precision, ref.precision, preset=preset, cos_min=cos_min,
                                      mse_max=mse_max, rel_max=rel_max,
                                      kv_dtype=kv_dtype or getattr(cand.backend, "kv_dtype", None))
-
     names = tap_sites(cfg, probs=probs, layers=sel)
-    band_note = None
-    if band:
-        if decode_steps:
-            raise InputError("--band covers prefill taps only; drop --decode-steps")
-        from .band import band_tolerance
+    tol, band_note = band_for_run(tol, ref, cand, path, ids, names, decode_steps) if band else (tol, None)
 
-        tol, band_note = band_tolerance(tol, ref.run(np.asarray(ids, dtype=np.int64), names).taps, cfg, path, ids,
-                                        names, cand.precision)
     ref_names = names
     if sel is not None:
         # the layer before each selected one: its output is what the isolation run grafts into the layer
@@ -288,7 +280,8 @@ class _PrefillRun:
         elif isolate is False:
             rep.isolation = "turned off"
         elif not self.cand.supports_graft:
-            rep.isolation = f"the candidate {self.cand.spec} cannot run on grafted reference taps"
+            hint = " (give its isolated twin with --isolated dump:FILE)" if is_dump(self.cand.spec) else ""
+            rep.isolation = f"the candidate {self.cand.spec} cannot run on grafted reference taps{hint}"
         else:
             # taps whose shape does not match cannot be grafted (and would make the graft raise)
             bad = {r.name for r in rep.results if r.status in ("shape_mismatch", "invalid")}

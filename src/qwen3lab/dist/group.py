@@ -1,0 +1,102 @@
+"""Process-group setup for tensor parallelism: gloo on CPU, NCCL on CUDA, always with a timeout.
+
+Why a timeout everywhere: a rank that dies leaves the others blocked in a collective; with the group's
+timeout they raise instead, so a bad run ends every rank with an error rather than a hang. The timeout is
+QWEN3LAB_DIST_TIMEOUT seconds (default 120).
+
+Two ways in: `init(rank, world, addr, port)` for ranks this process spawned itself, or `from_env()` when a
+launcher (torchrun) set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import Qwen3LabError
+
+
+class DistError(Qwen3LabError, RuntimeError):
+    """A tensor-parallel run could not start or lost a rank."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+
+def timeout_s() -> float:
+    raw = os.environ.get("QWEN3LAB_DIST_TIMEOUT", "120")
+    try:
+        t = float(raw)
+    except ValueError:
+        raise DistError(f"QWEN3LAB_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if t <= 0:
+        raise DistError(f"QWEN3LAB_DIST_TIMEOUT must be > 0, got {raw!r}")
+    return t
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for the rendezvous of locally spawned ranks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun) started this process as one rank of a world."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def init(rank: int, world: int, addr: str, port: int, device: str | torch.device = "cpu",
+         method: str | None = None) -> World:
+    """Join a world of `world` ranks as `rank` (rendezvous tcp://addr:port, or `method` e.g. "env://");
+    NCCL for CUDA, gloo otherwise."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, init_method=method or f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s()))
+    except Exception as e:  # noqa: BLE001 -- every failure to rendezvous is reported the same way
+        raise DistError(f"rank {rank}/{world}: could not join the process group at {addr}:{port} "
+                        f"({backend}): {e}") from None
+    return World(rank, world, dev)
+
+
+def from_env(device: str | torch.device = "cpu") -> World:
+    """Join the world a launcher describes in RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
+    env = os.environ
+    try:
+        rank, world, port = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"])
+    except (KeyError, ValueError) as e:
+        raise DistError(f"torchrun environment incomplete or invalid: {e}") from None
+    # env:// rather than tcp://: torchrun's agent already serves a store on MASTER_PORT and tells its workers
+    # (TORCHELASTIC_USE_AGENT_STORE) to use it instead of binding the port again
+    return init(rank, world, env["MASTER_ADDR"], port, device, method="env://")
+
+
+def split_threads(world: int) -> int:
+    """CPU: share this machine's cores between the local ranks (at least one thread each)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    n = max(1, (os.cpu_count() or 1) // max(1, local))
+    torch.set_num_threads(n)
+    return n
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
