@@ -62,16 +62,20 @@ def main() -> None:
         return LLMEngine(llm, kv_memory_gib=a.kv_memory, enable_prefix_caching=prefix)
 
     run(engine(), short[:2], 4)  # warm-up: kernels, allocator
-    res = {"one": run(engine(), short[:1], a.new), "many": run(engine(), short, a.new)}
+    res = {"one": run(engine(), short[:1], a.new)}
+    print("one:", res["one"], flush=True)
+    res["many"] = run(engine(), short, a.new)
+    print("many:", res["many"], flush=True)
     system = [rng.randrange(V) for _ in range(a.system)]
     shared = [system + s for s in short]
-    for prefix in (False, True):
+    for prefix in (True, False):
         e = engine(prefix)
         r = run(e, shared, 1)
         st = e.stats()
         r.update(computed=st["prompt_tokens"] - st["cached_prompt_tokens"], prompt_tokens=st["prompt_tokens"],
                  hit_rate=st["prefix_hits"] / max(1, st["prefix_queries"]), fed=st["fed_tokens"])
         res[f"prefix_{'on' if prefix else 'off'}"] = r
+        print(f"prefix {prefix}:", r, flush=True)
     print(f"machine: {machine_info()}")
     print(f"{'run':<28}{'tok/s':>9}{'wall s':>9}{'TTFT mean':>11}{'TTFT max':>10}")
     for k in ("one", "many"):

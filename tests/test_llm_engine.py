@@ -156,3 +156,17 @@ def test_llm_generate_matches_generate_in_order(llm):
     out = LLM(llm, kv_memory_gib=0.01).generate(ps, SamplingParams(max_tokens=NEW))
     assert [o.token_ids for o in out] == [alone(llm, p) for p in ps]
     assert all(o.finish_reason == "length" for o in out)
+
+
+def test_fast_model_paged_spans_match_its_contiguous_generate(mode):
+    """The fast path (fused projections, C++ leaves in `kernels` mode) over paged spans: SDPA on the gathered
+    blocks gives the tokens its own generate gives with the contiguous cache (and the fused decode kernel)."""
+    d = {"model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
+         "rope_theta": 1e4, "max_position_embeddings": 128, "tie_word_embeddings": True}
+    cfg = Qwen3Config.from_dict(d, source="test config")
+    fast = Qwen3ForCausalLM.from_weights(cfg, random_weights(cfg, seed=5), dtype="float32", fast=True)
+    ps = prompts(4, seed=8)
+    want = {f"r{i}": alone(fast, p) for i, p in enumerate(ps)}
+    eng = LLMEngine(fast, kv_memory_gib=0.01, block_size=4, max_num_batched_tokens=16)
+    check_same(drain(eng, {0: [(r, p) for r, p in zip(want, ps, strict=True)]}), want)

@@ -9,6 +9,7 @@ scheduler.py      continuous batching: token budget, chunked prefill, max_num_se
 llm_engine.py     LLMEngine: add_request / step / abort / stats over one paged KV pool (the server's engine)
 
 The KV caches the model writes into (KVCache, one sequence's preallocated keys/values; KVPool / PagedSeqCache,
-the paged pool) are the model's: models/kv_cache.py, models/paged_cache.py; the engine imports it from there, so models never import the engine.
+the paged pool) are the model's: models/kv_cache.py, models/paged_cache.py; the engine imports them from
+there, so models never import the engine.
 Nothing is imported here.
 """

@@ -58,6 +58,11 @@ class AttnPlan:
         (a paged cache goes through SDPA over its gathered blocks)."""
         return self.T == 1 and isinstance(self.cache, KVCache)
 
+    @property
+    def paged_decode(self) -> bool:
+        """One new token continuing a paged cache: a batch of these is one gather + one SDPA per layer."""
+        return self.T == 1 and isinstance(self.cache, PagedSeqCache)
+
 
 @dataclass
 class ForwardBatch:

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import torch
 
+# enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for SDPA (as torch_model.py)
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 
 class KVPool:
     """Every layer's keys and values for `num_blocks` blocks of `block_size` positions."""
@@ -92,3 +95,37 @@ class PagedSeqCache:
 
     def __repr__(self) -> str:
         return f"PagedSeqCache(length={self.length}, blocks={self.block_table})"
+
+
+def attend_paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[PagedSeqCache], layer: int,
+                        scaling: float, sdpa_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A decode step of B sequences (one new token each) over their paged caches in ONE gather and ONE SDPA:
+    q [1, B, Hq, Dh], new k / v [1, B, Hkv, Dh] -> [1, B, Hq, Dh]. Each new key/value goes to its slot; every
+    sequence's blocks are gathered into [B, Hkv, S_max, Dh] (short tables padded with block 0) and a [B, 1, 1,
+    S_max] mask hides the padding. sdpa_dtype: run SDPA in it (float32 for a bf16 fast-path model)."""
+    _, B, Hq, Dh = q.shape
+    pool, dev = caches[0].pool, q.device
+    bs = pool.block_size
+    pk, pv = pool.k[layer], pool.v[layer]  # [NB, Hkv, bs, Dh]
+    Hkv = pk.shape[1]
+    blk = torch.tensor([c.block_table[c.length // bs] for c in caches], dtype=torch.long, device=dev)
+    off = torch.tensor([c.length % bs for c in caches], dtype=torch.long, device=dev)
+    pk[blk, :, off] = k[0]  # [B, Hkv, Dh] into B slots
+    pv[blk, :, off] = v[0]
+    nbs = [c.length // bs + 1 for c in caches]
+    nb = max(nbs)
+    table = torch.tensor([c.block_table[:n] + [0] * (nb - n) for c, n in zip(caches, nbs, strict=True)],
+                         dtype=torch.long, device=dev)  # [B, nb]
+    keys = pk[table].transpose(1, 2).reshape(B, Hkv, nb * bs, Dh)  # [B, Hkv, S_max, Dh]
+    vals = pv[table].transpose(1, 2).reshape(B, Hkv, nb * bs, Dh)
+    lengths = torch.tensor([c.length + 1 for c in caches], device=dev)
+    mask = (torch.arange(nb * bs, device=dev) < lengths[:, None]).view(B, 1, 1, nb * bs)  # True = attend
+    qh = q[0].unsqueeze(2)  # [B, Hq, 1, Dh]
+    dt = qh.dtype
+    if sdpa_dtype is not None:
+        qh, keys, vals = qh.to(sdpa_dtype), keys.to(sdpa_dtype), vals.to(sdpa_dtype)
+    if Hq != Hkv and not _SDPA_GQA:
+        keys, vals = keys.repeat_interleave(Hq // Hkv, 1), vals.repeat_interleave(Hq // Hkv, 1)
+    gqa = {"enable_gqa": Hq != Hkv} if _SDPA_GQA else {}
+    o = torch.nn.functional.scaled_dot_product_attention(qh, keys, vals, attn_mask=mask, scale=scaling, **gqa)
+    return o.to(dt).transpose(1, 2).reshape(1, B, Hq, Dh)  # [B, Hq, 1, Dh] -> [1, B, Hq, Dh]

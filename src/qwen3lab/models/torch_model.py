@@ -47,6 +47,7 @@ from ..taps import tap, wants
 from .base import RunResult, check_input_ids
 from .batch import AttnPlan, ForwardBatch, Span
 from .kv_cache import KVCache
+from .paged_cache import attend_paged_decode
 
 # enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for the kernel.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -220,6 +221,9 @@ class Qwen3Attention(nn.Module):
         if (_on_kernel(self.kernel, q, k) and v.dtype == q.dtype and all(p.decode for p in plans)
                 and not wants(names["probs"])):
             o = self._attend_decode(q, k, v, plans)
+        elif len(plans) > 1 and all(p.paged_decode for p in plans) and not wants(names["probs"]):
+            o = attend_paged_decode(q, k, v, [p.cache for p in plans], self.layer_idx, self.scaling,
+                                    self.sdpa_dtype(q.dtype))  # [1, B, Hq, Dh]
         elif len(plans) == 1:
             o = self._attend(q, k, v, plans[0], names)  # [1, N, Hq, Dh]
         else:
