@@ -197,8 +197,10 @@ def test_api_key(served):
 def test_metrics_parse(served):
     from prometheus_client.parser import text_string_to_metric_families
 
-    _, _, url = served
-    r = client(url).completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
+    _, server, url = served
+    shared = " ".join(["system prompt shared by both requests"] * 12)  # > 2 KV blocks of 16 tokens
+    for _ in range(2):  # the second one finds the first one's full blocks in the prefix cache
+        r = client(url).completions.create(model="tiny", prompt=shared, max_tokens=3, temperature=0)
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("qwen3lab:num_requests_running", "qwen3lab:num_requests_waiting", "qwen3lab:kv_blocks_used",
@@ -207,6 +209,9 @@ def test_metrics_parse(served):
         assert name in fams, sorted(fams)
     gen = sum(s.value for s in fams["qwen3lab:generation_tokens"].samples if s.name.endswith("_total"))
     assert gen >= r.usage.completion_tokens
+    st = server.loop.stats()
+    rate = [s.value for s in fams["qwen3lab:prefix_cache_hit_rate"].samples][0]
+    assert st["prefix_hits"] > 0 and rate == pytest.approx(st["prefix_hits"] / st["prefix_queries"]), (rate, st)
     ttft_count = [s.value for s in fams["qwen3lab:time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert ttft_count and ttft_count[0] >= 1
 
