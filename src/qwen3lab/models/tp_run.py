@@ -193,7 +193,7 @@ class TPModel:
             return self._me.do(cmd)
         except RuntimeError as e:
             dead = [p.pid for p in self.procs if not p.is_alive()]
-            self.closed = True
+            self._teardown()
             raise DistError(f"tensor-parallel run lost a rank ({'pids ' + str(dead) if dead else 'a peer'} "
                             f"gone): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -226,13 +226,17 @@ class TPModel:
         self._send("plant", leaf, bool(on))
 
     def close(self) -> None:
+        """Tell the followers to stop, wait for them, leave the process group (so another world can start)."""
         if self.closed:
             return
-        self.closed = True
         try:
             _bcast(("stop",))
         except RuntimeError:
             pass
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self.closed = True
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
