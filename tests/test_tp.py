@@ -17,9 +17,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from qwen3lab.dist.group import DistError, free_port
 
 from qwen3lab import Qwen3ForCausalLM
+from qwen3lab.dist.group import DistError, free_port
 from qwen3lab.make_model import make_model
 from qwen3lab.models.batch import ForwardBatch
 from qwen3lab.models.tp_run import TPBackend
