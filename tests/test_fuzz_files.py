@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 
 import qwen3lab
 from fuzz_settings import fuzz
+from qwen3lab.checkpoint_files import INDEX_FILE, SINGLE_FILE
+from qwen3lab.checkpoint_save import save_checkpoint
 from qwen3lab.cli import main
 from qwen3lab.config import Qwen3Config, load_config
 from qwen3lab.errors import ConfigError, DumpError, TokenizerError, WeightsError
@@ -33,7 +35,7 @@ from qwen3lab.taps import DUMP_DTYPES, read_dump, write_dump
 from qwen3lab.tiny.config import tiny_config
 from qwen3lab.tiny.weights import TENSOR_DTYPES, checkpoint_tensors, init_weights, read_weights, write_weights
 from qwen3lab.tokenizer import Tokenizer
-from qwen3lab.weights import INDEX_FILE, SINGLE_FILE, load_weights, save_checkpoint
+from qwen3lab.weights import load_weights
 
 pytestmark = pytest.mark.slow
 
@@ -620,7 +622,8 @@ from qwen3lab.taps import read_dump
 from qwen3lab.tiny.config import tiny_config
 from qwen3lab.tiny.weights import init_weights, read_weights
 from qwen3lab.tokenizer import Tokenizer
-from qwen3lab.weights import load_weights, save_checkpoint
+from qwen3lab.checkpoint_save import save_checkpoint
+from qwen3lab.weights import load_weights
 
 root, tokjson = Path(sys.argv[1]), sys.argv[2]
 cfg = tiny_config()

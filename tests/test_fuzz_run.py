@@ -460,7 +460,7 @@ def _read_line_without_echo(*args, **kwargs) -> str:
 
 def test_chat_refuses_one_message_and_the_session_goes_on(chat_model, monkeypatch):
     # a line of bad UTF-8 and a line past the context are each refused; the history is intact afterwards
-    monkeypatch.setattr("qwen3lab.cli.click.prompt", _read_line_without_echo)
+    monkeypatch.setattr("click.prompt", _read_line_without_echo)
     long = "word " * 200
     res = run_cli("chat", "--model", chat_model, "--no-fast", "--dtype", "float32", "--max-steps", "2",
                   input=b"hi\ncaf\xe9\n" + long.encode() + b"\nagain\n/exit\n")

@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qwen3lab"
 LAYERS = {
     0: {"errors", "checks", "limits", "jsonio", "guards", "config", "shapes", "rope", "pages", "weights", "tokenizer",
         "taps", "runspec", "presets", "random_init", "make_model", "params", "paths", "data", "config_fields",
-        "chat_template", "memory_estimate"},
+        "chat_template", "memory_estimate", "checkpoint_files", "checkpoint_save"},
     1: {"fast", "dist"},
     2: {"models"},
     3: {"engine", "backends", "loading", "qwen3", "llm"},

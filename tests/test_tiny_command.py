@@ -165,9 +165,9 @@ def test_model_dir_with_tied_embeddings(tmp_path):
     """A checkpoint without lm_head (tied) runs in tiny mode; the walkthrough's logit uses the embedding."""
     import torch
 
+    from qwen3lab.checkpoint_save import save_checkpoint
     from qwen3lab.tiny.config import tiny_config
     from qwen3lab.tiny.weights import checkpoint_tensors, init_weights
-    from qwen3lab.weights import save_checkpoint
 
     cfg = tiny_config().replace(tie_word_embeddings=True)
     w = init_weights(cfg, "random", 1)
@@ -184,8 +184,8 @@ def test_model_dir_with_tied_embeddings(tmp_path):
 
 
 def test_model_flag_checks(tmp_path):
+    from qwen3lab.checkpoint_save import save_checkpoint
     from qwen3lab.presets import preset_config
-    from qwen3lab.weights import save_checkpoint
 
     big = tmp_path / "big"
     big.mkdir()

@@ -13,13 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from qwen3lab.checkpoint_save import parse_size, save_checkpoint
 from qwen3lab.config import Qwen3Config
 from qwen3lab.errors import InputError, NumericsError, WeightsError
 from qwen3lab.make_model import make_model
 from qwen3lab.presets import preset_config
 from qwen3lab.random_init import random_weights
 from qwen3lab.shapes import expected_shapes
-from qwen3lab.weights import check_finite, load_weights, parse_size, save_checkpoint
+from qwen3lab.weights import check_finite, load_weights
 
 SMALL = {"vocab_size": 1024}  # a small embedding keeps these tests fast; the real vocab is tested elsewhere
 

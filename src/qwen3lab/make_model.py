@@ -19,13 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_save import parse_size, save_checkpoint
 from .errors import InputError
 from .guards import check_disk, check_memory
 from .presets import preset_config
 from .random_init import random_weights
 from .shapes import expected_shapes
 from .tokenizer import bundled_file_text
-from .weights import checkpoint_dtype, dtype_name, parse_size, save_checkpoint
+from .weights import checkpoint_dtype, dtype_name
 
 MARKER = ".qwen3lab-model"
 DEFAULT_PRESET, DEFAULT_LAYERS, DEFAULT_SEED, DEFAULT_DTYPE = "qwen3-0.6b", 4, 0, "bfloat16"

@@ -186,10 +186,10 @@ def _holds_tiny_checkpoint(path: Path) -> bool:
 
 
 def save_model(out_dir, cfg, weights: dict[str, np.ndarray]) -> Path:
-    """A complete HF-layout checkpoint dir (config.json + model.safetensors, float32) via weights.save_checkpoint."""
+    """A complete HF-layout checkpoint dir (config.json + model.safetensors, float32) via save_checkpoint."""
     import torch  # torch (a second to import) only when a checkpoint is written: the NumPy path stays light
 
-    from ..weights import save_checkpoint  # torch, as above
+    from ..checkpoint_save import save_checkpoint  # torch, as above
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
                for k, v in checkpoint_tensors(weights, cfg).items()}

@@ -1,0 +1,5 @@
+"""`python -m qwen3lab.cli`: the same command as `qwen3lab`."""
+
+from . import main
+
+main()
