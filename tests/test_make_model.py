@@ -207,7 +207,7 @@ def test_bad_shard_size_leaves_an_existing_checkpoint_byte_identical(tmp_path):
 
 
 def test_a_write_that_fails_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    import qwen3lab.weights as W
+    import qwen3lab.checkpoint_save as W  # where save_checkpoint looks save_file up
 
     d = make_model(tmp_path / "m", "tiny", dtype="float32", seed=3)
     before = _snapshot(d)

@@ -13,7 +13,8 @@ import pytest
 from qwen3lab.config import Qwen3Config
 from qwen3lab.random_init import random_weights
 from qwen3lab.verify import verify
-from qwen3lab.verify.bugzoo import BUGS, KERNEL_BUGS, BuggyBackend, Zoo
+from qwen3lab.verify.bugzoo import BUGS, KERNEL_BUGS, BuggyBackend
+from qwen3lab.verify.zoo import Zoo
 
 IDS = [7, 3, 60, 1, 42, 5, 19, 8, 33]
 

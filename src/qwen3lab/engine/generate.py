@@ -104,7 +104,7 @@ def generate(model: Qwen3LMHeadModel, prompt_ids: Sequence[int], *, max_steps: i
                          f"{shorten(stream)}")
     stop_ids = stop_id_set(stop_ids)
     ts = TokenStream(model, prompt_ids, max_steps, sampling, stop_ids)
-    text = _TextStops(tokenizer, stop_strings) if tokenizer is not None else None
+    text = TextStops(tokenizer, stop_strings) if tokenizer is not None else None
     out: list[int] = []
     for tok in ts:
         out.append(tok)
@@ -124,7 +124,7 @@ def generate(model: Qwen3LMHeadModel, prompt_ids: Sequence[int], *, max_steps: i
     )
 
 
-class _TextStops:
+class TextStops:
     """Incremental text with stop strings: push(token) -> the text that may be shown now."""
 
     def __init__(self, tokenizer, stop_strings: list[str]):

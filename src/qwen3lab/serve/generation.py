@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from ..engine.generate import _TextStops
+from ..engine.generate import TextStops
 from .engine_loop import EngineError, EngineLoop
 from .metrics import Metrics
 from .protocol import APIError, GenRequest
@@ -45,7 +45,7 @@ class Usage:
 class _Choice:
     def __init__(self, index: int, tokenizer, req: GenRequest):
         self.index = index
-        self.text = _TextStops(tokenizer, req.stop)
+        self.text = TextStops(tokenizer, req.stop)
         opened = req.chat and tokenizer.decode(req.prompt_ids[-2:]).rstrip("\n").endswith("<think>")
         self.reasoning = ReasoningStream(opened) if req.chat else None
         self.done = False

@@ -207,8 +207,9 @@ def _self_test(console: Console, model_path=None, moe_path=None) -> int:
 
     from ..config import Qwen3Config
     from ..fast import build
-    from .bugzoo import BUGS, KERNEL_BUGS, Zoo, zoo_models
+    from .bugzoo import BUGS, KERNEL_BUGS
     from .runner import verify
+    from .zoo import Zoo, zoo_models
 
     ids = [9707, 11, 419, 374, 264, 1273, 1946, 13]  # "Hello, this is a test input." in Qwen3's vocab
     with tempfile.TemporaryDirectory(prefix="qwen3lab-zoo-") as tmp:
