@@ -34,15 +34,18 @@ from .engine.runner import batch_infer_one_round, check_ids, check_prompt
 from .engine.sampler import SamplingParams
 from .engine.task import InferTask, is_id, token_id_list
 from .errors import InputError
+from .fast import optimize
 from .models.torch_model import Qwen3LMHeadModel
 from .models.tp_run import TPModel, join_launched, start_local
+from .paths import check_path, resolve_model_path
 from .runspec import RunSpec
+from .tokenizer import Tokenizer
+from .weights import load_weights
 
 
 def _speed_up(model: Qwen3LMHeadModel, spec: RunSpec) -> Qwen3LMHeadModel:
     """qwen3lab.fast (fused projections, kernels, quantised weights) when the spec runs the fast path."""
     if spec.fast:
-        from .fast import optimize
 
         optimize(model, quant=spec.quant, group_size=spec.group_size)
     return model
@@ -66,7 +69,6 @@ class Qwen3ForCausalLM:
     """Our torch model + tokenizer + engine. `.model` is the nn.Module (Qwen3LMHeadModel)."""
 
     def __init__(self, model: Qwen3LMHeadModel, tokenizer=None):
-        from .tokenizer import Tokenizer
 
         if not isinstance(model, (Qwen3LMHeadModel, TPModel)):
             raise InputError(f"model must be a Qwen3LMHeadModel (qwen3lab.models.torch_model), got "
@@ -89,9 +91,6 @@ class Qwen3ForCausalLM:
         or bfloat16 activations; int4's group_size 32 or 128, default 128). fast (CPU only): fused projections
         and the kernels of qwen3lab.fast; fast=False keeps the plain eager model. spec: a RunSpec made by the
         caller (runspec.py) instead of device / dtype / ndev / quant / fast / group_size."""
-        from .paths import check_path, resolve_model_path
-        from .tokenizer import Tokenizer
-        from .weights import load_weights
 
         if spec is not None and not isinstance(spec, RunSpec):
             raise InputError(f"spec must be a RunSpec or None, got {type(spec).__name__} {shorten(spec)}")

@@ -25,8 +25,11 @@ import torch
 
 from ..config import Qwen3Config
 from ..errors import InputError, NumericsError
+from ..models.batch import Span, attention_plans
+from ..models.kv_cache import KVCache
 from ..rope import rope_parameters
-from .modules import hf_attention, layer_state, our_attention, tap_names
+from ..shapes import expected_shapes
+from .modules import hf_attention, layer_state, one_layer_config, our_attention, tap_names
 from .report import make_record
 from .settings import check_counts, resolve_dtype
 from .timing import Progress, median, percentile, run_timed
@@ -59,8 +62,6 @@ def estimate_bytes(cfg: Qwen3Config, seqlens: list[int], past: list[int], decode
     10**11-token request or a 10**12 --decode-repeat costs nothing to estimate). Counts the inputs, every KV
     cache, the q/k/v/output activations and the full score matrix (the math attention path's worst case), once
     for ours and once more for HF; plus the one-layer model the layer's weights come from (float32)."""
-    from ..shapes import expected_shapes
-    from .modules import one_layer_config
 
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -120,8 +121,6 @@ class OursAttention:
             self.path = f"fast ({use_kernels(self.mod)})"
 
     def _batch(self, xs: list[torch.Tensor], kvs, past: list[int]):
-        from ..models.batch import Span, attention_plans
-        from ..models.kv_cache import KVCache
 
         Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.head_dim
         spans, caches = [], []

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..fast.build import kernels
 from ..runspec import default_group
 from ..shapes import expected_shapes
 from .timing import clock
@@ -85,7 +86,6 @@ def _kernel_read_seconds(src: torch.Tensor, repeats: int) -> float | None:
     """Best time of the fast kernels' streaming read of `src` (None without the kernels). On CPU a torch
     sum reads more slowly than the decode kernels stream weights (Qwen3-0.6B bf16 decode then showed ~118 %
     of a sum-based roofline), so the roofline takes the faster of the two as the machine's bandwidth."""
-    from ..fast.build import kernels
 
     k = kernels()
     if k is None:

@@ -37,13 +37,17 @@ from typing import Any
 import torch
 
 from ..config import Qwen3Config
+from ..engine.sampler import SamplingParams
+from ..engine.task import InferTask
 from ..errors import InputError
 from ..fast import describe
 from ..paths import resolve_model_path
+from ..qwen3 import Qwen3ForCausalLM
 from . import llama_cpp
 from .bandwidth import measure_bandwidth, roofline_tok_per_s
 from .choices import GENERATE_DTYPES
 from .memory import PeakMemory, rss_bytes
+from .modules import require_transformers
 from .report import make_record
 from .settings import check_counts, resolve_dtype
 from .timing import Progress, clock, median, percentile, run_timed
@@ -68,7 +72,6 @@ class OursGenerate:
     impl = "qwen3lab"
 
     def __init__(self, path: Path, device: torch.device, dtype: str, fast: bool = True, ndev: int = 1):
-        from ..qwen3 import Qwen3ForCausalLM
 
         # dtype "int8" / "int4": bfloat16 activations + those weights (fast path); fast=False: plain eager;
         # ndev > 1: tensor parallel (eager parallel leaves), weight_bytes then rank 0's share
@@ -86,8 +89,6 @@ class OursGenerate:
         return n
 
     def generate(self, prompts: list[list[int]], new_tokens: int, mark) -> list[list[int]]:
-        from ..engine.sampler import SamplingParams
-        from ..engine.task import InferTask
 
         # no stop ids: every run makes exactly new_tokens tokens, whatever a random model samples
         tasks = [InferTask(list(p), SamplingParams(), stop_ids=frozenset(), max_new_tokens=new_tokens)
@@ -129,7 +130,6 @@ class HFGenerate:
     impl = "hf"
 
     def __init__(self, path: Path, device: torch.device, dtype: str, attn_impl: str = "sdpa"):
-        from .modules import require_transformers
 
         require_transformers()
         import transformers

@@ -18,6 +18,7 @@ import torch
 
 from ..config import Qwen3Config
 from ..errors import ConfigError, InputError
+from ..models.torch_model import SITES, Qwen3Attention, Qwen3MoeBlock
 from ..random_init import random_weights
 from .choices import HF_ATTN_IMPLS, HF_EXPERTS_IMPLS
 
@@ -60,7 +61,6 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn
 
 # ---- ours ------------------------------------------------------------------------------------------
 def our_attention(cfg: Qwen3Config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    from ..models.torch_model import Qwen3Attention
 
     with torch.device("meta"):
         mod = Qwen3Attention(cfg, 0)
@@ -68,7 +68,6 @@ def our_attention(cfg: Qwen3Config, state: dict[str, torch.Tensor]) -> torch.nn.
 
 
 def our_moe_block(cfg: Qwen3Config, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    from ..models.torch_model import Qwen3MoeBlock
 
     with torch.device("meta"):
         mod = Qwen3MoeBlock(cfg)
@@ -77,7 +76,6 @@ def our_moe_block(cfg: Qwen3Config, state: dict[str, torch.Tensor]) -> torch.nn.
 
 def tap_names(layer: int = 0) -> dict[str, str]:
     """The site -> tap-name mapping a layer's modules are called with (as Qwen3DecoderLayer builds it)."""
-    from ..models.torch_model import SITES
 
     return {s: f"layers.{layer}.{s}" for s in SITES}
 

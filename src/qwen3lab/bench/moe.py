@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import taps
 from ..config import Qwen3Config
 from ..errors import NumericsError
 from .attention import PARITY_RTOL
@@ -61,7 +62,6 @@ def routing_stats(topk_idx: np.ndarray | torch.Tensor, num_experts: int) -> dict
 
 def our_routing(block: torch.nn.Module, x: torch.Tensor, layer: int = 0) -> np.ndarray:
     """topk_idx [N, K] that our block chooses for x [1, N, D], read from its `topk_idx` tap."""
-    from .. import taps
 
     name = f"layers.{layer}.topk_idx"
     with torch.inference_mode(), taps.record([name]) as rec:

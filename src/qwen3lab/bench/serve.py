@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 
 from ..errors import InputError
+from .machine import machine_info
+from .report import emit_json
 from .timing import percentile
 
 PROMPTS = [
@@ -143,8 +145,6 @@ def print_table(report: dict[str, Any]) -> None:
 def bench_serve(url: str | None, model: str | None, dtype: str, threads: int | None, num_requests: int,
                 concurrency: str, request_rate: float | None, max_tokens: int, served_model_name: str | None,
                 json_path: str | None, max_num_seqs: int = 256) -> dict[str, Any]:
-    from .machine import machine_info
-    from .report import emit_json
 
     if (url is None) == (model is None):
         raise InputError("bench serve needs exactly one of --url (a running server) or --model (start one)")

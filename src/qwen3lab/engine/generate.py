@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..checks import check_int, shorten
 from ..errors import InputError
 from ..models.torch_model import Qwen3LMHeadModel
+from ..tokenizer import IncrementalDecoder
 from .runner import batch_infer_one_round, check_prompt
 from .sampler import SamplingParams
 from .task import InferTask, stop_id_set, token_id_list
@@ -128,7 +129,6 @@ class TextStops:
     """Incremental text with stop strings: push(token) -> the text that may be shown now."""
 
     def __init__(self, tokenizer, stop_strings: list[str]):
-        from ..tokenizer import IncrementalDecoder
 
         self.decoder = IncrementalDecoder(tokenizer)
         self.stops = stop_strings

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from ..fast.build import loaded
 
 # The smallest temperature above 0. Sampling divides float32 logits by it: below ~1e-38 the divisor itself
 # rounds to 0 in float32 (the issue's --temperature 1e-300 gave inf / NaN probabilities), and at 1e-2 a logit
@@ -136,7 +137,6 @@ class SamplingParams:
 
 def _loaded_kernels():
     """qwen3lab.fast's C++ kernels when a fast model already loaded them (sampling never starts a build)."""
-    from ..fast.build import loaded
 
     return loaded()
 

@@ -40,10 +40,12 @@ from torch import nn
 from .. import taps as _taps
 from ..config import Qwen3Config
 from ..errors import InputError, WeightsError
+from ..fast import optimize
 from ..rope import rope_parameters
 from ..runspec import QUANTS, RunSpec, act_dtype_name
 from ..shapes import expected_shapes
 from ..taps import tap, wants
+from ..weights import load_weights
 from .base import RunResult, check_input_ids
 from .batch import AttnPlan, ForwardBatch, Span
 from .kv_cache import KVCache
@@ -445,7 +447,6 @@ class TorchBackend:
         spec = spec or self.spec_for(device, dtype, fast, quant, group_size)
         self.model = Qwen3LMHeadModel.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
         if spec.fast:
-            from ..fast import optimize
 
             optimize(self.model, quant=spec.quant, group_size=spec.group_size)
             self.name = "torch-fast" if spec.quant is None else f"torch-{spec.quant}"
@@ -466,7 +467,6 @@ class TorchBackend:
                         dtype: str | torch.dtype = "float32", fast: bool = False,
                         quant: str | None = None, group_size: int | None = None,
                         spec: RunSpec | None = None) -> TorchBackend:
-        from ..weights import load_weights
 
         spec = spec or cls.spec_for(device, dtype, fast, quant, group_size)
         cfg = Qwen3Config.from_file(path)

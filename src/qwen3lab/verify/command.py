@@ -1,4 +1,5 @@
 """`qwen3lab verify ...` as a function the CLI calls: `run_verify_command(**options) -> exit code`.
+Imports inside functions are on purpose: a NumPy-only or dump-only verify never loads torch or transformers.
 
 Exit codes: 0 everything compared passes (self-test: every planted bug named); 1 a divergence was found
 (self-test: a bug missed or a false alarm); 2 usage or input error (printed as one line, no traceback).

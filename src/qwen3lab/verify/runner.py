@@ -1,4 +1,5 @@
 """verify(): reference run, candidate run, comparison, isolation run; streaming when the model is large.
+Imports inside functions are on purpose: a NumPy-only or dump-only verify never loads torch or transformers.
 
 Order of work, and what is held in memory:
 1. the reference runs once; its taps go to a store (a dict, or .npy files on disk past `stream_bytes`);
