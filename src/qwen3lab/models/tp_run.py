@@ -157,6 +157,7 @@ def follow(model) -> None:
     while True:
         cmd = _bcast()
         if cmd[0] == "stop":
+            dist.barrier()  # every rank leaves together: none tears down while another is still in a collective
             return
         me.do(cmd)
 
@@ -231,6 +232,7 @@ class TPModel:
             return
         try:
             _bcast(("stop",))
+            dist.barrier()  # the followers' side of the same barrier (follow)
         except RuntimeError:
             pass
         self._teardown()
