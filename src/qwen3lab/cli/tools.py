@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..bench.options import click_options
+from ..errors import InputError
 from ..runspec import ACT_DTYPES, RUN_DTYPES
 from .main import MODEL_HELP, friendly_errors, main
 
@@ -179,6 +180,8 @@ _bench_command("generate", "End to end on a checkpoint dir: prefill tok/s, TTFT,
 @friendly_errors
 def bench_serve_cmd(**opts):
     """Serving throughput and latency: requests/s, output tok/s, TTFT and ITL p50/p90/p99."""
-    from ..bench.serve import bench_serve  # httpx: the serve extra
-
+    try:
+        from ..bench.serve import bench_serve  # httpx: the serve extra
+    except ImportError as e:
+        raise InputError(f"qwen3lab bench serve needs the serve extra: pip install 'qwen3lab[serve]' ({e})") from None
     bench_serve(**opts)
