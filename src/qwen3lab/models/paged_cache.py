@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-# enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for SDPA (as torch_model.py)
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+from .sdpa import sdpa
 
 
 class KVPool:
@@ -120,12 +119,5 @@ def attend_paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache
     vals = pv[table].transpose(1, 2).reshape(B, Hkv, nb * bs, Dh)
     lengths = torch.tensor([c.length + 1 for c in caches], device=dev)
     mask = (torch.arange(nb * bs, device=dev) < lengths[:, None]).view(B, 1, 1, nb * bs)  # True = attend
-    qh = q[0].unsqueeze(2)  # [B, Hq, 1, Dh]
-    dt = qh.dtype
-    if sdpa_dtype is not None:
-        qh, keys, vals = qh.to(sdpa_dtype), keys.to(sdpa_dtype), vals.to(sdpa_dtype)
-    if Hq != Hkv and not _SDPA_GQA:
-        keys, vals = keys.repeat_interleave(Hq // Hkv, 1), vals.repeat_interleave(Hq // Hkv, 1)
-    gqa = {"enable_gqa": Hq != Hkv} if _SDPA_GQA else {}
-    o = torch.nn.functional.scaled_dot_product_attention(qh, keys, vals, attn_mask=mask, scale=scaling, **gqa)
-    return o.to(dt).transpose(1, 2).reshape(1, B, Hq, Dh)  # [B, Hq, 1, Dh] -> [1, B, Hq, Dh]
+    o = sdpa(q[0].unsqueeze(2), keys, vals, scaling, mask, dtype=sdpa_dtype)  # q [B, Hq, 1, Dh]
+    return o.transpose(1, 2).reshape(1, B, Hq, Dh)  # [B, Hq, 1, Dh] -> [1, B, Hq, Dh]

@@ -50,9 +50,7 @@ from .base import RunResult, check_input_ids
 from .batch import AttnPlan, ForwardBatch, Span
 from .kv_cache import KVCache
 from .paged_cache import attend_paged_decode
-
-# enable_gqa arrived in torch 2.5; before it K/V heads are repeated (a copy) for the kernel.
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+from .sdpa import sdpa
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ leaf kernels take
 
@@ -263,19 +261,9 @@ class Qwen3Attention(nn.Module):
         S = kh.shape[1]
         if wants(names["probs"]):
             return self._attend_explicit(qh, kh, vh, p, names["probs"]).transpose(1, 2)
-        kh, vh = kh.unsqueeze(0), vh.unsqueeze(0)  # [1, Hkv, S, Dh]
-        dt = qh.dtype
-        if sdpa_dtype is not None:
-            qh, kh, vh = qh.to(sdpa_dtype), kh.to(sdpa_dtype), vh.to(sdpa_dtype)
-        if _SDPA_GQA:
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=p.mask, is_causal=p.is_causal,
-                                               scale=self.scaling, enable_gqa=self.n_rep > 1)
-        else:
-            kh, vh = kh.repeat_interleave(self.n_rep, 1), vh.repeat_interleave(self.n_rep, 1)
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=p.mask, is_causal=p.is_causal,
-                                               scale=self.scaling)
+        o = sdpa(qh, kh.unsqueeze(0), vh.unsqueeze(0), self.scaling, p.mask, p.is_causal, sdpa_dtype)
         assert o.shape == (1, self.Hq, T, self.Dh) and S >= T
-        return o.transpose(1, 2).to(dt)  # [1, T, Hq, Dh]
+        return o.transpose(1, 2)  # [1, T, Hq, Dh]
 
     def _attend_explicit(self, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, p: AttnPlan,
                          name: str) -> torch.Tensor:
