@@ -119,10 +119,14 @@ def run_bench_command(kind: str, **options: Any) -> int:
     return finish(report, o, old, tolerance)
 
 
+def _counts(bench, o: dict[str, Any]) -> tuple[int, int]:
+    """--warmups and --runs, each the bench module's default when not given."""
+    return (bench.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"],
+            bench.DEFAULT_RUNS if o["runs"] is None else o["runs"])
+
 def _attention(o: dict[str, Any], device, dtypes: list[str], hf: bool, progress, log):
     cfg, source = _config("attention", o)
-    warmups = A.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
-    runs = A.DEFAULT_RUNS if o["runs"] is None else o["runs"]
+    warmups, runs = _counts(A, o)
     decode_past = parse_int_list(o["decode_past"], "--decode-past") if str(o["decode_past"]) != "0" else []
     repeat = as_int(o["decode_repeat"], "--decode-repeat")
     if repeat < 1:
@@ -139,8 +143,7 @@ def _attention(o: dict[str, Any], device, dtypes: list[str], hf: bool, progress,
 
 def _moe(o: dict[str, Any], device, dtypes: list[str], hf: bool, progress, log):
     cfg, source = _config("moe", o)
-    warmups = M.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
-    runs = M.DEFAULT_RUNS if o["runs"] is None else o["runs"]
+    warmups, runs = _counts(M, o)
     prefill_tokens = maybe_list(o["prefill_tokens"], "--prefill-tokens")
     decode_tokens = maybe_list(o["decode_tokens"], "--decode-tokens")
     need = _moe_bytes(cfg, prefill_tokens + decode_tokens, resolve_dtype(dtypes[0]).itemsize, hf)
@@ -155,8 +158,7 @@ def _generate(o: dict[str, Any], device, dtypes: list[str], hf: bool, progress, 
     if o["preset"] is not None or o["config"] is not None:
         raise InputError("bench generate runs a checkpoint dir: use --model DIR "
                          "(make one with `qwen3lab make-model DIR --preset NAME`)")
-    warmups = G.DEFAULT_WARMUPS if o["warmups"] is None else o["warmups"]
-    runs = G.DEFAULT_RUNS if o["runs"] is None else o["runs"]
+    warmups, runs = _counts(G, o)
     records, extra = G.run(o["model"], device, dtypes, warmups, runs,
                            prompt_lens=parse_int_list(o["prompt_lens"], "--prompt-lens"),
                            batches=parse_int_list(o["batch"], "--batch"),
