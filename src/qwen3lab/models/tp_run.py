@@ -249,13 +249,19 @@ class TPModel:
 def _follower_main(path, rank: int, world: int, port: int, device, dtype) -> None:
     group.split_threads(world)
     group.init(rank, world, "127.0.0.1", port, device)
+    code = 0
     try:
         model = _ready(rank, world, lambda: load_rank(path, rank, world, device, dtype))
         follow(model)
     except Exception as e:  # noqa: BLE001 -- a follower's end is reported by rank 0; say why here too
         print(f"qwen3lab rank {rank}: {e}", file=sys.stderr)
+        code = 1
     finally:
         group.shutdown()
+        sys.stderr.flush()
+        # a spawned follower has nothing left to clean up; ending it here skips the interpreter's teardown, in
+        # which gloo's threads were destroyed joinable ("terminate called without an active exception", SIGABRT)
+        os._exit(code)
 
 
 def start_local(path, world: int, device="cpu", dtype=torch.float32) -> TPModel:
