@@ -906,6 +906,10 @@ void attend_decode_impl(const at::Tensor& q, const at::Tensor& kn, const at::Ten
 }
 
 // ---- paged single-query attention: keys / values read through each sequence's block table ---------------------
+#ifndef QWEN3LAB_PFB
+#define QWEN3LAB_PFB 2
+#endif
+constexpr int PFB = QWEN3LAB_PFB;  // blocks ahead to prefetch
 // acc[r, c0 .. c0 + CB*W) += sum_s p[r, s] * V[s, c0 ..] over the n keys of one chunk, whose rows lie in blocks
 // (Vb[j]: block j's rows for this head, bs of them, [bs, Dh]); accumulators in registers over the whole chunk.
 template <class D, int NR, int CB>
@@ -917,8 +921,10 @@ inline void pv_paged_cols(const typename D::T* const* Vb, int64_t bs, int64_t n,
     for (int c = 0; c < CB; ++c) a[r][c] = c < nc ? load<vf>(acc + r * lda + c0 + c * W) : vf{};
   for (int64_t j = 0, s = 0; s < n; ++j) {
     const typename D::T* V = Vb[j];
+    const typename D::T* next = Vb[j + PFB];  // the next block's rows, prefetched as this one's are read
     for (int64_t t = 0; t < bs && s < n; ++t, ++s) {
-      __builtin_prefetch((const char*)(V + (t + 8) * Dh + c0), 0, 3);
+      for (int64_t l = 0; l < nc * W * int64_t(sizeof(typename D::T)); l += 64)  // every line of these columns
+        __builtin_prefetch((const char*)(next + t * Dh + c0) + l, 0, 3);
       vf vv[CB];
       for (int c = 0; c < CB; ++c) vv[c] = c < nc ? D::ld(V + t * Dh + c0 + c * W, Dh - c0 - c * W) : vf{};
       for (int r = 0; r < NR; ++r) {
@@ -929,6 +935,37 @@ inline void pv_paged_cols(const typename D::T* const* Vb, int64_t bs, int64_t n,
   }
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < nc; ++c) store(acc + r * lda + c0 + c * W, a[r][c]);
+}
+
+// scores[r, s] = q[r] . K[s] for the n keys of one block (as qk_rows), prefetching the same rows of the next
+// block the sequence reads (`next`): blocks lie apart in the pool, where no hardware prefetcher follows.
+template <class D, int NR>
+inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t n, int64_t Dh, const float* q,
+                     int64_t ldq, float* sc, int64_t lds) {
+  const int64_t row_bytes = Dh * int64_t(sizeof(typename D::T));
+  int64_t s = 0;
+  for (; s + 4 <= n; s += 4) {
+    for (int64_t l = 0; l < 4 * row_bytes; l += 64) __builtin_prefetch((const char*)(next + s * Dh) + l, 0, 3);
+    vf acc[4][NR];
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < NR; ++r) acc[j][r] = vf{};
+    for (int64_t c = 0; c < Dh; c += W)
+      for (int j = 0; j < 4; ++j) {
+        const vf kv = D::ld(K + (s + j) * Dh + c, Dh - c);
+        for (int r = 0; r < NR; ++r) acc[j][r] = fmadd(load<vf>(q + r * ldq + c), kv, acc[j][r]);
+      }
+    for (int r = 0; r < NR; ++r) {
+      float out[4];
+      hsum4(acc[0][r], acc[1][r], acc[2][r], acc[3][r], out);
+      std::memcpy(sc + r * lds + s, out, sizeof out);
+    }
+  }
+  for (; s < n; ++s)
+    for (int r = 0; r < NR; ++r) {
+      vf acc = {};
+      for (int64_t c = 0; c < Dh; c += W) acc = fmadd(load<vf>(q + r * ldq + c), D::ld(K + s * Dh + c, Dh - c), acc);
+      sc[r * lds + s] = hsum(acc);
+    }
 }
 
 // x[i] = exp(x[i] - m) over n float32 scores, in place; returns their sum
@@ -987,7 +1024,7 @@ void attend_paged_impl(const at::Tensor& q, const at::Tensor& kn, const at::Tens
   constexpr int CB = W >= 16 ? 8 : 4;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> qf(R * ldq), acc(R * ldq), sc(R * CH), m(R), l(R);
-    std::vector<const T*> Kb(nbc), Vb(nbc);
+    std::vector<const T*> Kb(nbc + PFB), Vb(nbc + PFB);  // the chunk's blocks, and PFB after it (prefetch)
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b = i / Hkv, g = i % Hkv, S = pos[b] + 1;
       std::fill(qf.begin(), qf.end(), 0.f);  // this group's R query heads, float32, scaled, zero-padded
@@ -1003,14 +1040,18 @@ void attend_paged_impl(const at::Tensor& q, const at::Tensor& kn, const at::Tens
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t s0 = 0; s0 < S; s0 += CH) {
-        const int64_t n = std::min(CH, S - s0), nb = (n + bs - 1) / bs;
+        const int64_t n = std::min(CH, S - s0), nb = (n + bs - 1) / bs, last = pos[b] / bs;
+        for (int64_t j = 0; j < nb + PFB; ++j) {
+          const int64_t blk = std::min(s0 / bs + j, last);  // past the end: the last block again (harmless)
+          Kb[j] = row(kp, b, blk, g);
+          Vb[j] = row(vp, b, blk, g);
+        }
         for (int64_t j = 0; j < nb; ++j) {
-          Kb[j] = row(kp, b, s0 / bs + j, g);
-          Vb[j] = row(vp, b, s0 / bs + j, g);
           const int64_t nn = std::min(bs, n - j * bs);
+          float* scj = sc.data() + j * bs;
           int64_t r = 0;
-          for (; r + 2 <= R; r += 2) qk_rows<D, 2>(Kb[j], nn, Dh, qf.data() + r * ldq, ldq, sc.data() + r * CH + j * bs, CH);
-          for (; r < R; ++r) qk_rows<D, 1>(Kb[j], nn, Dh, qf.data() + r * ldq, ldq, sc.data() + r * CH + j * bs, CH);
+          for (; r + 2 <= R; r += 2) qk_block<D, 2>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH);
+          for (; r < R; ++r) qk_block<D, 1>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH);
         }
         for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was summed under the old max
           const float mnew = std::max(m[r], max_row(sc.data() + r * CH, n));
