@@ -64,7 +64,7 @@ class InferTask:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()  # a generated token in here finishes the task (it is kept)
     max_new_tokens: int | None = None  # finish after this many generated tokens (None: only stop / context)
-    cache: PagedSeqCache | KVCache | None = None  # made on the first round (model.new_cache), sized for prompt + max_new_tokens
+    cache: PagedSeqCache | KVCache | None = None  # model.new_cache on the first round: prompt + max_new_tokens
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "context"
     generator: torch.Generator | None = field(default=None, repr=False)  # made from sampling.seed on first use
