@@ -17,10 +17,11 @@
 // - Large M (prefill): W is widened to fp32 a band of rows at a time (cache-resident) and handed to sgemm
 //   (int4: dequantised to q * scale, linear_q4_large).
 // - Leaf ops of the model: RMSNorm, RoPE, SiLU(gate) * up, single-query attention that writes the new
-//   key/value into each sequence's cache and attends over it (a contiguous cache per sequence, or a paged pool
-//   read through block tables with an online softmax: attend_paged_decode). Each rounds to the model dtype exactly where the
-//   eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE product), so the fast path
-//   tracks the eager one to float32 summation order (~1e-6 relative) and to bf16 rounding order in bfloat16.
+//   key/value into each sequence's cache and attends over it (attend_decode: a contiguous cache per sequence;
+//   attend_paged_decode: a paged pool read through block tables, online softmax). Each rounds to the model
+//   dtype exactly where the eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE
+//   product), so the fast path tracks the eager one to float32 summation order (~1e-6 relative) and to bf16
+//   rounding order in bfloat16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

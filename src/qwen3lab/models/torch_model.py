@@ -6,7 +6,8 @@ Notable:
   when dtype and device already match) and a tied lm_head is the embedding Parameter itself.
 - Packed ("varlen") batches: the new tokens of all sequences are flattened to one [1, N, D] stream, so every
   linear layer is one GEMM over the whole batch (decode of B sequences is a [B, D] x [D, *] product, not B
-  GEMVs); only attention runs per sequence, each over its own KV cache (models/kv_cache.py).
+  GEMVs); only attention runs per sequence, each over its own paged KV cache (models/paged_cache.py); a decode
+  batch is one call of the C++ paged decode kernel per layer (block tables built once per forward).
 - RMSNorm in float32 (float64 in a float64 model) then cast back, weight applied in the model dtype (as HF).
 - q_norm / k_norm are per-head RMSNorms applied BEFORE RoPE; RoPE rotates half-split pairs; cos/sin tables
   come from rope.rope_parameters, evaluated in float32 like HF (float64 in a float64 model) then cast.
