@@ -185,8 +185,9 @@ class PagedSeqCache:
             table = torch.tensor(self.block_table[:-(-end // self.pool.block_size)], dtype=torch.long,
                                  device=pk.device)
         Hkv, Dh = pk.shape[1], pk.shape[3]
-        keys = pk[table].transpose(0, 1).reshape(Hkv, -1, Dh)[:, :end]  # [Hkv, S, Dh]
-        vals = pv[table].transpose(0, 1).reshape(Hkv, -1, Dh)[:, :end]
+        # one copy: index the blocks of a [Hkv, NB, bs, Dh] view, giving [Hkv, nb, bs, Dh] contiguous
+        keys = pk.transpose(0, 1)[:, table].view(Hkv, -1, Dh)[:, :end]  # [Hkv, S, Dh]
+        vals = pv.transpose(0, 1)[:, table].view(Hkv, -1, Dh)[:, :end]
         return keys, vals
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
