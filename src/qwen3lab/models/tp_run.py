@@ -2,10 +2,15 @@
 
 `TPModel` is model-like (cfg, dtype, device, new_cache, forward(batch) -> logits [R, V]), so the engine
 (generate, batch_infer_one_round, a server's scheduler) drives it exactly as it drives Qwen3LMHeadModel.
-Each call on rank 0 first broadcasts the step (ids, positions, spans with cache keys, logits rows) to the
-followers, then every rank runs the same forward on its shard; the collectives inside the leaves line
-them up. KV caches live on every rank (each holds its KV heads); rank 0's caches carry a key the followers
-map to their own, freed when rank 0's is garbage-collected.
+Each call on rank 0 first broadcasts the step (ids, positions, spans, logits rows) to the followers, then
+every rank runs the same forward on its shard; the collectives inside the leaves line them up. KV caches
+live on every rank (each holds its KV heads). Contiguous caches (new_cache): rank 0's carry a key the
+followers map to their own, freed when rank 0's is garbage-collected. Paged (the LLMEngine, a server):
+`new_kv_pool(num_blocks, block_size)` makes a pool of the rank's KV heads on every rank from the one block
+count rank 0's engine decided; a span's PagedSeqCache travels as its block table, and each follower views
+its own pool through that table, so rank 0's block manager alone decides where every sequence lives.
+Commands travel on the command group (dist/group.py: no timeout while idle); one lock makes each command
+one unit when several threads hold the TPModel (a server's engine thread, its shutdown).
 
 Start: `start_local(path, world, ...)` spawns world-1 follower processes (torch.multiprocessing spawn) and
 joins as rank 0; under torchrun, `join_launched(path, ...)` joins the launched world, and on ranks > 0 it
@@ -19,7 +24,9 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import signal
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -35,6 +42,7 @@ from ..errors import InputError
 from ..weights import load_weights
 from .base import RunResult, check_input_ids
 from .batch import ForwardBatch, Span
+from .paged_cache import PagedSeqCache
 from .tp import build_shard, check_tp, gather_taps, shard_rule
 
 # this process's resident bytes just before its shard was loaded, and its peak just after (bench / tests)
@@ -94,8 +102,16 @@ def peak_rss() -> int:
 
 def _bcast(obj=None):
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group.commands())
     return box[0]
+
+
+def _cache_ref(cache, end: int):
+    """How a span's cache travels: None, a contiguous cache's key, or a paged cache's block table (a list)
+    up to position `end`."""
+    if isinstance(cache, PagedSeqCache):
+        return cache.block_table[:-(-end // cache.pool.block_size)]
+    return None if cache is None else getattr(cache, "tp_key", None)
 
 
 class _Rank:
@@ -104,6 +120,12 @@ class _Rank:
     def __init__(self, model):
         self.model = model
         self.caches: dict[int, object] = {}
+        self.pool = None  # this rank's paged KV pool ("pool" command)
+
+    def _cache(self, ref, start: int):
+        if isinstance(ref, list):  # a block table over this rank's pool; `start` positions are filled
+            return PagedSeqCache(self.pool, ref, start)
+        return None if ref is None else self.caches.get(ref)
 
     def do(self, cmd: tuple):
         kind = cmd[0]
@@ -112,12 +134,16 @@ class _Rank:
         if kind == "cache":
             self.caches[cmd[1]] = self.model.new_cache(cmd[2])
             return self.caches[cmd[1]]
+        if kind == "pool":  # every rank makes its pool, or every rank raises the first failure
+            m = self.model
+            self.pool = _ready(m.rank, m.world, lambda: m.new_kv_pool(cmd[1], cmd[2]))
+            return self.pool
         if kind == "forward":
             _, ids, pos, spans, rows, _ = cmd
             dev = self.model.device
             batch = ForwardBatch(torch.tensor(ids, dtype=torch.long, device=dev),
                                  torch.tensor(pos, dtype=torch.long, device=dev),
-                                 [Span(self.caches.get(k), s, n) for k, s, n in spans],
+                                 [Span(self._cache(k, s), s, n) for k, s, n in spans],
                                  None if rows is None else torch.tensor(rows, dtype=torch.long, device=dev))
             return self.model(batch)
         if kind == "run":
@@ -152,7 +178,13 @@ class _Rank:
 
 
 def follow(model) -> None:
-    """Ranks > 0: do what rank 0 broadcasts until it says stop (or dies: the collective raises)."""
+    """Ranks > 0: do what rank 0 broadcasts until it says stop (or dies: the collective raises). SIGINT and
+    SIGTERM are left to rank 0 (a terminal's Ctrl-C reaches every local rank, torchrun's SIGTERM every rank):
+    rank 0 drains its work and then stops the followers; if rank 0 dies instead, its closed connections end
+    the wait here at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     me = _Rank(model)
     while True:
         cmd = _bcast()
@@ -173,6 +205,7 @@ class TPModel:
         self._me = _Rank(model)
         self._keys = itertools.count()
         self._freed: list[int] = []
+        self._lock = threading.RLock()
         self.closed = False
         atexit.register(self.close)
 
@@ -185,6 +218,10 @@ class TPModel:
         return self.local.device
 
     def _send(self, *cmd):
+        with self._lock:
+            return self._send_locked(cmd)
+
+    def _send_locked(self, cmd: tuple):
         if self.closed:
             raise DistError("this tensor-parallel model is closed")
         freed, self._freed = self._freed, []
@@ -192,6 +229,9 @@ class TPModel:
         try:
             _bcast(cmd)
             return self._me.do(cmd)
+        except DistError:  # every rank failed alike (a pool that does not fit): the followers have left
+            self._teardown()
+            raise
         except RuntimeError as e:
             dead = [p.pid for p in self.procs if not p.is_alive()]
             self._teardown()
@@ -205,9 +245,29 @@ class TPModel:
         weakref.finalize(cache, self._freed.append, key)
         return cache
 
+    def new_kv_pool(self, num_blocks: int, block_size: int):
+        """A paged KV pool on every rank (each its KV heads), num_blocks each; rank 0's is returned."""
+        return self._send("pool", int(num_blocks), int(block_size))
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one pool block takes on a rank (all ranks alike)."""
+        return self.local.kv_block_bytes(block_size)
+
+    @property
+    def memory_sharers(self) -> int:
+        """Ranks drawing on the free memory rank 0 sees: the cpu ranks of this host; one a GPU."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if self.device.type == "cpu" else 1
+
+    def check_alive(self) -> None:
+        """DistError when this model is closed or a follower it spawned has died (torchrun's followers: seen at
+        the next command). Cheap: for a server's idle loop."""
+        dead = [p.pid for p in self.procs if not p.is_alive()]
+        if dead or self.closed:
+            raise DistError(f"tensor-parallel run lost a rank (pids {dead} gone)" if dead else
+                            "this tensor-parallel model is closed")
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        spans = [(getattr(s.cache, "tp_key", None) if s.cache is not None else None, s.start, s.length)
-                 for s in batch.spans]
+        spans = [(_cache_ref(s.cache, s.start + s.length), s.start, s.length) for s in batch.spans]
         rows = None if batch.logits_rows is None else batch.logits_rows.tolist()
         return self._send("forward", batch.input_ids.tolist(), batch.positions.tolist(), spans, rows)
 
@@ -228,14 +288,15 @@ class TPModel:
 
     def close(self) -> None:
         """Tell the followers to stop, wait for them, leave the process group (so another world can start)."""
-        if self.closed:
-            return
-        try:
-            _bcast(("stop",))
-            dist.barrier()  # the followers' side of the same barrier (follow)
-        except RuntimeError:
-            pass
-        self._teardown()
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                _bcast(("stop",))
+                dist.barrier()  # the followers' side of the same barrier (follow)
+            except RuntimeError:
+                pass
+            self._teardown()
 
     def _teardown(self) -> None:
         self.closed = True
