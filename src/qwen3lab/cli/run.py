@@ -266,11 +266,13 @@ def _stdin_surrogateescape() -> None:
 @main.command("serve")
 @_model_options
 @serve_options
+@_ndev_option
 @friendly_errors
-def serve_cmd(model, device, dtype, quant, group_size, no_fast, threads, **opts):
-    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+def serve_cmd(model, device, dtype, quant, group_size, no_fast, threads, ndev, **opts):
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+    With --ndev N only rank 0 (this process, or torchrun's rank 0) serves HTTP."""
     from ..paths import resolve_model_path
     from ..serve.command import run_server
 
-    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size, ndev)
     run_server(lm, str(resolve_model_path(model)), **opts)
