@@ -21,11 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import Qwen3LabError
-
-
-class DistError(Qwen3LabError, RuntimeError):
-    """A tensor-parallel run could not start or lost a rank."""
+from ..errors import DistError  # defined without torch (the CLI names it before torch loads); raised here
 
 
 @dataclass(frozen=True)

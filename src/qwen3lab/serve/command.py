@@ -16,8 +16,7 @@ from pathlib import Path
 
 import click
 
-from ..dist.group import DistError
-from ..errors import InputError
+from ..errors import DistError, InputError
 
 
 def serve_options(fn):

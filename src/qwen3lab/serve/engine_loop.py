@@ -21,8 +21,7 @@ import logging
 import threading
 from typing import Any
 
-from ..dist.group import DistError
-from ..errors import InputError
+from ..errors import DistError, InputError
 from .protocol import APIError
 
 log = logging.getLogger("qwen3lab.serve")
