@@ -141,8 +141,11 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, g
     path = resolve_model_path(model)
     load_config(path)  # a bad config.json is refused before the status line builds the kernels
     if _rank0():
+        from ..dist.group import rank_threads  # torch with it: loaded only when a command runs a model
+
         tp = f", {ndev} tensor-parallel ranks" if ndev > 1 else ""
-        click.echo(f"loading {path} ({spec.describe()}, {device}{tp}, {_threads(torch.get_num_threads())}, "
+        n = torch.get_num_threads() if ndev == 1 else rank_threads(ndev)  # the ranks split the cores (tp_run.py)
+        click.echo(f"loading {path} ({spec.describe()}, {device}{tp}, {_threads(n)}{' a rank' if ndev > 1 else ''}, "
                    f"{_path_line(device, spec.fast)})", err=True)
     lm = Qwen3ForCausalLM.from_pretrained(path, spec=spec)
     if spec.fast:

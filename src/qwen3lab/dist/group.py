@@ -103,10 +103,15 @@ def from_env(device: str | torch.device = "cpu") -> World:
     return init(rank, world, env["MASTER_ADDR"], port, device, method="env://")
 
 
-def split_threads(world: int) -> int:
-    """CPU: share this machine's cores between the local ranks (at least one thread each)."""
+def rank_threads(world: int) -> int:
+    """The threads each local rank gets: this machine's cores shared between them (at least one each)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    n = max(1, (os.cpu_count() or 1) // max(1, local))
+    return max(1, (os.cpu_count() or 1) // max(1, local))
+
+
+def split_threads(world: int) -> int:
+    """CPU: set this rank's torch threads to its share of the cores (rank_threads)."""
+    n = rank_threads(world)
     torch.set_num_threads(n)
     return n
 
