@@ -256,3 +256,18 @@ def test_llm_offline_ndev_2_moe_matches_one_rank(ckpts):
     finally:
         tp.model.model.close()
     assert got == want, f"ndev=2 {got}\nndev=1 {want}"
+
+
+def test_idle_ranks_outlive_the_collective_timeout(ckpts, one, monkeypatch):
+    """A server waits for requests far longer than a collective may take: the followers wait for rank 0's next
+    command on the command group (no timeout while idle), so an idle spell past QWEN3LAB_DIST_TIMEOUT is fine."""
+    from qwen3lab import Qwen3ForCausalLM
+
+    monkeypatch.setenv("QWEN3LAB_DIST_TIMEOUT", "6")
+    tp = Qwen3ForCausalLM.from_pretrained(ckpts["tiny"], dtype="float32", fast=False, ndev=2)
+    try:
+        time.sleep(7)
+        got = tp.generate(PROMPTS[0], max_steps=4).token_ids
+    finally:
+        tp.model.close()
+    assert got == one.generate(PROMPTS[0], max_steps=4).token_ids
