@@ -110,8 +110,10 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _path_line(device: str, fast: bool) -> str:
+def _path_line(device: str, fast: bool, ndev: int = 1) -> str:
     """Which forward runs: the fast path and its kernels (qwen3lab.fast.status()), or the plain eager model."""
+    if ndev > 1:
+        return "plain eager path (the tensor-parallel leaves)"
     if not fast:
         return "plain eager path (--no-fast)"
     if not device.startswith("cpu"):
@@ -146,7 +148,7 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, g
         tp = f", {ndev} tensor-parallel ranks" if ndev > 1 else ""
         n = torch.get_num_threads() if ndev == 1 else rank_threads(ndev)  # the ranks split the cores (tp_run.py)
         click.echo(f"loading {path} ({spec.describe()}, {device}{tp}, {_threads(n)}{' a rank' if ndev > 1 else ''}, "
-                   f"{_path_line(device, spec.fast)})", err=True)
+                   f"{_path_line(device, spec.fast, ndev)})", err=True)
     lm = Qwen3ForCausalLM.from_pretrained(path, spec=spec)
     if spec.fast:
         from ..fast import describe
