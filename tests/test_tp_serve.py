@@ -3,7 +3,8 @@ tensor-parallel model (LLM(..., ndev=2)).
 
 References: the same checkpoint on one rank in this process (float32, greedy: tokens and text must be
 identical), each request's output alone. The server's process tree is read from /proc. Three servers: the
-one most tests share (SIGTERM'd last), one under torchrun, one whose follower is killed.
+one most tests share (SIGTERM'd last), one under torchrun, one whose follower is killed. The unit tier:
+EngineLoop over a stand-in engine whose rank is lost (500 to those in flight, 503 after, on_fatal once).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-pytestmark = pytest.mark.slow  # subprocess servers, 2 ranks each
+slow = pytest.mark.slow  # subprocess servers, 2 ranks each; the EngineLoop tests at the end are unit-tier
 
 PROMPTS = ["Hello there", "The capital of France is", "1 2 3 4", "def f(x):", "Once upon a time", "zzz"]
 ENV = {**os.environ, "QWEN3LAB_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
@@ -122,6 +123,7 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
+@slow
 def test_completion_and_chat_match_one_rank(server, one):
     proc, url = server
     r = client(url).completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0)
@@ -138,6 +140,7 @@ def test_completion_and_chat_match_one_rank(server, one):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
 
 
+@slow
 def test_concurrent_streams_each_equal_alone(server, one):
     _, url = server
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(8)]
@@ -159,6 +162,7 @@ def test_concurrent_streams_each_equal_alone(server, one):
     assert not bad, f"{len(bad)} of 8 differ from the request alone on one rank: {bad[:3]}"
 
 
+@slow
 def test_sigterm_drains_then_every_rank_exits(server):
     """Last test on this server: SIGTERM mid-stream; the stream ends whole, then the process tree is gone."""
     proc, url = server
@@ -190,6 +194,7 @@ def test_sigterm_drains_then_every_rank_exits(server):
     assert not _alive(ranks), f"ranks left running after the server exited: {_alive(ranks)}"
 
 
+@slow
 def test_killed_follower_ends_requests_and_server(ckpts):
     """A follower killed mid-stream: the stream ends with an OpenAI-shaped error event, the server exits 2."""
     from qwen3lab.bench.serve import free_port
@@ -214,6 +219,7 @@ def test_killed_follower_ends_requests_and_server(ckpts):
         _stop(proc)
 
 
+@slow
 def test_torchrun_world_serves_from_rank_0(ckpts, one):
     from qwen3lab.bench.serve import free_port
 
@@ -236,6 +242,7 @@ def test_torchrun_world_serves_from_rank_0(ckpts, one):
         _stop(proc)
 
 
+@slow
 def test_llm_offline_ndev_2_moe_matches_one_rank(ckpts):
     """LLMEngine over a TPModel (paged pools on both ranks, block tables broadcast) on the MoE checkpoint, with
     prefix sharing and a small block size so tables span several blocks."""
@@ -258,6 +265,7 @@ def test_llm_offline_ndev_2_moe_matches_one_rank(ckpts):
     assert got == want, f"ndev=2 {got}\nndev=1 {want}"
 
 
+@slow
 def test_idle_ranks_outlive_the_collective_timeout(ckpts, one, monkeypatch):
     """A server waits for requests far longer than a collective may take: the followers wait for rank 0's next
     command on the command group (no timeout while idle), so an idle spell past QWEN3LAB_DIST_TIMEOUT is fine."""
@@ -271,3 +279,56 @@ def test_idle_ranks_outlive_the_collective_timeout(ckpts, one, monkeypatch):
     finally:
         tp.model.close()
     assert got == one.generate(PROMPTS[0], max_steps=4).token_ids
+
+
+class _LostRank:
+    """A stand-in LLMEngine whose model lost a rank: step() raises DistError (idle: check_alive does)."""
+
+    def __init__(self, idle: bool):
+        self.reqs: set[str] = set()
+        self.idle = idle
+        self.model = type("M", (), {"check_alive": staticmethod(self._lost)})() if idle else None
+
+    @staticmethod
+    def _lost():
+        from qwen3lab.errors import DistError
+
+        raise DistError("tensor-parallel run lost a rank (pids [1] gone)")
+
+    def add_request(self, rid, *_a, **_k):
+        self.reqs.add(rid)
+
+    def abort(self, rid):
+        self.reqs.discard(rid)
+
+    def has_unfinished(self):
+        return bool(self.reqs) and not self.idle  # idle: never stepped, only checked
+
+    def step(self):
+        self._lost()
+
+
+@pytest.mark.parametrize("idle", [False, True])
+def test_engine_loop_lost_rank_fails_requests_then_refuses(idle):
+    from qwen3lab.engine.sampler import SamplingParams
+    from qwen3lab.serve.engine_loop import EngineError, EngineLoop
+    from qwen3lab.serve.protocol import APIError
+
+    fatal: list[str] = []
+    loop_ = EngineLoop(_LostRank(idle), 8, on_fatal=fatal.append)
+
+    async def go():
+        q: asyncio.Queue = asyncio.Queue()
+        loop_.add(["a"], q, [1, 2], [SamplingParams()], 4, frozenset(), None)
+        loop_.start()
+        i, out = await asyncio.wait_for(q.get(), timeout=10)
+        assert i == 0 and isinstance(out, EngineError) and "lost a rank" in out.message, out
+        loop_.thread.join(timeout=10)
+        with pytest.raises(APIError) as e:
+            loop_.add(["b"], asyncio.Queue(), [1], [SamplingParams()], 4, frozenset(), None)
+        return e.value
+
+    err = asyncio.run(go())
+    assert not loop_.thread.is_alive()
+    assert fatal == [loop_.dead] and "lost a rank" in loop_.dead, (fatal, loop_.dead)
+    assert err.status == 503 and set(err.body()["error"]) == {"message", "type", "param", "code"}, err.body()
