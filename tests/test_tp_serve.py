@@ -270,15 +270,24 @@ def test_idle_ranks_outlive_the_collective_timeout(ckpts, one, monkeypatch):
     """A server waits for requests far longer than a collective may take: the followers wait for rank 0's next
     command on the command group (no timeout while idle), so an idle spell past QWEN3LAB_DIST_TIMEOUT is fine."""
     from qwen3lab import Qwen3ForCausalLM
+    from qwen3lab.models import tp_run
 
     monkeypatch.setenv("QWEN3LAB_DIST_TIMEOUT", "6")
     tp = Qwen3ForCausalLM.from_pretrained(ckpts["tiny"], dtype="float32", fast=False, ndev=2)
     try:
         time.sleep(7)
         got = tp.generate(PROMPTS[0], max_steps=4).token_ids
+        # a server's idle loop (check_alive) pings the ranks once PING_S passed without a command; the command
+        # stream stays in step: the next run is still right
+        monkeypatch.setattr(tp_run, "PING_S", 0.0)
+        before = tp.model._last
+        tp.model.check_alive()
+        assert tp.model._last > before, "check_alive sent no ping"
+        again = tp.generate(PROMPTS[0], max_steps=4).token_ids
     finally:
         tp.model.close()
-    assert got == one.generate(PROMPTS[0], max_steps=4).token_ids
+    want = one.generate(PROMPTS[0], max_steps=4).token_ids
+    assert got == want and again == want, (got, again, want)
 
 
 class _LostRank:

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -38,13 +39,13 @@ from ..config import Qwen3Config
 from ..dist import group
 from ..dist.group import DistError
 from ..dist.layers import STATS
-from ..errors import InputError
 from ..weights import load_weights
-from .base import RunResult, check_input_ids
+from .base import RunResult
 from .batch import ForwardBatch, Span
 from .paged_cache import PagedSeqCache
 from .tp import build_shard, check_tp, gather_taps, shard_rule
 
+PING_S = 30.0  # TPModel.check_alive: ping the ranks after this long without a command
 # this process's resident bytes just before its shard was loaded, and its peak just after (bench / tests)
 RSS_BEFORE_LOAD, PEAK_AFTER_LOAD = [0], [0]
 
@@ -131,6 +132,8 @@ class _Rank:
         kind = cmd[0]
         for key in cmd[-1]:  # caches rank 0 has dropped since the last command
             self.caches.pop(key, None)
+        if kind == "ping":  # keeps the command group's idle wait short of its timeout (TPModel.check_alive)
+            return None
         if kind == "cache":
             self.caches[cmd[1]] = self.model.new_cache(cmd[2])
             return self.caches[cmd[1]]
@@ -206,6 +209,7 @@ class TPModel:
         self._keys = itertools.count()
         self._freed: list[int] = []
         self._lock = threading.RLock()
+        self._last = time.monotonic()  # when the last command went out
         self.closed = False
         atexit.register(self.close)
 
@@ -226,6 +230,7 @@ class TPModel:
             raise DistError("this tensor-parallel model is closed")
         freed, self._freed = self._freed, []
         cmd = (*cmd, freed)
+        self._last = time.monotonic()
         try:
             _bcast(cmd)
             return self._me.do(cmd)
@@ -259,12 +264,15 @@ class TPModel:
         return int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if self.device.type == "cpu" else 1
 
     def check_alive(self) -> None:
-        """DistError when this model is closed or a follower it spawned has died (torchrun's followers: seen at
-        the next command). Cheap: for a server's idle loop."""
+        """DistError when this model is closed or a follower it spawned has died; for a server's idle loop. After
+        PING_S idle (or half the idle timeout) it also pings every rank: torchrun's followers are checked too,
+        and the followers' wait never reaches the command group's timeout however long the server idles."""
         dead = [p.pid for p in self.procs if not p.is_alive()]
         if dead or self.closed:
             raise DistError(f"tensor-parallel run lost a rank (pids {dead} gone)" if dead else
                             "this tensor-parallel model is closed")
+        if time.monotonic() - self._last > min(PING_S, group.idle_timeout_s() / 2):
+            self._send("ping")
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         spans = [(_cache_ref(s.cache, s.start + s.length), s.start, s.length) for s in batch.spans]
@@ -363,31 +371,3 @@ def join_launched(path, world: int, device="cpu", dtype=torch.float32) -> TPMode
     finally:
         group.shutdown()
     raise SystemExit(0)
-
-
-class TPBackend:
-    """verify's backend contract over a TPModel: `.run(input_ids, taps=None)` / `.run_decode(...)` with every
-    rank's taps gathered into the canonical full shapes on rank 0. No graft (a grafted full tensor would have
-    to be re-sliced per rank), so verify names the first divergent tap without isolating the culprit."""
-
-    supports_graft = False
-
-    def __init__(self, tp: TPModel):
-        self.tp, self.cfg = tp, tp.cfg
-        self.name = f"torch-tp{tp.world}"
-        self.dtype = str(tp.dtype).removeprefix("torch.")
-        self.device = tp.device
-
-    def run(self, input_ids, taps=None, graft=None) -> RunResult:
-        _no_graft(graft)
-        return self.tp.run(check_input_ids(input_ids, self.cfg), taps)
-
-    def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
-        _no_graft(graft)
-        return self.tp.run(check_input_ids(input_ids, self.cfg), taps, decode_steps=int(decode_steps))
-
-
-def _no_graft(graft) -> None:
-    if graft is not None:
-        raise InputError("a tensor-parallel candidate cannot graft (taps are gathered, not re-sliced); "
-                         "verify names the first divergent tap without isolating the culprit")
