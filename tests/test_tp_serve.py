@@ -101,6 +101,14 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)}
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -202,7 +210,9 @@ def test_killed_follower_ends_requests_and_server(ckpts):
     port = free_port()
     proc = _serve(_cli(ckpts["tiny"], port), port)
     try:
-        follower = max(_alive(_descendants(proc.pid)))  # the resource tracker starts first, the rank after it
+        follower = [p for p in _alive(_descendants(proc.pid)) if b"spawn_main" in _cmdline(p)]  # not the tracker
+        assert len(follower) == 1, follower
+        follower = follower[0]
         body = {"model": "tiny", "prompt": "a", "max_tokens": 4000, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
