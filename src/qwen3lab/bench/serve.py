@@ -144,13 +144,14 @@ def print_table(report: dict[str, Any]) -> None:
 
 def bench_serve(url: str | None, model: str | None, dtype: str, threads: int | None, num_requests: int,
                 concurrency: str, request_rate: float | None, max_tokens: int, served_model_name: str | None,
-                json_path: str | None, max_num_seqs: int = 256) -> dict[str, Any]:
+                json_path: str | None, max_num_seqs: int = 256, ndev: int = 1, no_fast: bool = False) -> dict[str, Any]:
 
     if (url is None) == (model is None):
         raise InputError("bench serve needs exactly one of --url (a running server) or --model (start one)")
     proc = None
     if url is None:
-        proc, url = start_server(model, dtype, threads, max_num_seqs, [])
+        extra = (["--ndev", str(ndev)] if ndev != 1 else []) + (["--no-fast"] if no_fast else [])
+        proc, url = start_server(model, dtype, threads, max_num_seqs, extra)
     try:
         name = served_model_name or httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         levels = [None] if request_rate else [int(c) for c in concurrency.split(",")]
@@ -161,7 +162,8 @@ def bench_serve(url: str | None, model: str | None, dtype: str, threads: int | N
             proc.wait(timeout=60)
     report = {"bench": "serve", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
               "settings": {"url": url, "model": model or name, "dtype": dtype, "max_tokens": max_tokens,
-                           "num_requests": num_requests, "server_threads": threads,
+                           "num_requests": num_requests, "server_threads": threads, "ndev": ndev if proc else None,
+                           "no_fast": no_fast if proc else None,
                            "client_pid": os.getpid()}, "results": results}
     print_table(report)
     emit_json(report, json_path)

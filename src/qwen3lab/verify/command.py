@@ -112,7 +112,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
 def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
     """--ndev N: the torch candidate as N tensor-parallel ranks (models/tp_run.py)."""
-    from ..models.tp_run import TPBackend, start_local
+    from ..models.tp_backend import TPBackend
+    from ..models.tp_run import start_local
     from ..runspec import RunSpec
 
     if candidate != "torch":
