@@ -111,7 +111,7 @@ class LlamaCppCandidate:
     def _file_dtype(self) -> str:
         buf = ctypes.create_string_buffer(256)
         self.lib.llama_model_desc(self.model, buf, len(buf))
-        desc = buf.value.decode(errors="replace")  # e.g. "qwen3 0.6B BF16"
+        desc = self.desc = buf.value.decode(errors="replace")  # e.g. "qwen3 0.6B BF16"
         kind = desc.split()[-1] if desc.split() else ""
         if kind not in FILE_DTYPE:
             raise InputError(f"--candidate llama.cpp:{self.path}: file type {kind!r} ({desc!r}) has no verify "
@@ -121,6 +121,10 @@ class LlamaCppCandidate:
     def check(self, cfg) -> None:
         """The GGUF is of this model: hidden size, layer count and vocabulary against config.json."""
         lib, m = self.lib, self.model
+        arch = self.desc.split()[0] if self.desc.split() else ""
+        want = "qwen3moe" if cfg.is_moe else "qwen3"
+        if arch != want:
+            raise InputError(f"--candidate llama.cpp:{self.path} is a {arch!r} model; config.json is {want!r}")
         got = {"hidden_size": lib.llama_model_n_embd(m), "num_hidden_layers": lib.llama_model_n_layer(m),
                "vocab_size": lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(m))}
         bad = [f"{k}: GGUF {v}, config.json {getattr(cfg, k)}" for k, v in got.items() if v != getattr(cfg, k)]
