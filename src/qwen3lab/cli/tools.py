@@ -179,6 +179,9 @@ _bench_command("generate", "End to end on a checkpoint dir: prefill tok/s, TTFT,
               help="requests per second (Poisson) instead of --concurrency")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True, help="new tokens per request")
 @click.option("--served-model-name", default=None, help="model name to send [default: the server's]")
+@click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
+              help="also run the same load on llama.cpp's llama-server (built by `make peer`; skipped with a note "
+                   "otherwise)")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
 @friendly_errors
 def bench_serve_cmd(**opts):

@@ -164,6 +164,7 @@ class PluginBackend:
         self.name = spec
         self.role = role  # "candidate" / "reference": how its errors name it
         self.dtype = normalize_dtype(self._call(getattr, "its dtype", obj, "dtype", None) or dtype or "float32")
+        self.kv_dtype = getattr(obj, "kv_dtype", None)  # a KV cache below its compute dtype (tolerances.py)
         self.supports_graft = bool(self._call(getattr, "its supports_graft", obj, "supports_graft", True)) \
             and _takes(obj.run, "graft")
         if callable(self._call(getattr, "its run_decode", obj, "run_decode", None)):
@@ -285,6 +286,8 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         if not callable(getattr(spec, "run", None)) or getattr(spec, "cfg", None) is None:
             raise Qwen3LabError(f"{spec!r} is not a backend (needs .cfg and .run(input_ids, taps=, graft=))")
         return Side(spec, getattr(spec, "name", type(spec).__name__))
+    if spec == "llama.cpp" or spec.startswith("llama.cpp:"):
+        return _llama_cpp(spec, model_path, cfg, dtype, role, options or {})
     if options and not (":" in spec and not spec.startswith("dump:")):
         raise InputError(f"--candidate-opt is for plugins (module:Class, file.py:Class); the {role} is {spec!r}")
     if (isolated is not None or name_map is not None) and not spec.startswith("dump:"):
@@ -328,3 +331,27 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         return Side(b, spec, label=f"{spec} ({b.dtype})")
     raise Qwen3LabError(f"unknown backend {spec!r}; use one of {', '.join(BUILTIN)}, dump:FILE, module:Class "
                         f"or path/to/file.py:Class")
+
+
+def _llama_cpp(spec: str, model_path: Path | None, cfg: Qwen3Config | None, dtype: str | None, role: str,
+               options: dict[str, str]) -> Side:
+    """`llama.cpp:MODEL.gguf` (or `llama.cpp`: the checkpoint converted at --dtype) through llama.cpp itself
+    (backends/llama_cpp.py), its nodes named through the built-in llama.cpp name map."""
+    from ..backends.llama_cpp import LlamaCppCandidate  # loads libllama.so: only when asked for
+    from .namemap import NameMap
+
+    if cfg is None:
+        if model_path is None:
+            raise Qwen3LabError(f"backend {spec!r} needs --model-path for the model's config.json")
+        cfg = Qwen3Config.from_file(model_path)
+    unknown = set(options) - {"kv", "threads"}
+    if unknown:
+        raise InputError(f"--candidate-opt {', '.join(sorted(unknown))}: the llama.cpp candidate takes kv=f16|f32|"
+                         f"bf16|q8_0 and threads=N")
+    gguf = spec.partition(":")[2] or None
+    obj = LlamaCppCandidate(model_path, gguf, dtype=dtype if gguf is None else None, cfg=cfg,
+                            name_map=NameMap.load("llama.cpp"), **options)
+    obj.check(cfg)
+    b = PluginBackend(obj, cfg, spec, obj.dtype, role)
+    b.name = obj.name
+    return Side(b, spec, label=f"{obj.name} ({b.dtype})")

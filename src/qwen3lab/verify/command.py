@@ -69,6 +69,10 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     if sweep and self_test:
         raise Qwen3LabError("give either --sweep or --self-test, not both")
     decode_steps = int(decode_steps or 0)
+    if self_test and isinstance(candidate, str) and candidate.split(":")[0] == "llama.cpp":
+        from .gguf_zoo import self_test as gguf_self_test  # llama.cpp's bindings: only when asked for
+
+        return gguf_self_test(console, model_path, candidate, candidate_opt)
     if self_test:
         return _self_test(console, model_path)
     needs_model = model_path is not None or any(
