@@ -136,8 +136,10 @@ def test_gguf_bug_named_with_op_then_inherited(f32_models, bug):
     model = moe if b.moe else dense
     with tempfile.TemporaryDirectory() as tmp:
         row = gguf_zoo.run_bug(b, model, peer.gguf(model, "float32", print), Path(tmp), IDS)
-    assert row.found, (row.culprit, row.sentence)
+    assert row.found, (row.culprit, row.dump_culprit, row.sentence)
     assert row.labels[row.culprit] == "op"
+    # the same runs written as a port's dumps (ggml names, plain + isolated twin) through --map llama.cpp
+    assert row.dump_culprit == row.culprit and row.dump_labels[row.dump_culprit] == "op", row.dump_labels
     later = [n for n, lab in row.labels.items() if n != row.culprit]
     assert later and all(row.labels[n] == "inherited" for n in later if n in ("final_norm", "logits")), row.labels
 

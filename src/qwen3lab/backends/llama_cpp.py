@@ -25,6 +25,7 @@ vocabulary are checked against config.json).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 from pathlib import Path
@@ -152,6 +153,23 @@ class LlamaCppCandidate:
         finally:
             self.lib.llama_free(ctx)
         return cap.taps
+
+    def write_dump(self, ids: list[int], path, graft=None, config_sha256: str | None = None) -> Path:
+        """The prefill's nodes under their ggml names and ne layouts (what a port's own eval callback would
+        write: `name#k`, metadata "ops"), as a dump for `--candidate dump:FILE --map llama.cpp`; with graft
+        (the reference's canonical taps, e.g. from --export-reference) the isolated twin for `--isolated`."""
+        cap = _Capture(self, len(ids), graft)
+        ctx = self._context(len(ids), cap)
+        try:
+            cap.begin(None)
+            self._decode(ctx, ids, 0)
+            raw, ops = dict(cap.raw), dict(cap.ops)
+            cap.end()
+        finally:
+            self.lib.llama_free(ctx)
+        return _taps.write_dump(path, raw, backend=f"llama.cpp eval callback ({self.path.name})", dtype=self.dtype,
+                                input_ids=ids, positions=list(range(len(ids))), config_sha256=config_sha256,
+                                extra={"ops": json.dumps(ops), "kv_dtype": self.kv_dtype})
 
     def _context(self, n: int, cap):
         p = self.lib.llama_context_default_params()

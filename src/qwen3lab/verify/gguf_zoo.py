@@ -27,6 +27,7 @@ import numpy as np
 from ..backends import gguf as _gguf
 from ..errors import InputError
 from ..models.numpy_ref import NumpyBackend
+from .backends import file_sha256
 from .runner import verify
 
 
@@ -146,10 +147,13 @@ class GgufZooRow:
     culprit: str | None
     labels: dict[str, str]  # failing tap -> "op" / "inherited"
     sentence: str
+    dump_culprit: str | None = None  # the same run written as dumps (plain + isolated twin) through --map llama.cpp
+    dump_labels: dict[str, str] | None = None
 
     @property
     def found(self) -> bool:
-        return self.culprit in self.bug.expected
+        ok = self.culprit in self.bug.expected
+        return ok and (self.dump_labels is None or self.dump_culprit in self.bug.expected)
 
 
 def _reader(path: Path):
@@ -162,7 +166,7 @@ def _reader(path: Path):
 
 
 def run_bug(bug: GgufBug, model: Path, base_gguf: Path, work: Path, ids: list[int], kv: str = "f32",
-            threads: int | None = None) -> GgufZooRow:
+            threads: int | None = None, dumps: bool = True) -> GgufZooRow:
     """Plant one bug in a copy of base_gguf (or in the reference's config), verify, and read the labels."""
     ref_dir = model
     if bug.config:
@@ -184,7 +188,20 @@ def run_bug(bug: GgufBug, model: Path, base_gguf: Path, work: Path, ids: list[in
     rep = verify("numpy", f"llama.cpp:{planted}", ids, model_path=ref_dir, isolate=True,
                  candidate_opts=[f"{k}={v}" for k, v in opts.items()])
     labels = {t.name: t.origin for t in rep.results if t.passed is False and t.origin}
-    return GgufZooRow(bug, rep.culprit.name if rep.culprit else None, labels, rep.sentence())
+    row = GgufZooRow(bug, rep.culprit.name if rep.culprit else None, labels, rep.sentence())
+    if dumps:  # the dump path: what a C++ port writes from its own eval callback, plain and isolated
+        from ..backends.llama_cpp import LlamaCppCandidate
+        from .namemap import NameMap
+
+        nmap = NameMap.load("llama.cpp")
+        port = LlamaCppCandidate(ref_dir, str(planted), kv=kv, threads=threads, cfg=oracle.cfg, name_map=nmap)
+        sha = file_sha256(ref_dir / "config.json")
+        plain = port.write_dump(ids, work / "port.safetensors", config_sha256=sha)
+        iso = port.write_dump(ids, work / "port-isolated.safetensors", graft=ref_taps, config_sha256=sha)
+        drep = verify("numpy", f"dump:{plain}", ids, model_path=ref_dir, isolated=f"dump:{iso}", name_map="llama.cpp")
+        row.dump_culprit = drep.culprit.name if drep.culprit else None
+        row.dump_labels = {t.name: t.origin for t in drep.results if t.passed is False and t.origin}
+    return row
 
 
 def run_zoo(dense: Path, moe: Path | None, dense_gguf: Path | None = None, moe_gguf: Path | None = None,
@@ -237,14 +254,17 @@ def self_test(console, model_path, candidate: str, options) -> int:
         rows = run_zoo(dense_m, moe_m, dense_g, moe_g, ids, kv, log=console.print)
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
         table.add_column("planted in the GGUF", min_width=22)
-        for col in ("expected", "culprit named", "labels", ""):
+        for col in ("expected", "culprit named", "labels", "dump path", ""):
             table.add_column(col, no_wrap=True)
         ok = True
         for r in rows:
             n_op = sum(v == "op" for v in r.labels.values())
             n_inh = sum(v == "inherited" for v in r.labels.values())
             ok &= r.found
-            table.add_row(r.bug.name, r.bug.expected[0], r.culprit or "none", f"{n_op} op, {n_inh} inh",
+            d = r.dump_labels or {}
+            dump = f"{r.dump_culprit or 'none'}: {sum(v == 'op' for v in d.values())} op, " \
+                   f"{sum(v == 'inherited' for v in d.values())} inh"
+            table.add_row(r.bug.name, r.bug.expected[0], r.culprit or "none", f"{n_op} op, {n_inh} inh", dump,
                           "[green]right[/]" if r.found else "[red]MISSED[/]")
         for model, base in ((dense_m, dense_g), (moe_m, moe_g)):
             if model is None:
@@ -254,7 +274,7 @@ def self_test(console, model_path, candidate: str, options) -> int:
                          candidate_opts=[f"kv={kv}"])
             ok &= rep.overall_success
             fd = rep.first_divergence
-            table.add_row(f"no bug: {base.name} (decode 2)", "pass", fd.name if fd else "none", "",
+            table.add_row(f"no bug: {base.name} (decode 2)", "pass", fd.name if fd else "none", "", "",
                           "[green]pass[/]" if rep.overall_success else "[red]FALSE ALARM[/]")
     console.print(table)
     console.print("[bold green]self-test passed: every planted bug named, no false alarm[/]" if ok
