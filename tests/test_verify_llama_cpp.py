@@ -63,14 +63,25 @@ def test_map_inverse_round_trips_every_rule(tiny_cfg):
 
 
 def _foreign_shape(rule, want, cfg, name, P):
-    """The ggml ne (fastest first) a node of this rule would have: the canonical shape, padded on a sliced
-    axis (probs: 256 KV slots), before any reshape, listed in reverse."""
+    """The ggml ne (fastest first) a node of this rule would have, the layout steps undone on the canonical
+    shape: a sliced axis padded to 256 KV slots, a permutation inverted, a reshape back to the projection's
+    [T, H*Dh], the dims listed in reverse."""
     shape = list(want.shape)
-    if any(s.startswith("slice") for s in rule.layout):
-        shape[-1] = 256
-    if any(s.startswith("reshape") for s in rule.layout):
-        shape = [shape[0], int(np.prod(shape[1:]))]  # [T, H*Dh]: the projection before its reshape
-    return tuple(shape[::-1])
+    for step in reversed(rule.layout):
+        op, _, arg = step.partition(":")
+        if op == "slice":
+            shape[int(arg.split(":")[0])] = 256
+        elif op == "permute":
+            perm = [int(x) for x in arg.split(",")]
+            before = [0] * len(shape)
+            for i, p in enumerate(perm):
+                before[p] = shape[i]
+            shape = before
+        elif op == "reshape":
+            shape = [shape[0], int(np.prod(shape[1:]))]
+        else:  # reverse
+            shape = shape[::-1]
+    return tuple(shape)
 
 
 def test_candidate_without_the_peer_is_one_line(tiny_model, tmp_path, monkeypatch):
@@ -104,6 +115,8 @@ def test_float32_gguf_passes_every_tap_prefill_and_decode(f32_models):
     assert not missing, missing  # attn_out (o_proj's unnamed node) and probs included
     steps = {t.step for t in rep.results}
     assert steps == {None, 0, 1}
+    cache = {t.name for t in rep.results if t.name.endswith(("k_cache", "v_cache"))}  # llama.cpp's KV cache read
+    assert {"layers.0.k_cache", "step1.layers.1.v_cache"} <= cache, sorted(cache)
     assert "llama.cpp" in rep.candidate and "kv f32" in rep.candidate
 
 

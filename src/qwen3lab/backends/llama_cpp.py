@@ -107,6 +107,9 @@ class LlamaCppCandidate:
         if not self.model:
             raise InputError(f"--candidate llama.cpp:{self.path}: llama.cpp could not load this GGUF")
         self.dtype = self._file_dtype()
+        # the KV cache's contents are read too (the map's cache rules): verify compares them when asked for
+        self.cache_taps = [f"layers.{i}.{site}" for i in range(cfg.num_hidden_layers)
+                           for site in ("k_cache", "v_cache")] if cfg is not None else []
         self.name = f"llama.cpp {self.path.name} (kv {kv}, {self.threads} threads)"
 
     def _file_dtype(self) -> str:

@@ -165,6 +165,7 @@ class PluginBackend:
         self.role = role  # "candidate" / "reference": how its errors name it
         self.dtype = normalize_dtype(self._call(getattr, "its dtype", obj, "dtype", None) or dtype or "float32")
         self.kv_dtype = getattr(obj, "kv_dtype", None)  # a KV cache below its compute dtype (tolerances.py)
+        self.cache_taps = list(getattr(obj, "cache_taps", ()))  # KV-cache contents it can give (taps.CACHE_SITES)
         self.supports_graft = bool(self._call(getattr, "its supports_graft", obj, "supports_graft", True)) \
             and _takes(obj.run, "graft")
         if callable(self._call(getattr, "its run_decode", obj, "run_decode", None)):

@@ -49,7 +49,7 @@ def why_not_a_tap(name: str, cfg: Qwen3Config) -> str | None:
         return None if site in _TOP_SITES else "not a tap name (give a name map with --map)"
     if layer >= cfg.num_hidden_layers:
         return f"layer {layer} does not exist: the model has {cfg.num_hidden_layers} layers"
-    if f"layers.{layer}.{site}" not in _taps.layer_sites(cfg, layer, probs=True):
+    if site not in _taps.CACHE_SITES and f"layers.{layer}.{site}" not in _taps.layer_sites(cfg, layer, probs=True):
         kind = "MoE" if cfg.is_moe_layer(layer) else "dense"
         return f"not a tap of {kind} layer {layer}"
     return None
@@ -80,6 +80,12 @@ class DumpBackend:
                     and meta["input_ids"] != self.fixed_input_ids:
                 raise InputError(f"{self.isolated_path}: the isolated dump was made for input_ids "
                                  f"{_short(meta['input_ids'])} but {self.path} for {_short(self.fixed_input_ids)}")
+
+    @property
+    def cache_taps(self) -> list[str]:
+        """The KV-cache taps (taps.CACHE_SITES) the dump holds, by their prefill names."""
+        return sorted({f"layers.{layer}.{site}" for step, layer, site in map(_taps.split_name, self.taps)
+                       if site in _taps.CACHE_SITES})
 
     @property
     def supports_graft(self) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
-from ..taps import dataflow_key, split_name, split_steps, tap_sites
+from ..taps import CACHE_SITES, dataflow_key, reference_cache_tap, split_name, split_steps, tap_sites
 from .backends import Side, resolve
 from .band import band_for_run
 from .compare import FAILING, Comparator, TapResult, layer_selected
@@ -175,6 +175,9 @@ class _PrefillRun:
         # what backends are asked for: "all" when that is the same set (their pattern matching is then free)
         every = sel is None and not any(n.endswith(".probs") for n in names)
         self.select, self.ref_select = ("all", "all") if every else (names, ref_names)
+        extra = [n for n in getattr(cand.backend, "cache_taps", ()) if layer_selected(n, set(sel) if sel else None)]
+        if extra:  # KV-cache contents the candidate holds: asked of it by name, derived for the reference
+            self.select = sorted(set(names) | set(extra), key=dataflow_key)
         self.sel_set = None if sel is None else set(sel)
         self.store = DiskStore() if stream else MemoryStore()
         self.own_routing: dict[str, np.ndarray] = {}  # reference's own expert choice when routing is pinned
@@ -214,7 +217,7 @@ class _PrefillRun:
                 return
             r = out[name] = self._compare_tap(comp, name, arr)
             if r.status == "fail" and not first:
-                first.append((name, np.array(arr), np.array(self.own_routing.get(name, self.store.get(name)))))
+                first.append((name, np.array(arr), np.array(self.own_routing.get(name, self._ref_of(name)))))
 
         self.cand.run(self.ids, self.select, graft=graft, sink=check)
         self.report.timings[f"{phase}_s"] = self.report.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
@@ -227,11 +230,18 @@ class _PrefillRun:
                 self.report.culprit_arrays = first[0]
         return out
 
+    def _ref_of(self, name: str):
+        """The reference's tap (a KV-cache tap derived from its k_rot / v rows), or None."""
+        ref = self.store.get(name)
+        if ref is None and split_name(name)[2] in CACHE_SITES:
+            ref = reference_cache_tap(self.store.get, name)
+        return ref
+
     def _compare_tap(self, comp: Comparator, name: str, arr) -> TapResult:
         """One candidate tap against the reference. At a layer whose routing was pinned (routing.py), topk_idx
         is compared with the reference's own choice and the later topk_weight aligned to the pinned run."""
         own = self.own_routing.get(name)
-        ref = self.store.get(name) if own is None else own
+        ref = self._ref_of(name) if own is None else own
         r = comp.compare(name, arr, None if ref is None else np.asarray(ref))
         if own is not None and name in self.store:
             comp.align_weights_to(name, self.store[name])
@@ -382,7 +392,7 @@ class _DecodeRun(_PrefillRun):
             if out[n].status == "fail":
                 key = "divergence_arrays" if phase == "candidate" else "culprit_arrays"
                 if getattr(rep, key) is None:
-                    setattr(rep, key, (n, np.asarray(res.taps[n]), np.asarray(self.store[n])))
+                    setattr(rep, key, (n, np.asarray(res.taps[n]), np.asarray(self._ref_of(n))))
         rep.timings[f"{phase}_s"] = rep.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
         if phase == "candidate":
             self.routing = comp.candidate_routing()

@@ -97,7 +97,7 @@ KV_DEFAULTS: dict[str, Tolerance] = {
     "float16": Tolerance(cos_min=1 - 1e-6, rel_max=2e-3, name="float16 KV cache"),
     "bfloat16": Tolerance(cos_min=1 - 5e-5, rel_max=0.015, name="bfloat16 KV cache"),
 }
-KV_READERS = ("probs", "attn", "attn_out")  # the taps computed from the KV cache
+KV_READERS = ("k_cache", "v_cache", "probs", "attn", "attn_out")  # the cache itself and the taps computed from it
 _BEFORE_CACHE = ("embed", "attn_in", "q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot")
 PRESETS: dict[str, Tolerance] = {
     "simple": Tolerance(cos_min=0.99, rel_max=0.01, mse_max=1e-4, name="simple"),
