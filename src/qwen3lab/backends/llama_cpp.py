@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import taps as _taps
-from ..errors import InputError
+from ..errors import DumpError, InputError
 from . import gguf as _gguf
 
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml_type
@@ -219,6 +219,7 @@ class _Capture:
         self.taps: dict[str, np.ndarray] = {}
         self.callback = cand.lib.ggml_backend_sched_eval_callback(self._on_node)  # kept alive with the run
         self.error: BaseException | None = None
+        self.ungrafted: set[str] = set()  # taps whose node could not take the reference's value
 
     def begin(self, step: int | None) -> None:
         self.step, self.raw, self.ops, self.seen = step, {}, {}, {}
@@ -245,7 +246,11 @@ class _Capture:
         tap, rule = hit
         if self.graft is None or tap not in self.graft or not self.g.ggml_is_contiguous(t):
             return
-        ref = self.cand.map.to_foreign(np.asarray(self.graft[tap]), rule, arr.shape, tap, self.cand.cfg, self.P)
+        try:
+            ref = self.cand.map.to_foreign(np.asarray(self.graft[tap]), rule, arr.shape, tap, self.cand.cfg, self.P)
+        except DumpError:  # the node's shape is not the reference's (e.g. another expert count): not grafted
+            self.ungrafted.add(tap)
+            return
         _write(self.g, t, ref)
 
     def end(self) -> None:
