@@ -15,10 +15,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+
+from serve_util import concurrent_completions, sigterm_mid_stream
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -155,17 +156,7 @@ def test_concurrent_streams_each_equal_alone(server, one):
     n = [3 + i % 4 for i in range(8)]  # different lengths: sequences join and leave the batch at different steps
     refs = [one.generate(one.encode(p), max_steps=k).text for p, k in zip(prompts, n, strict=True)]
 
-    async def stream(c, p, k):
-        text = ""
-        async for ch in await c.completions.create(model="tiny", prompt=p, max_tokens=k, temperature=0, stream=True):
-            text += ch.choices[0].text if ch.choices else ""
-        return text
-
-    async def all_of():
-        c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        return await asyncio.gather(*[stream(c, p, k) for p, k in zip(prompts, n, strict=True)])
-
-    got = asyncio.run(all_of())
+    got = concurrent_completions(url, "none", prompts, n)
     bad = [(i, g, r) for i, (g, r) in enumerate(zip(got, refs, strict=True)) if g != r]
     assert not bad, f"{len(bad)} of 8 differ from the request alone on one rank: {bad[:3]}"
 
@@ -176,25 +167,7 @@ def test_sigterm_drains_then_every_rank_exits(server):
     proc, url = server
     ranks = _alive(_descendants(proc.pid))
     assert ranks, "no follower process below the server"
-    body = {"model": "tiny", "prompt": "a", "max_tokens": 40, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    lines: list[str] = []
-    first = threading.Event()
-
-    def read():
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                lines.append(line)
-                first.set()
-
-    th = threading.Thread(target=read)
-    th.start()
-    assert first.wait(30), "no first chunk"
-    proc.send_signal(signal.SIGTERM)
-    th.join(timeout=60)
-    data = [x for x in lines if x.startswith("data: ")]
-    assert data[-1] == "data: [DONE]", data[-3:]
-    assert json.loads(data[-2][6:])["usage"]["completion_tokens"] == 40, data[-2]
+    assert sigterm_mid_stream(proc, url, 40, model="tiny")["usage"]["completion_tokens"] == 40
     assert proc.wait(timeout=30) == -signal.SIGTERM, proc.stderr.read()[-2000:]
     deadline = time.monotonic() + 15
     while _alive(ranks) and time.monotonic() < deadline:
