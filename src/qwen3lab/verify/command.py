@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import Qwen3LabError
-from .backends import BUILTIN
 from .report_terminal import ROWS, RichProgress, render
+from .side import BUILTIN
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",

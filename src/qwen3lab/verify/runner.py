@@ -23,13 +23,13 @@ import numpy as np
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
 from ..taps import dataflow_key, split_name, split_steps, tap_sites
-from .backends import Side, resolve
 from .band import band_for_run
 from .compare import FAILING, Comparator, TapResult, layer_selected
 from .inputs import DEFAULT_TEST_INPUT as DEFAULT_TEST_INPUT  # re-exported (qwen3lab.verify)
 from .inputs import estimate_bytes, is_dump, load_name_map, parse_layers, parse_options, resolve_input_ids
 from .isolate import attach_isolated, label_origins
 from .report import VerifyReport
+from .side import Side, resolve
 from .store import DiskStore, MemoryStore, Without
 from .tolerances import Tolerance, normalize_dtype, tolerance_for
 
@@ -128,9 +128,8 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         report.notes.append(band_note)
     run = _DecodeRun if decode_steps else _PrefillRun
     run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
-    for side in (ref, cand):  # a dump's tensors that were not compared, and why
-        if callable(getattr(side.backend, "uncompared", None)):
-            report.notes += side.backend.uncompared(names, decode_steps, None if sel is None else set(sel))
+    for side in (ref, cand):  # tensors not compared or not in the canonical shape, and why (backends/check.py)
+        report.notes += side.notes(names, decode_steps, None if sel is None else set(sel))
     return report
 
 
