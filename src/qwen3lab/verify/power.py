@@ -15,7 +15,8 @@ Candidates (a real-shaped model, the NumPy float64 oracle as reference, the bug 
 - q8_0: the oracle's code in float32 on q8_0 weights, every matmul's input quantised to q8_0 as ggml's CPU dot
   products do (models/numpy_quant.q8_0): llama.cpp's q8_0 arithmetic, emulated;
 - int8 / int4: our fast path's weight-only formats (torch-fast, bfloat16 activations) when the C++ kernels are
-  built; otherwise the rows say why they were skipped.
+  built (otherwise the rows say why they were skipped), against the float64 oracle at the format's tolerance,
+  and with `--quantised-reference` (the oracle on the same quantised weights, at bfloat16's tolerance).
 """
 
 from __future__ import annotations
@@ -57,14 +58,25 @@ def smallest_caught(ladder: Sequence[float], caught: Callable[[float], bool]) ->
     return ladder[hi], tried
 
 
-def plant(cfg, weights: dict, bug: str | None, eps: float):
-    """(cfg, weights) with the bug planted (copies: the originals are untouched)."""
-    if bug is None:
-        return cfg, weights
+def plant(weights: dict, bug: str | None, eps: float) -> tuple[dict, float]:
+    """(weights, factor on every RMSNorm's eps) with the bug planted; the weights are a copy where changed. The
+    eps is changed in the candidate's modules, never in its config: the config is what the reference (and
+    --quantised-reference's oracle) is built from."""
     if bug == "ffn_down":
-        return cfg, {**weights, DOWN: weights[DOWN] * (1 + eps)}
-    assert bug == "rms_eps", bug
-    return dataclasses.replace(cfg, rms_norm_eps=cfg.rms_norm_eps * (1 + eps)), weights
+        return {**weights, DOWN: weights[DOWN] * (1 + eps)}, 1.0
+    assert bug in (None, "rms_eps"), bug
+    return weights, 1.0 + eps if bug == "rms_eps" else 1.0
+
+
+def _torch(cfg, weights: dict, factor: float, **kw):
+    """Our torch model with every RMSNorm's eps x factor (the modules read it at each call)."""
+    from ..models import torch_model as tm  # torch: only when the self-test runs
+
+    b = tm.TorchBackend(cfg, weights, **kw)
+    for m in b.model.modules():
+        if isinstance(m, tm.RMSNorm):
+            m.eps = m.eps * factor
+    return b
 
 
 class GgmlQ8Emulation:
@@ -74,11 +86,13 @@ class GgmlQ8Emulation:
     name = "q8_0 emulation"
     dtype = "q8_0"
 
-    def __init__(self, cfg, weights: dict):
+    def __init__(self, cfg, weights: dict, eps_factor: float = 1.0):
         w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
         for n in quantised_names(w):
             w[n] = q8_0(w[n])
-        self.inner = numpy_ref.NumpyBackend(w, cfg, dtype="float32")
+        # the oracle reads its RMSNorm eps from the config: a changed copy for the inner run only
+        inner_cfg = dataclasses.replace(cfg, rms_norm_eps=cfg.rms_norm_eps * eps_factor)
+        self.inner = numpy_ref.NumpyBackend(w, inner_cfg, dtype="float32")
         self.cfg = cfg
 
     def run(self, input_ids, taps=None, graft=None):
@@ -104,16 +118,16 @@ class PowerRow:
 
 
 def _candidates(fast_ok: bool):
-    """dtype label -> (make(cfg, weights) -> backend, extra verify kwargs) or the reason it is skipped."""
-    from ..models.torch_model import TorchBackend  # torch: only when the self-test runs
-
+    """dtype label -> (make(cfg, weights, eps_factor) -> backend, extra verify kwargs) or why it is skipped."""
     out = {
-        "float32": (lambda c, w: TorchBackend(c, w, dtype="float32"), {}),
-        "bfloat16 --band": (lambda c, w: TorchBackend(c, w, dtype="bfloat16"), {"band": True}),
-        "q8_0": (lambda c, w: GgmlQ8Emulation(c, {k: v.double().numpy() for k, v in w.items()}), {}),
+        "float32": (lambda c, w, f: _torch(c, w, f, dtype="float32"), {}),
+        "bfloat16 --band": (lambda c, w, f: _torch(c, w, f, dtype="bfloat16"), {"band": True}),
+        "q8_0": (lambda c, w, f: GgmlQ8Emulation(c, {k: v.double().numpy() for k, v in w.items()}, f), {}),
     }
     for q in ("int8", "int4"):
-        out[q] = ((lambda c, w, q=q: TorchBackend(c, w, dtype="bfloat16", quant=q)), {}) if fast_ok \
+        make = (lambda c, w, f, q=q: _torch(c, w, f, dtype="bfloat16", quant=q))
+        out[q] = (make, {}) if fast_ok else "the C++ kernels are not built"
+        out[f"{q} --quantised-reference"] = (make, {"quantised_reference": True}) if fast_ok \
             else "the C++ kernels are not built"
     return out
 
@@ -138,12 +152,13 @@ def detection_power(model_path: Path, ids, dtypes: Sequence[str] | None = None, 
             rows.append(PowerRow(dt, None, cand, {}, {}))
             continue
         make, kw = cand
-        kw = {**kw, "model_path": model_path} if kw.get("band") else kw
+        # --band re-runs our model from the checkpoint; --quantised-reference builds the oracle from it
+        kw = {**kw, "model_path": model_path} if kw else kw
+        reference = "numpy" if kw.get("quantised_reference") else ref
 
-        def fails(bug, eps, make=make, kw=kw):
-            c, w = plant(cfg, weights, bug, eps)
-            rep = verify(ref, make(c, w), ids, isolate=False, **kw)
-            return rep
+        def fails(bug, eps, make=make, kw=kw, reference=reference):
+            w, factor = plant(weights, bug, eps)
+            return verify(reference, make(cfg, w, factor), ids, isolate=False, **kw)
 
         clean = fails(None, 0.0)
         fd = clean.first_divergence
