@@ -272,7 +272,7 @@ def _power_table(console: Console, fast_ok: bool) -> bool:
                   f"float64 oracle as reference, Qwen3-0.6B shapes (2 layers, vocab 4096), {len(ids)} tokens")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
     for col in ("candidate dtype", "clean run", *(f"{v}: smallest eps" for v in BUGS.values())):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # piped at 80 columns: wrap, never cut a label
     good = True
     for r in rows:
         if r.clean_ok is None:
