@@ -254,8 +254,8 @@ def _self_test(console: Console, model_path=None, moe_path=None, power: bool = T
 
 
 def _power_table(console: Console, fast_ok: bool) -> bool:
-    """Detection power (power.py) on Qwen3-0.6B shapes (2 layers, vocab 4096): per dtype, the smallest bug of
-    each scalable kind verify catches; False when a clean run raised a false alarm."""
+    """Detection power (power.py) on Qwen3-0.6B shapes (1 layer, vocab 4096: both bugs start in layer 0): per
+    dtype, the smallest bug of each scalable kind verify catches; False when a clean run raised a false alarm."""
     import tempfile
     from pathlib import Path
 
@@ -266,10 +266,10 @@ def _power_table(console: Console, fast_ok: bool) -> bool:
 
     ids = [9707 % 4096, 11, 419, 374, 264, 1273, 1946, 13]
     with tempfile.TemporaryDirectory(prefix="qwen3lab-power-") as tmp:
-        path = make_model(Path(tmp) / "power", preset="qwen3-0.6b", layers=2, vocab_size=4096, seed=1)
+        path = make_model(Path(tmp) / "power", preset="qwen3-0.6b", layers=1, vocab_size=4096, seed=1)
         rows = detection_power(path, ids, fast_ok=fast_ok)
     console.print(f"detection power: smallest bug caught (eps on the ladder 1e-4 .. 1000, bisection), NumPy "
-                  f"float64 oracle as reference, Qwen3-0.6B shapes (2 layers, vocab 4096), {len(ids)} tokens")
+                  f"float64 oracle as reference, Qwen3-0.6B shapes (1 layer, vocab 4096), {len(ids)} tokens")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
     for col in ("candidate dtype", "clean run", *(f"{v}: smallest eps" for v in BUGS.values())):
         table.add_column(col, overflow="fold")  # piped at 80 columns: wrap, never cut a label

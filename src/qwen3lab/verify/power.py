@@ -86,10 +86,18 @@ class GgmlQ8Emulation:
     name = "q8_0 emulation"
     dtype = "q8_0"
 
-    def __init__(self, cfg, weights: dict, eps_factor: float = 1.0):
-        w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
-        for n in quantised_names(w):
-            w[n] = q8_0(w[n])
+    def __init__(self, cfg, weights: dict, eps_factor: float = 1.0, cache: dict | None = None):
+        """weights: torch tensors or arrays; cache ({id(tensor): (tensor, its q8_0 array)}, shared between
+        candidates) saves quantising again the tensors a planted bug left as they were."""
+        cache = {} if cache is None else cache
+        names = set(quantised_names(weights))
+        w = {}
+        for k, v in weights.items():
+            hit = cache.get(id(v))
+            if hit is None or hit[0] is not v:
+                a = np.asarray(v.double().numpy() if hasattr(v, "double") else v, dtype=np.float64)
+                hit = cache[id(v)] = (v, q8_0(a) if k in names else a)
+            w[k] = hit[1]
         # the oracle reads its RMSNorm eps from the config: a changed copy for the inner run only
         inner_cfg = dataclasses.replace(cfg, rms_norm_eps=cfg.rms_norm_eps * eps_factor)
         self.inner = numpy_ref.NumpyBackend(w, inner_cfg, dtype="float32")
@@ -122,7 +130,7 @@ def _candidates(fast_ok: bool):
     out = {
         "float32": (lambda c, w, f: _torch(c, w, f, dtype="float32"), {}),
         "bfloat16 --band": (lambda c, w, f: _torch(c, w, f, dtype="bfloat16"), {"band": True}),
-        "q8_0": (lambda c, w, f: GgmlQ8Emulation(c, {k: v.double().numpy() for k, v in w.items()}, f), {}),
+        "q8_0": (lambda c, w, f, cache={}: GgmlQ8Emulation(c, w, f, cache), {}),  # noqa: B006 - one cache per table
     }
     for q in ("int8", "int4"):
         make = (lambda c, w, f, q=q: _torch(c, w, f, dtype="bfloat16", quant=q))
@@ -139,10 +147,13 @@ def detection_power(model_path: Path, ids, dtypes: Sequence[str] | None = None, 
 
     from ..config import Qwen3Config
     from ..weights import load_weights
+    from .quantref import quantised_oracle
     from .runner import verify
+    from .tolerances import tolerance_for
 
     cfg = Qwen3Config.from_file(model_path)
     weights = load_weights(model_path, cfg, dtype=torch.float32)
+    w64 = lambda: load_weights(model_path, cfg, dtype=torch.float64)  # noqa: E731 - for the quantised oracles
     ref = numpy_ref.NumpyBackend(weights, cfg)
     rows = []
     for dt, cand in _candidates(fast_ok).items():
@@ -152,9 +163,12 @@ def detection_power(model_path: Path, ids, dtypes: Sequence[str] | None = None, 
             rows.append(PowerRow(dt, None, cand, {}, {}))
             continue
         make, kw = cand
-        # --band re-runs our model from the checkpoint; --quantised-reference builds the oracle from it
-        kw = {**kw, "model_path": model_path} if kw else kw
-        reference = "numpy" if kw.get("quantised_reference") else ref
+        reference = ref
+        if kw.get("band"):  # --band re-runs our model from the checkpoint
+            kw = {**kw, "model_path": model_path}
+        if kw.pop("quantised_reference", False):  # the oracle on the format's weights: built once for the row
+            reference, _, precision = quantised_oracle(make(cfg, weights, 1.0), w64(), cfg)
+            kw = {**kw, "tolerance": tolerance_for(precision)}
 
         def fails(bug, eps, make=make, kw=kw, reference=reference):
             w, factor = plant(weights, bug, eps)
