@@ -116,3 +116,38 @@ def test_a_registered_adapter_is_a_verify_candidate(cfg, monkeypatch, tmp_path):
     rep = verify("numpy", "echo:whatever", [1, 2, 3], model_path=path)
     assert rep.overall_success, rep.sentence()
     assert any("echo: 1 tensor(s) not compared, not a tap name" in n and "stray" in n for n in rep.notes), rep.notes
+
+
+PLUGIN = '''
+import numpy as np
+from qwen3lab.models.numpy_ref import NumpyBackend
+
+
+class Port:  # the oracle with torch-style batched taps, one tap flattened, one stray tensor
+    def __init__(self, model_path):
+        self.b = NumpyBackend.from_pretrained(model_path)
+
+    def run(self, input_ids, graft=None):
+        taps = {k: v[None] for k, v in self.b.run(input_ids, taps="all", graft=graft).taps.items()}
+        taps["layers.0.attn"] = taps["layers.0.attn"].reshape(len(input_ids), -1)
+        taps["scratch"] = np.zeros(3)
+        return taps
+'''
+
+
+def test_a_plugins_taps_go_through_the_shared_check(tmp_path):
+    """Batch of one removed (those taps pass), the flattened tap compared as shape_mismatch with a note naming
+    its canonical shape, the stray tensor dropped with a note."""
+    from qwen3lab.make_model import make_model
+    from qwen3lab.verify import verify
+
+    path = make_model(tmp_path / "m", preset="tiny", dtype="float32")
+    (tmp_path / "port.py").write_text(PLUGIN)
+    rep = verify("numpy", f"{tmp_path / 'port.py'}:Port", [1, 2, 3], model_path=path, isolate=False)
+    res = {r.name: r for r in rep.results}
+    bad = [r.name for r in rep.results if not r.passed]
+    assert bad == ["layers.0.attn"] and res["layers.0.attn"].status == "shape_mismatch", rep.sentence()
+    notes = " | ".join(rep.notes)
+    print(notes)
+    assert "not compared, not a tap name (give a name map with --map): scratch" in notes
+    assert "layers.0.attn [3, " in notes and "expected [T, Hq, Dh] = [3, " in notes
