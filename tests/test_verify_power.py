@@ -73,3 +73,30 @@ def test_tiny_float32_search_matches_hand_reasoning(tmp_path, one_torch_thread):
         assert rep.overall_success is (not should_fail), rep.sentence()
         if should_fail:
             assert rep.first_divergence.name == "layers.0.mlp_out", rep.sentence()
+
+
+def test_rms_eps_plant_moves_attn_in_as_hand_computed(tmp_path, one_torch_thread):
+    """Every RMSNorm's eps x f in the candidate's modules: input_layernorm's output row r is the clean one times
+    sqrt((ms_r + eps) / (ms_r + f * eps)), ms_r = mean(embed_r ** 2), so attn_in's relative error follows from
+    the embedding alone (float64, so nothing else moves it)."""
+    import numpy as np
+    import torch
+
+    from qwen3lab.config import Qwen3Config
+    from qwen3lab.make_model import make_model
+    from qwen3lab.models.numpy_ref import NumpyBackend
+    from qwen3lab.verify.power import _torch
+    from qwen3lab.weights import load_weights
+
+    path = make_model(tmp_path / "tiny", preset="tiny", seed=4, dtype="float32")
+    cfg = Qwen3Config.from_file(path)
+    w = load_weights(path, cfg, dtype=torch.float32)
+    ids, f = [5, 17, 30, 2], 1e4
+    ref = NumpyBackend(w, cfg).run(ids, taps="all").taps
+    got = _torch(cfg, w, f, dtype="float64").run(ids, taps="all").taps
+    ms = (ref["embed"] ** 2).mean(axis=-1, keepdims=True)  # [T, 1]
+    eps = cfg.rms_norm_eps
+    want = ref["layers.0.attn_in"] * np.sqrt((ms + eps) / (ms + f * eps))
+    np.testing.assert_allclose(got["layers.0.attn_in"], want, rtol=1e-9, atol=1e-12)
+    assert np.abs(got["layers.0.attn_in"] - ref["layers.0.attn_in"]).max() > 1e-6  # the bug did move it
+    np.testing.assert_allclose(got["embed"], ref["embed"], rtol=0, atol=0)
