@@ -82,7 +82,7 @@ def test_weight_check_takes_fused_experts():
 def test_registry(cfg, monkeypatch):
     assert adapter_for("dump:x.safetensors")[0] == "x.safetensors"
     assert adapter_for("mymod:MyPort") is None and adapter_for("torch") is None  # plugin / built-in
-    assert "llama.cpp" not in ADAPTERS  # not written yet: no stub that pretends to work
+    assert adapter_for("llama.cpp")[0] == "" and adapter_for("llama.cpp:m.gguf")[0] == "m.gguf"
     monkeypatch.setitem(ADAPTERS, "oracle", "qwen3lab.backends.check:why_not_a_tap")
     assert adapter_for("oracle:anything")[1] is why_not_a_tap
 

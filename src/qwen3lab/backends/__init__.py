@@ -10,6 +10,7 @@ adapter that holds a model of its own):
 | dump.py | a safetensors tap dump written by a port in any language, with its isolated twin | `dump:FILE` |
 | namemap.py + maps/ | a port's own tensor names and layouts -> canonical taps (`--map FILE` / `--map llama.cpp`) | |
 | plugin.py | a user's Python class | `module:Class`, `file.py:Class` |
+| llama_cpp.py + gguf.py | llama.cpp itself (llama-cpp-python, `make peer`); GGUFs | `llama.cpp:MODEL.gguf` |
 | check.py | the shared tap / weight check | |
 | dtypes.py | dtype labels (torch's, ggml's, short forms) -> one canonical label | |
 
@@ -17,16 +18,15 @@ Our own models (models/numpy_ref.py, models/torch_model.py) call taps.tap() them
 `qwen3lab.load` (loading.py) names them and `hf`.
 
 The registry: a spec `PREFIX:REST` whose PREFIX is in ADAPTERS is opened by that adapter's opener, given as
-"module:function" so that nothing is imported before it is used (transformers, llama-cpp-python):
+"module:function" so that nothing is imported before it is used (transformers, llama-cpp-python). A bare
+`PREFIX` is the same as `PREFIX:` (rest ""):
 
     opener(rest, *, cfg, model_path, device, dtype, role, options, name_map, isolated) -> backend
 
 returning an object with .cfg, .name, .dtype and run(input_ids, taps=None, graft=None) -> RunResult (optional:
 run_decode, supports_graft, fixed_input_ids, kv_dtype, problems(config_file, dtype) -> [str],
 uncompared(names, decode_steps, layers) -> [str]); it passes its taps through check.TapCheck. Any other spec
-with a colon is a plugin (plugin.py). The llama.cpp adapter (`llama.cpp:MODEL.gguf`, issue 15) goes here as
-`backends/llama_cpp.py` with the entry `"llama.cpp": "qwen3lab.backends.llama_cpp:open_llama_cpp"`; it is not
-written yet, so that spec is read as a plugin spec and refused with the plugin loader's message.
+with a colon is a plugin (plugin.py). A new adapter is one file here and one entry below.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 ADAPTERS: dict[str, str] = {
     "dump": "qwen3lab.backends.dump:open_dump",
+    "llama.cpp": "qwen3lab.backends.llama_cpp:open_llama_cpp",
 }
 
 
@@ -46,9 +47,9 @@ def register(prefix: str, opener: str) -> None:
 
 
 def adapter_for(spec: str) -> tuple[str, Callable] | None:
-    """(the part after the prefix, the opener) for a registered `PREFIX:REST` spec; None for any other."""
-    prefix, sep, rest = spec.partition(":")
-    if not sep or prefix not in ADAPTERS:
+    """(the part after the prefix, the opener) for a registered `PREFIX:REST` or `PREFIX`; None for any other."""
+    prefix, _, rest = spec.partition(":")
+    if prefix not in ADAPTERS:
         return None
     module, _, fn = ADAPTERS[prefix].partition(":")
     return rest, getattr(importlib.import_module(module), fn)

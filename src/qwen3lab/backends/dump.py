@@ -169,4 +169,6 @@ def open_dump(rest: str, *, cfg: Qwen3Config, role: str = "candidate", options=N
     """The registry's opener for `dump:FILE` (__init__.py)."""
     if options:
         raise InputError(f"--candidate-opt {next(iter(options))}: a dump takes no options (the {role} is dump:{rest})")
+    if not rest:
+        raise InputError(f"the {role} 'dump' needs a file: dump:FILE")
     return DumpBackend(Path(rest), cfg, name_map=name_map, isolated=isolated)

@@ -61,6 +61,7 @@ class PluginBackend:
         self.role = role  # "candidate" / "reference": how its errors name it
         self.check = TapCheck(cfg, spec)  # names, batch of one, shapes (check.py); notes end in the report
         self.dtype = normalize_dtype(self._call(getattr, "its dtype", obj, "dtype", None) or dtype or "float32")
+        self.kv_dtype = getattr(obj, "kv_dtype", None)  # a KV cache below its compute dtype (tolerances.py)
         self.supports_graft = bool(self._call(getattr, "its supports_graft", obj, "supports_graft", True)) \
             and _takes(obj.run, "graft")
         if callable(self._call(getattr, "its run_decode", obj, "run_decode", None)):

@@ -69,6 +69,10 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     if sweep and self_test:
         raise Qwen3LabError("give either --sweep or --self-test, not both")
     decode_steps = int(decode_steps or 0)
+    if self_test and isinstance(candidate, str) and candidate.split(":")[0] == "llama.cpp":
+        from .gguf_zoo import self_test as gguf_self_test  # llama.cpp's bindings: only when asked for
+
+        return gguf_self_test(console, model_path, candidate, candidate_opt)
     if self_test:
         return _self_test(console, model_path)
     needs_model = model_path is not None or any(
@@ -112,7 +116,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
 def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
     """--ndev N: the torch candidate as N tensor-parallel ranks (models/tp_run.py)."""
-    from ..models.tp_run import TPBackend, start_local
+    from ..models.tp_backend import TPBackend
+    from ..models.tp_run import start_local
     from ..runspec import RunSpec
 
     if candidate != "torch":

@@ -6,7 +6,8 @@ Specs:
   weights with bfloat16 activations, judged at the int8 / int4 tolerance), `hf` (transformers, extra `[hf]`):
   the names `qwen3lab.load` knows (loading.py); --dtype int8 / int4 is refused for every backend but torch-fast;
 - `PREFIX:REST` with a registered prefix (backends/__init__.py ADAPTERS): `dump:FILE`, a safetensors tap dump
-  written by any program (backends/dump.py: metadata checked, a --map for foreign names, an --isolated twin).
+  written by any program (backends/dump.py: metadata checked, a --map for foreign names, an --isolated twin);
+  `llama.cpp:MODEL.gguf` / `llama.cpp`, llama.cpp itself (backends/llama_cpp.py, `--candidate-opt kv=, threads=`).
   What an adapter reports as problems (a dump's config_sha256 or dtype differing) goes into the report;
 - any other `module:Class` or `path/to/file.py:Class`: a user's Python backend (backends/plugin.py).
 A backend object (anything with .cfg, .name, .dtype, .run(input_ids, taps=, graft=)) can be passed directly.
@@ -171,7 +172,7 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
         if not callable(getattr(spec, "run", None)) or getattr(spec, "cfg", None) is None:
             raise Qwen3LabError(f"{spec!r} is not a backend (needs .cfg and .run(input_ids, taps=, graft=))")
         return Side(spec, getattr(spec, "name", type(spec).__name__))
-    if options and (spec in BUILTIN or ":" not in spec):
+    if options and (spec in BUILTIN or (":" not in spec and adapter_for(spec) is None)):
         raise InputError(f"--candidate-opt is for plugins (module:Class, file.py:Class) and adapters (PREFIX:...); "
                          f"the {role} is {spec!r}")
     if (isolated is not None or name_map is not None) and not spec.startswith("dump:"):
@@ -190,13 +191,13 @@ def resolve(spec, model_path: Path | None, cfg: Qwen3Config | None = None, *, de
             raise Qwen3LabError(f"backend {spec!r} needs --model-path for the model's config.json")
         cfg = Qwen3Config.from_file(model_path)
     adapter = adapter_for(spec)
-    if adapter is not None:  # a registered PREFIX:REST (backends/__init__.py): dump:FILE
+    if adapter is not None:  # a registered PREFIX:REST (backends/__init__.py): dump:FILE, llama.cpp:MODEL.gguf
         rest, opener = adapter
         b = opener(rest, cfg=cfg, model_path=model_path, device=device, dtype=dtype, role=role, options=options,
                    name_map=name_map, isolated=isolated)
         cfg_file = None if model_path is None else Path(model_path) / "config.json"
         problems = b.problems(cfg_file, dtype) if callable(getattr(b, "problems", None)) else []
-        label = f"dump {Path(rest).name}" if spec.startswith("dump:") else spec
+        label = f"dump {Path(rest).name}" if spec.startswith("dump:") else getattr(b, "name", spec)
         return Side(b, spec, label=f"{label} ({normalize_dtype(b.dtype)})", problems=problems)
     if ":" in spec:
         b = build_plugin(spec, model_path, cfg, device=device, dtype=dtype, role=role, options=options)
