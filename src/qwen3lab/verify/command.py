@@ -273,11 +273,12 @@ def _power_table(console: Console, fast_ok: bool) -> bool:
     with tempfile.TemporaryDirectory(prefix="qwen3lab-power-") as tmp:
         path = make_model(Path(tmp) / "power", preset="qwen3-0.6b", layers=1, vocab_size=4096, seed=1)
         rows = detection_power(path, ids, fast_ok=fast_ok)
-    console.print(f"detection power: smallest bug caught (eps on the ladder 1e-4 .. 1000, bisection), NumPy "
-                  f"float64 oracle as reference, Qwen3-0.6B shapes (1 layer, vocab 4096), {len(ids)} tokens")
+    console.print(f"detection power: the smallest eps (ladder 1e-4 .. 1000, bisection) at which verify catches "
+                  f"layer 0's ffn_down weight x (1 + eps) and every RMSNorm's eps x (1 + eps); NumPy float64 oracle "
+                  f"as reference, Qwen3-0.6B shapes (1 layer, vocab 4096), {len(ids)} tokens")
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
-    for col in ("candidate dtype", "clean run", *(f"{v}: smallest eps" for v in BUGS.values())):
-        table.add_column(col, overflow="fold")  # piped at 80 columns: wrap, never cut a label
+    for col in ("candidate", "clean run", *BUGS.values()):
+        table.add_column(col, overflow="fold")  # piped at 80 columns: wrap, never cut a figure
     good = True
     for r in rows:
         if r.clean_ok is None:

@@ -32,7 +32,7 @@ from ..models import numpy_ref
 from ..models.numpy_quant import q8_0, quantised_names
 
 LADDER = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0)
-BUGS = {"ffn_down": "layer 0 ffn_down weight x (1 + eps)", "rms_eps": "every RMSNorm's eps x (1 + eps)"}
+BUGS = {"ffn_down": "ffn_down x (1+eps)", "rms_eps": "RMSNorm eps x (1+eps)"}  # short: table headers
 DOWN = "model.layers.0.mlp.down_proj.weight"
 
 
