@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from qwen3lab.backends import gguf as peer
+from qwen3lab.backends.namemap import NameMap, _layout
 from qwen3lab.errors import InputError
 from qwen3lab.taps import canonical_shape
-from qwen3lab.verify.namemap import NameMap, _layout
 from qwen3lab.verify.runner import verify
 
 IDS = [9707, 11, 419, 374, 264, 1273, 1946]

@@ -3,7 +3,7 @@ checkpoint converted to a GGUF of --dtype's type by llama.cpp's own converter, b
 
 llama.cpp runs for real, through the llama-cpp-python bindings over the libllama.so that `make peer` built (the
 bindings are pointed at it with LLAMA_CPP_LIB_PATH). Every graph node whose name the built-in llama.cpp name map
-knows (verify/maps/llama.cpp.toml) is read in ggml's eval callback (`cb_eval`: asked for a node, then called
+knows (backends/maps/llama.cpp.toml) is read in ggml's eval callback (`cb_eval`: asked for a node, then called
 once it is computed), and the map turns ggml's names and `ne` layouts into canonical taps, the same map a
 dump written from that callback by hand goes through. So:
 
@@ -73,7 +73,7 @@ def _bindings():
 
 
 class LlamaCppCandidate:
-    """The plugin contract (verify/backends.py): run(ids, graft=None) and run_decode(ids, steps, graft=None)
+    """The plugin contract (backends/plugin.py): run(ids, graft=None) and run_decode(ids, steps, graft=None)
     -> {canonical tap: array}."""
 
     supports_graft = True
@@ -320,3 +320,25 @@ def _write(g, t, ref: np.ndarray) -> None:
         raise InputError(f"llama.cpp candidate: graft of {g.ggml_get_name(t)!r}: {data.nbytes} bytes for a node of "
                          f"{size}")
     g.ggml_backend_tensor_set(t, data.ctypes.data, 0, size)
+
+
+def open_llama_cpp(rest: str, *, cfg, model_path=None, dtype: str | None = None, role: str = "candidate",
+                   options=None, **_):
+    """The registry's opener (__init__.py) for `llama.cpp:MODEL.gguf`, or `llama.cpp` alone (the checkpoint
+    converted at --dtype), its nodes named through the built-in llama.cpp name map; behind the plugin wrapper,
+    so its taps pass the shared check (check.py) like every adapter's."""
+    from .namemap import NameMap  # the map's TOML parser: only when this adapter is asked for
+    from .plugin import PluginBackend
+
+    options = dict(options or {})
+    unknown = set(options) - {"kv", "threads"}
+    if unknown:
+        raise InputError(f"--candidate-opt {', '.join(sorted(unknown))}: the llama.cpp candidate takes kv=f16|f32|"
+                         f"bf16|q8_0 and threads=N")
+    gguf = rest or None
+    obj = LlamaCppCandidate(model_path, gguf, dtype=dtype if gguf is None else None, cfg=cfg,
+                            name_map=NameMap.load("llama.cpp"), **options)
+    obj.check(cfg)
+    b = PluginBackend(obj, cfg, f"llama.cpp:{rest}" if rest else "llama.cpp", obj.dtype, role)
+    b.name = obj.name
+    return b

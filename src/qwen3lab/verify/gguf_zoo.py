@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import gguf as _gguf
+from ..backends.dump import file_sha256
 from ..errors import InputError
 from ..models.numpy_ref import NumpyBackend
-from .backends import file_sha256
 from .runner import verify
 
 
@@ -191,7 +191,7 @@ def run_bug(bug: GgufBug, model: Path, base_gguf: Path, work: Path, ids: list[in
     row = GgufZooRow(bug, rep.culprit.name if rep.culprit else None, labels, rep.sentence())
     if dumps:  # the dump path: what a C++ port writes from its own eval callback, plain and isolated
         from ..backends.llama_cpp import LlamaCppCandidate
-        from .namemap import NameMap
+        from ..backends.namemap import NameMap
 
         nmap = NameMap.load("llama.cpp")
         port = LlamaCppCandidate(ref_dir, str(planted), kv=kv, threads=threads, cfg=oracle.cfg, name_map=nmap)

@@ -60,6 +60,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..backends.dtypes import ALIASES as _ALIASES
+from ..backends.dtypes import normalize_dtype
 from ..errors import Qwen3LabError
 from ..taps import split_name
 from .metrics import TapMetrics
@@ -104,16 +106,6 @@ PRESETS: dict[str, Tolerance] = {
 }
 # tighter first: the tolerance of a comparison is that of its least precise side
 _LOOSENESS = ["float64", "float32", "float16", "bfloat16", "q8_0", "int8", "q4_k", "q4_0", "int4"]
-_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "fp16": "float16",
-            "half": "float16", "bf16": "bfloat16", "f32": "float32", "f16": "float16", "f64": "float64",
-            "q4_k_m": "q4_k", "q4_k_s": "q4_k"}
-
-
-def normalize_dtype(dtype: str | None) -> str:
-    d = str(dtype or "float32").replace("torch.", "").lower()
-    return _ALIASES.get(d, d)
-
-
 def _known(d: str, what: str, table) -> str:
     if d not in table:
         raise Qwen3LabError(f"unknown {what} {d!r}: known labels are {', '.join(table)} (aliases "

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import taps as _taps
 from ..errors import DumpError, InputError
-from .dumpfile import why_not_a_tap
+from .check import why_not_a_tap
 
 try:
     import tomllib
