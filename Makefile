@@ -24,8 +24,9 @@ run: $(STAMP)
 	$(VENV)/bin/qwen3lab verify
 	$(VENV)/bin/qwen3lab generate "Hello, this is a test input" --max-steps 16
 
-# llama.cpp as a same-run peer for `qwen3lab bench generate --peer llama.cpp`: built once from the
-# llama-cpp-python sdist into ~/.cache/qwen3lab/peers (about 10 minutes on 2 cores). Never run by `make test`.
+# llama.cpp as a same-run peer (`bench generate/serve --peer llama.cpp`) and verify candidate
+# (`verify --candidate llama.cpp:F.gguf`): built once from the llama-cpp-python sdist into ~/.cache/qwen3lab/peers
+# (about 10-15 minutes on 2 cores), with the llama-cpp-python bindings on top. Never run by `make test`.
 peer: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[peer]"
 	PYTHON=$(PY) benchmarks/peers/build_llama_cpp.sh

@@ -26,7 +26,7 @@ import numpy as np
 
 from qwen3lab.make_model import make_model
 from qwen3lab.models import numpy_ref
-from qwen3lab.models.numpy_quant import quantised_names
+from qwen3lab.models.numpy_quant import q8_0, quantised_names
 from qwen3lab.models.numpy_ref import NumpyBackend
 from qwen3lab.verify.metrics import compare_arrays
 
@@ -36,10 +36,7 @@ def blocks(w: np.ndarray, b: int) -> np.ndarray:
 
 
 def q8(w: np.ndarray, b: int = 32) -> np.ndarray:
-    g = blocks(w, b)
-    d = np.abs(g).max(axis=-1, keepdims=True) / 127.0
-    d = np.where(d > 0, d, 1.0).astype(np.float32)
-    return (np.round(g / d) * d).reshape(w.shape)
+    return q8_0(w, b)
 
 
 def q4_0(w: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen3lab.models.hf import require_transformers
+from qwen3lab.backends.hf import require_transformers
 
 
 def hf_config(cfg, attn_implementation: str = "eager"):

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hf_utils import hf_model
+from qwen3lab.backends.hf import HFBackend, MissingDependencyError, require_transformers
 from qwen3lab.config import Qwen3Config
-from qwen3lab.models.hf import HFBackend, MissingDependencyError, require_transformers
 from qwen3lab.models.numpy_ref import NumpyBackend
 from qwen3lab.random_init import random_weights
 from qwen3lab.taps import tap_sites

@@ -4,12 +4,13 @@ the text must be identical), hand-built expectations for errors, prometheus_clie
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
 
 import pytest
+
+from serve_util import concurrent_completions
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -98,18 +99,7 @@ def test_32_concurrent_streams_each_equal_alone(served):
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(32)]
     n = [4 + i % 5 for i in range(32)]  # different lengths: sequences join and leave the batch at different steps
     refs = [alone(lm, lm.tokenizer.encode(p), k).text for p, k in zip(prompts, n, strict=True)]
-
-    async def one(c, p, k):
-        text = ""
-        async for ch in await c.completions.create(model="tiny", prompt=p, max_tokens=k, temperature=0, stream=True):
-            text += ch.choices[0].text if ch.choices else ""
-        return text
-
-    async def all_of():
-        c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
-        return await asyncio.gather(*[one(c, p, k) for p, k in zip(prompts, n, strict=True)])
-
-    got = asyncio.run(all_of())
+    got = concurrent_completions(url, KEY, prompts, n)
     bad = [(i, g, r) for i, (g, r) in enumerate(zip(got, refs, strict=True)) if g != r]
     assert not bad, f"{len(bad)} of 32 differ from the request alone: {bad[:3]}"
 

@@ -8,10 +8,11 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+
+from serve_util import sigterm_mid_stream
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -60,25 +61,7 @@ def test_bench_serve_against_url(server_proc, capsys):
 
 def test_sigterm_drains_running_request(server_proc):
     proc, url = server_proc
-    body = {"prompt": "a", "max_tokens": 300, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    got: dict = {"lines": []}
-    first = threading.Event()
-
-    def read():
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                got["lines"].append(line)
-                first.set()
-
-    th = threading.Thread(target=read)
-    th.start()
-    assert first.wait(30), "no first chunk"
-    proc.send_signal(signal.SIGTERM)
-    th.join(timeout=60)
-    data = [x for x in got["lines"] if x.startswith("data: ")]
-    assert data[-1] == "data: [DONE]", data[-3:]
-    usage = json.loads(data[-2][6:])["usage"]
+    usage = sigterm_mid_stream(proc, url, 300)["usage"]
     assert usage["completion_tokens"] == 300, usage
     # after the drain uvicorn re-raises the SIGTERM it caught, so the exit status says "terminated by SIGTERM"
     assert proc.wait(timeout=60) == -signal.SIGTERM

@@ -22,7 +22,7 @@ from qwen3lab import Qwen3ForCausalLM
 from qwen3lab.dist.group import DistError, free_port
 from qwen3lab.make_model import make_model
 from qwen3lab.models.batch import ForwardBatch
-from qwen3lab.models.tp_run import TPBackend
+from qwen3lab.models.tp_backend import TPBackend
 from qwen3lab.verify import verify
 
 pytestmark = pytest.mark.slow

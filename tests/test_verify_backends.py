@@ -18,8 +18,8 @@ from qwen3lab.fast import build
 from qwen3lab.make_model import make_model
 from qwen3lab.models.numpy_ref import NumpyBackend
 from qwen3lab.verify import verify
-from qwen3lab.verify.backends import Side, decode_by_recompute
 from qwen3lab.verify.bugzoo import BUGS, BuggyBackend
+from qwen3lab.verify.side import Side, decode_by_recompute
 
 IDS = [5, 17, 300, 2, 99, 41, 7]
 
@@ -274,7 +274,7 @@ def test_decode_dump_and_dump_as_reference(model_dir, torch32, tmp_path):
 @pytest.mark.kernels
 @pytest.mark.parametrize("dtype,tol", [(None, "float32"), ("bfloat16", "bfloat16"), ("int8", "int8")])
 def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
-    from qwen3lab.verify.backends import BUILTIN, resolve
+    from qwen3lab.verify.side import BUILTIN, resolve
 
     assert "torch-fast" in BUILTIN
     side = resolve("torch-fast", model_dir, device="cpu", dtype=dtype)

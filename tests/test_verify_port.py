@@ -256,3 +256,27 @@ def test_repro_script_reproduces_the_culprit_with_numpy_alone(dense, tmp_path):
                          check=True).stdout
     formula, cand = (float(line.rsplit(":", 1)[1]) for line in out.splitlines())
     assert formula < 1e-12 and abs(cand - 0.5) < 1e-5, out
+
+
+@pytest.mark.slow  # one subprocess per op
+@pytest.mark.parametrize("tap", ["layers.1.q", "layers.1.q_norm", "layers.1.q_rot", "layers.1.k_rot",
+                                 "layers.1.probs", "layers.1.attn", "layers.1.act", "layers.1.mlp_out",
+                                 "layers.0.attn_in", "logits"])
+def test_repro_formula_of_every_covered_op_matches_the_oracle(dense, tmp_path, tap):
+    """Each covered op's script recomputes the oracle's own output from the oracle's inputs to ~1e-15 (RoPE with
+    the model's tables, causal GQA attention, silu*up, ...), and measures a candidate 2 % off as 0.02."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from qwen3lab.verify.repro import write_repro
+
+    b = NumpyBackend.from_pretrained(dense)
+    ref = b.run(IDS, taps=[tap]).taps[tap]
+    rep = SimpleNamespace(culprit_arrays=(tap, ref * 1.02, ref), divergence_arrays=None, input_ids=IDS, cfg=b.cfg)
+    said = write_repro(rep, tmp_path / "r", dense)
+    assert "wrote" in said, said
+    out = subprocess.run([sys.executable, "repro.py"], cwd=tmp_path / "r", capture_output=True, text=True,
+                         check=True).stdout
+    formula, cand = (float(line.rsplit(":", 1)[1]) for line in out.splitlines())
+    assert formula < 1e-12 and abs(cand - 0.02) < 1e-9, out

@@ -29,5 +29,9 @@ class DumpError(Qwen3LabError, ValueError):
     """A tap dump file is malformed."""
 
 
+class DistError(Qwen3LabError, RuntimeError):
+    """A tensor-parallel run could not start or lost a rank (dist/group.py, models/tp_run.py)."""
+
+
 class MissingDependencyError(Qwen3LabError, ImportError):
     """An optional dependency (transformers for the `hf` backend) is not installed."""

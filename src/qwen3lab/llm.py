@@ -58,10 +58,12 @@ class LLM:
 
     def __init__(self, model, dtype: str = "bfloat16", device: str = "cpu", quant: str | None = None,
                  fast: bool = True, max_num_seqs: int = 256, kv_memory_gib: float | None = None,
-                 block_size: int = 16, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True):
-        """model: a checkpoint dir, or a Qwen3ForCausalLM already loaded."""
+                 block_size: int = 16, max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 ndev: int = 1):
+        """model: a checkpoint dir, or a Qwen3ForCausalLM already loaded. ndev > 1: tensor parallel over that many
+        ranks (Qwen3ForCausalLM.from_pretrained; kv_memory_gib is then per rank)."""
         self.model = model if isinstance(model, Qwen3ForCausalLM) else \
-            Qwen3ForCausalLM.from_pretrained(model, device=device, dtype=dtype, quant=quant, fast=fast)
+            Qwen3ForCausalLM.from_pretrained(model, device=device, dtype=dtype, quant=quant, fast=fast, ndev=ndev)
         self.engine = LLMEngine(self.model, max_num_seqs=max_num_seqs, kv_memory_gib=kv_memory_gib,
                                 block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching)

@@ -57,6 +57,6 @@ def load(path: str | Path | None = None, backend: str = "torch", device: str = "
         from .models.numpy_ref import NumpyBackend
 
         return NumpyBackend.from_pretrained(path, dtype=dtype or "float64")
-    from .models.hf import HFBackend
+    from .backends.hf import HFBackend
 
     return HFBackend(path, dtype=dtype or "float32", device=device)

@@ -40,6 +40,10 @@ DENSE_MLP_SITES = ["gate", "up", "act"]
 MOE_SITES = ["router_logits", "topk_idx", "topk_weight"]
 TAIL_SITES = ["mlp_out", "resid_post"]
 OPTIONAL_SITES = {"probs"}  # O(T*S) memory: only recorded when asked for by name
+# A port's KV-cache contents after a forward's write, [S, Hkv, Dh] over every position attended: compared when a
+# candidate provides them (a dump that holds them, the llama.cpp candidate); the reference's are its k_rot / v
+# rows of every position so far (verify/runner.py). Not recorded by our own models (their cache is k_rot / v).
+CACHE_SITES = ["k_cache", "v_cache"]
 
 
 def layer_sites(cfg, i: int, probs: bool = False) -> list[str]:
@@ -84,7 +88,7 @@ def canonical_shape(cfg, name: str, T: int, S: int | None = None) -> tuple[int, 
         "mlp_out": (T, D), "resid_post": (T, D), "final_norm": (T, D), "logits": (T, cfg.vocab_size),
         "q": (T, Hq, Dh), "q_norm": (T, Hq, Dh), "q_rot": (T, Hq, Dh), "attn": (T, Hq, Dh),
         "k": (T, Hkv, Dh), "k_norm": (T, Hkv, Dh), "k_rot": (T, Hkv, Dh),
-        "v": (T, Hkv, Dh), "probs": (Hq, T, S),
+        "v": (T, Hkv, Dh), "probs": (Hq, T, S), "k_cache": (S, Hkv, Dh), "v_cache": (S, Hkv, Dh),
         "gate": (T, I), "up": (T, I), "act": (T, I),
         "router_logits": (T, cfg.num_experts),
         "topk_idx": (T, cfg.num_experts_per_tok), "topk_weight": (T, cfg.num_experts_per_tok),
@@ -315,7 +319,8 @@ def _read_via_torch(path: Path, key: str) -> np.ndarray:
         return to_numpy(f.get_tensor(key))
 
 
-_SITE_ORDER = {s: n for n, s in enumerate(ATTN_SITES + DENSE_MLP_SITES + MOE_SITES + TAIL_SITES)}
+_ORDERED = ATTN_SITES[:ATTN_SITES.index("k_rot") + 1] + CACHE_SITES + ATTN_SITES[ATTN_SITES.index("k_rot") + 1:]
+_SITE_ORDER = {s: n for n, s in enumerate(_ORDERED + DENSE_MLP_SITES + MOE_SITES + TAIL_SITES)}
 
 
 def dataflow_key(name: str) -> tuple:
@@ -339,3 +344,16 @@ def split_steps(full: Mapping[str, np.ndarray], P: int, steps: int, keep=None) -
             if keep is None or keep(key):
                 out[key] = arr[:, t0:t1, :t1].copy() if split_name(name)[2] == "probs" else arr[t0:t1].copy()
     return dict(sorted(out.items(), key=lambda kv: dataflow_key(kv[0])))
+
+
+def reference_cache_tap(get, name: str):
+    """The reference's `layers.i.k_cache` / `v_cache` (or `step{j}.`): its k_rot / v rows of every position so far
+    (prefill rows, then one per decode step up to j), [S, Hkv, Dh]; None when a row is missing. get: name -> array."""
+    step, layer, site = split_name(name)
+    src = {"k_cache": "k_rot", "v_cache": "v"}[site]
+    names = [f"layers.{layer}.{src}"] + ([f"step{j}.layers.{layer}.{src}" for j in range(step + 1)]
+                                         if step is not None else [])
+    rows = [get(n) for n in names]
+    if any(r is None for r in rows):
+        return None
+    return np.concatenate([np.asarray(r) for r in rows], axis=0)

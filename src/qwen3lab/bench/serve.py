@@ -94,7 +94,9 @@ async def run_load(url: str, model: str, n: int, concurrency: int | None, rate: 
     """n requests, at most `concurrency` in flight, or started at `rate` per second (Poisson)."""
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency or n)
-    limits = httpx.Limits(max_connections=(concurrency or n) + 4)
+    # a fresh connection per request (loopback: well under a millisecond): llama-server closes a kept-alive
+    # connection after a few requests, and a POST on a connection the server just closed fails, not retried
+    limits = httpx.Limits(max_connections=(concurrency or n) + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         await _one(client, url, model, PROMPTS[0], 4)  # warm-up
 
@@ -132,7 +134,7 @@ def print_table(report: dict[str, Any]) -> None:
     m = report["machine"]
     t = Table(title=f"qwen3lab bench serve · {report['settings']['model']} · {m['cpu']} · "
                     f"{report['settings']['max_tokens']} new tokens", title_justify="left")
-    cols = ["concurrency", "request_rate", "requests", "failed", "requests_per_s", "output_tok_per_s",
+    cols = ["impl", "concurrency", "request_rate", "requests", "failed", "requests_per_s", "output_tok_per_s",
             "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p99"]
     for c in cols:
         t.add_column(c.replace("_", " "), justify="right")
@@ -144,24 +146,49 @@ def print_table(report: dict[str, Any]) -> None:
 
 def bench_serve(url: str | None, model: str | None, dtype: str, threads: int | None, num_requests: int,
                 concurrency: str, request_rate: float | None, max_tokens: int, served_model_name: str | None,
-                json_path: str | None, max_num_seqs: int = 256) -> dict[str, Any]:
+                json_path: str | None, max_num_seqs: int = 256, ndev: int = 1, no_fast: bool = False,
+                peer: str | None = None) -> dict[str, Any]:
 
     if (url is None) == (model is None):
         raise InputError("bench serve needs exactly one of --url (a running server) or --model (start one)")
+    if peer is not None and model is None:
+        raise InputError("--peer llama.cpp starts llama-server on the same checkpoint: give --model, not --url")
+    levels = [None] if request_rate else [int(c) for c in concurrency.split(",")]
+    notes = []
+    peer_skip = None
+    if peer is not None:
+        from . import llama_server
+
+        peer_skip = llama_server.why_not(dtype)
+        if peer_skip:
+            notes.append(f"peer skipped: {peer_skip}")
+            print(f"note: peer skipped: {peer_skip}", file=sys.stderr)
     proc = None
     if url is None:
-        proc, url = start_server(model, dtype, threads, max_num_seqs, [])
+        extra = (["--ndev", str(ndev)] if ndev != 1 else []) + (["--no-fast"] if no_fast else [])
+        proc, url = start_server(model, dtype, threads, max_num_seqs, extra)
     try:
         name = served_model_name or httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-        levels = [None] if request_rate else [int(c) for c in concurrency.split(",")]
-        results = [asyncio.run(run_load(url, name, num_requests, c, request_rate, max_tokens)) for c in levels]
+        results = [{"impl": "qwen3lab", **asyncio.run(run_load(url, name, num_requests, c, request_rate, max_tokens))}
+                   for c in levels]
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
+    if peer is not None and not peer_skip:
+        slots = max(c or num_requests for c in levels)
+        lproc, lurl, lname = llama_server.start(model, dtype, threads, slots, max_tokens, free_port(),
+                                                lambda m: print(m, file=sys.stderr))
+        try:
+            results += [{"impl": "llama.cpp", **asyncio.run(run_load(lurl, lname, num_requests, c, request_rate,
+                                                                     max_tokens))} for c in levels]
+        finally:
+            lproc.terminate()
+            lproc.wait(timeout=60)
     report = {"bench": "serve", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
               "settings": {"url": url, "model": model or name, "dtype": dtype, "max_tokens": max_tokens,
-                           "num_requests": num_requests, "server_threads": threads,
+                           "num_requests": num_requests, "server_threads": threads, "ndev": ndev if proc else None,
+                           "no_fast": no_fast if proc else None, "peer": peer, "notes": notes,
                            "client_pid": os.getpid()}, "results": results}
     print_table(report)
     emit_json(report, json_path)

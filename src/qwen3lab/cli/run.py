@@ -110,8 +110,10 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _path_line(device: str, fast: bool) -> str:
+def _path_line(device: str, fast: bool, ndev: int = 1) -> str:
     """Which forward runs: the fast path and its kernels (qwen3lab.fast.status()), or the plain eager model."""
+    if ndev > 1:
+        return "plain eager path (the tensor-parallel leaves)"
     if not fast:
         return "plain eager path (--no-fast)"
     if not device.startswith("cpu"):
@@ -141,9 +143,12 @@ def _load_model(model, device, dtype, quant=None, no_fast=False, threads=None, g
     path = resolve_model_path(model)
     load_config(path)  # a bad config.json is refused before the status line builds the kernels
     if _rank0():
+        from ..dist.group import rank_threads  # torch with it: loaded only when a command runs a model
+
         tp = f", {ndev} tensor-parallel ranks" if ndev > 1 else ""
-        click.echo(f"loading {path} ({spec.describe()}, {device}{tp}, {_threads(torch.get_num_threads())}, "
-                   f"{_path_line(device, spec.fast)})", err=True)
+        n = torch.get_num_threads() if ndev == 1 else rank_threads(ndev)  # the ranks split the cores (tp_run.py)
+        click.echo(f"loading {path} ({spec.describe()}, {device}{tp}, {_threads(n)}{' a rank' if ndev > 1 else ''}, "
+                   f"{_path_line(device, spec.fast, ndev)})", err=True)
     lm = Qwen3ForCausalLM.from_pretrained(path, spec=spec)
     if spec.fast:
         from ..fast import describe
@@ -266,11 +271,13 @@ def _stdin_surrogateescape() -> None:
 @main.command("serve")
 @_model_options
 @serve_options
+@_ndev_option
 @friendly_errors
-def serve_cmd(model, device, dtype, quant, group_size, no_fast, threads, **opts):
-    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+def serve_cmd(model, device, dtype, quant, group_size, no_fast, threads, ndev, **opts):
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+    With --ndev N only rank 0 (this process, or torchrun's rank 0) serves HTTP."""
     from ..paths import resolve_model_path
     from ..serve.command import run_server
 
-    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size)
+    lm = _load_model(model, device, dtype, quant, no_fast, threads, group_size, ndev)
     run_server(lm, str(resolve_model_path(model)), **opts)

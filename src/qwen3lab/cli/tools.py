@@ -170,12 +170,18 @@ _bench_command("generate", "End to end on a checkpoint dir: prefill tok/s, TTFT,
 @click.option("--model", default=None, help="checkpoint dir: start `qwen3lab serve` on it in a subprocess")
 @click.option("--dtype", type=click.Choice(RUN_DTYPES), default="bfloat16", show_default=True)
 @click.option("--threads", type=int, default=None, help="the started server's torch threads")
+@click.option("--ndev", type=click.IntRange(1), default=1, show_default=True,
+              help="the started server's tensor-parallel ranks (serve --ndev)")
+@click.option("--no-fast", is_flag=True, help="the started server runs the plain eager model (serve --no-fast)")
 @click.option("--num-requests", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--concurrency", default="1,16", show_default=True, help="comma list: requests in flight at most")
 @click.option("--request-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="requests per second (Poisson) instead of --concurrency")
 @click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True, help="new tokens per request")
 @click.option("--served-model-name", default=None, help="model name to send [default: the server's]")
+@click.option("--peer", type=click.Choice(["llama.cpp"]), default=None,
+              help="also run the same load on llama.cpp's llama-server (built by `make peer`; skipped with a note "
+                   "otherwise)")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
 @friendly_errors
 def bench_serve_cmd(**opts):

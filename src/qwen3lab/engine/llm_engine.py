@@ -19,7 +19,10 @@ forward ends (its blocks are freed then; nothing allocates blocks in between).
 
 KV memory: kv_memory_gib, else KV_MEMORY_FRACTION of the free memory (MemAvailable, or the CUDA device's
 free memory), capped at what max_num_seqs full-context sequences could use; `describe()` says what was
-taken.
+taken. A tensor-parallel model (models/tp_run.py TPModel, duck-typed by its `new_kv_pool`) holds its share of
+the KV heads on every rank: a block is sized by one rank's share, kv_memory_gib is per rank, the free memory is
+shared by the ranks on rank 0's host (cpu; one GPU a rank), and this engine (on rank 0) decides the block
+count, with which the model makes every rank's pool.
 """
 
 from __future__ import annotations
@@ -73,16 +76,20 @@ class LLMEngine:
         if kv_memory_gib is not None and (isinstance(kv_memory_gib, bool) or not isinstance(kv_memory_gib, (int, float))
                                           or not kv_memory_gib > 0):
             raise InputError(f"kv_memory_gib must be a number > 0 (GiB) or None, got {kv_memory_gib!r}")
-        per_block = KVPool.block_bytes(self.cfg, block_size, self.model.dtype)
+        self.tp = hasattr(self.model, "new_kv_pool")  # tensor parallel: see the module doc
+        per_block = self.model.kv_block_bytes(block_size) if self.tp else \
+            KVPool.block_bytes(self.cfg, block_size, self.model.dtype)
         budget = int(kv_memory_gib * 2**30) if kv_memory_gib is not None else \
-            int(_free_bytes(self.model.device) * KV_MEMORY_FRACTION)
+            int(_free_bytes(self.model.device) * KV_MEMORY_FRACTION) // self._sharers()
         cap = max_num_seqs * -(-self.cfg.max_position_embeddings // block_size)  # nobody could use more
         num_blocks = min(budget // per_block, cap)
         if num_blocks < 1:
             raise InputError(f"kv_memory_gib={kv_memory_gib}: {size_text(budget)} holds no KV block "
                              f"({size_text(per_block)} each); give more")
-        self.kv_source = "kv_memory_gib" if kv_memory_gib is not None else f"{KV_MEMORY_FRACTION:.0%} of free memory"
-        self.pool = KVPool.for_model(self.cfg, num_blocks, block_size, self.model.dtype, self.model.device)
+        self.kv_source = ("kv_memory_gib" + (" per rank" if self.tp else "")) if kv_memory_gib is not None else \
+            f"{KV_MEMORY_FRACTION:.0%} of free memory" + (f" / {self._sharers()} ranks" if self._sharers() > 1 else "")
+        self.pool = self.model.new_kv_pool(num_blocks, block_size) if self.tp else \
+            KVPool.for_model(self.cfg, num_blocks, block_size, self.model.dtype, self.model.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.lock = threading.Lock()
@@ -93,12 +100,17 @@ class LLMEngine:
         self.generated_tokens = 0
         self.fed_tokens = 0  # tokens the model was fed (prefill chunks + decodes): prefix hits skip work here
 
+    def _sharers(self) -> int:
+        """How many ranks draw on the free memory this process sees (1 but for tensor parallel on cpu)."""
+        return getattr(self.model, "memory_sharers", 1)
+
     def describe(self) -> str:
         """One line for the start-up log: the KV pool's size and where it came from."""
         bs = self.blocks.block_size
         return (f"KV cache: {self.blocks.num_blocks} blocks x {bs} tokens = {self.blocks.num_blocks * bs} tokens, "
                 f"{size_text(self.pool.nbytes())} {str(self.model.dtype).removeprefix('torch.')} on "
-                f"{self.model.device} ({self.kv_source}); prefix caching "
+                f"{self.model.device}{f' on each of {self.model.world} ranks' if self.tp else ''} "
+                f"({self.kv_source}); prefix caching "
                 f"{'on' if self.blocks.enable_prefix_caching else 'off'}")
 
     # ---- requests ------------------------------------------------------------------------------------

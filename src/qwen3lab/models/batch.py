@@ -6,7 +6,7 @@ whatever drives it (the engine's scheduler, TorchBackend, the benches, tests).
     logits = model(batch)                     # [R, V]: one row per logits_rows entry (all N when None)
 
 Layout: the new tokens of every sequence are back to back in one packed stream of N tokens (`input_ids`,
-`positions` [N]); `spans` say which rows belong to which sequence and where its KV cache (models/kv_cache.py)
+`positions` [N]); `spans` say which rows belong to which sequence and where its KV cache (models/paged_cache.py)
 stands; `logits_rows` picks the rows whose logits are wanted (decode: the last of each sequence). Attention
 is the only per-sequence op; `plans()` gives each span's attention facts (its rows, causal rule) once per
 forward for every layer.
@@ -14,8 +14,8 @@ forward for every layer.
 Rules (checked by plans()): a span with a cache continues it (start == cache.length) and fits its capacity;
 a span without a cache attends over its own tokens only and starts at position 0. A span's cache is a
 PagedSeqCache (models/paged_cache.py: a block table over a pool, the engine's shared one or a sequence's own:
-what every path makes) or a contiguous KVCache (still accepted: the one-layer attention bench and the tensor-
-parallel tests' hand-made caches use it). plans() builds the paged index tensors once per forward: a decode
+what every path makes) or a contiguous KVCache (still accepted, as the contiguous reference the paged paths
+are tested against: tests/test_paged_paths.py). plans() builds the paged index tensors once per forward: a decode
 batch's block tables (PagedDecode, read by the C++ paged decode kernel or the gather + SDPA fallback) or a
 prefill's slots (PagedSeqCache.prepare).
 """

@@ -71,3 +71,13 @@ def quantise_weights(weights: Mapping[str, np.ndarray], cfg: Qwen3Config, fmt: s
         head = weights["model.embed_tokens.weight"]
     out["lm_head.weight"] = rule(np.asarray(head, dtype=np.float64))
     return out
+
+
+def q8_0(x: np.ndarray, block: int = 32) -> np.ndarray:
+    """ggml's q8_0 applied and undone along the last dim (blocks of `block`: d = max|x| / 127 in float32,
+    q = round(x / d)), for weights and for the activations ggml's CPU dot products quantise. An emulation of the
+    format for calibrating and testing verify's q8_0 tolerance, not a GGUF reader."""
+    g = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)  # [..., nblocks, block]
+    d = np.abs(g).max(axis=-1, keepdims=True) / 127.0
+    d = np.where(d > 0, d, 1.0).astype(np.float32)
+    return (np.round(g / d) * d).reshape(x.shape)

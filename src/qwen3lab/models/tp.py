@@ -23,7 +23,7 @@ from torch import nn
 from ..config import Qwen3Config
 from ..dist.layers import AllReduceSum, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from ..errors import InputError
-from .paged_cache import PagedSeqCache
+from .paged_cache import KVPool, PagedSeqCache
 from .torch_model import Qwen3LMHeadModel, _torch_dtype
 
 HEAD_SITES = ("q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "attn")  # [N, H, Dh]: split on dim 1
@@ -99,6 +99,18 @@ class Qwen3LMHeadModelShard(Qwen3LMHeadModel):
     def new_cache(self, capacity: int) -> PagedSeqCache:
         hkv = self.model.layers[0].self_attn.Hkv  # the rank's KV heads
         return PagedSeqCache.for_model(self.cfg, capacity, self.dtype, self.device, num_kv_heads=hkv)
+
+    def new_kv_pool(self, num_blocks: int, block_size: int) -> KVPool:
+        """The rank's paged KV pool [L, num_blocks, Hkv_rank, block_size, Dh]: its own KV heads only."""
+        c = self.cfg
+        return KVPool(c.num_hidden_layers, num_blocks, self.model.layers[0].self_attn.Hkv, block_size, c.head_dim,
+                      self.dtype, self.device)
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one block of new_kv_pool takes on this rank (every rank holds as many KV heads)."""
+        c = self.cfg
+        return 2 * c.num_hidden_layers * self.model.layers[0].self_attn.Hkv * block_size * c.head_dim * \
+            torch.empty((), dtype=self.dtype).element_size()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -2,10 +2,16 @@
 
 `TPModel` is model-like (cfg, dtype, device, new_cache, forward(batch) -> logits [R, V]), so the engine
 (generate, batch_infer_one_round, a server's scheduler) drives it exactly as it drives Qwen3LMHeadModel.
-Each call on rank 0 first broadcasts the step (ids, positions, spans with cache keys, logits rows) to the
-followers, then every rank runs the same forward on its shard; the collectives inside the leaves line
-them up. KV caches live on every rank (each holds its KV heads); rank 0's caches carry a key the followers
-map to their own, freed when rank 0's is garbage-collected.
+Each call on rank 0 first broadcasts the step (ids, positions, spans, logits rows) to the followers, then
+every rank runs the same forward on its shard; the collectives inside the leaves line them up. KV caches
+live on every rank (each holds its KV heads). new_cache's caches (standalone paged caches, a private pool
+each): rank 0's carry a key the followers map to their own, freed when rank 0's is garbage-collected. The
+engine's (LLMEngine, a server):
+`new_kv_pool(num_blocks, block_size)` makes a pool of the rank's KV heads on every rank from the one block
+count rank 0's engine decided; a span's PagedSeqCache travels as its block table, and each follower views
+its own pool through that table, so rank 0's block manager alone decides where every sequence lives.
+Commands travel on the command group (dist/group.py: no timeout while idle); one lock makes each command
+one unit when several threads hold the TPModel (a server's engine thread, its shutdown).
 
 Start: `start_local(path, world, ...)` spawns world-1 follower processes (torch.multiprocessing spawn) and
 joins as rank 0; under torchrun, `join_launched(path, ...)` joins the launched world, and on ranks > 0 it
@@ -19,7 +25,10 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import signal
 import sys
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -31,12 +40,13 @@ from ..config import Qwen3Config
 from ..dist import group
 from ..dist.group import DistError
 from ..dist.layers import STATS
-from ..errors import InputError
 from ..weights import load_weights
-from .base import RunResult, check_input_ids
+from .base import RunResult
 from .batch import ForwardBatch, Span
+from .paged_cache import PagedSeqCache
 from .tp import build_shard, check_tp, gather_taps, shard_rule
 
+PING_S = 30.0  # TPModel.check_alive: ping the ranks after this long without a command
 # this process's resident bytes just before its shard was loaded, and its peak just after (bench / tests)
 RSS_BEFORE_LOAD, PEAK_AFTER_LOAD = [0], [0]
 
@@ -94,8 +104,19 @@ def peak_rss() -> int:
 
 def _bcast(obj=None):
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group.commands())
     return box[0]
+
+
+def _cache_ref(cache, end: int):
+    """How a span's cache travels: None, a new_cache cache's key (each rank holds its own standalone cache under
+    it), or an engine cache's block table over the ranks' pools (a list) up to position `end`."""
+    key = None if cache is None else getattr(cache, "tp_key", None)
+    if key is not None:
+        return key
+    if isinstance(cache, PagedSeqCache):
+        return cache.block_table[:-(-end // cache.pool.block_size)]
+    return None
 
 
 class _Rank:
@@ -104,20 +125,32 @@ class _Rank:
     def __init__(self, model):
         self.model = model
         self.caches: dict[int, object] = {}
+        self.pool = None  # this rank's paged KV pool ("pool" command)
+
+    def _cache(self, ref, start: int):
+        if isinstance(ref, list):  # a block table over this rank's pool; `start` positions are filled
+            return PagedSeqCache(self.pool, ref, start)
+        return None if ref is None else self.caches.get(ref)
 
     def do(self, cmd: tuple):
         kind = cmd[0]
         for key in cmd[-1]:  # caches rank 0 has dropped since the last command
             self.caches.pop(key, None)
+        if kind == "ping":  # keeps the command group's idle wait short of its timeout (TPModel.check_alive)
+            return None
         if kind == "cache":
             self.caches[cmd[1]] = self.model.new_cache(cmd[2])
             return self.caches[cmd[1]]
+        if kind == "pool":  # every rank makes its pool, or every rank raises the first failure
+            m = self.model
+            self.pool = _ready(m.rank, m.world, lambda: m.new_kv_pool(cmd[1], cmd[2]))
+            return self.pool
         if kind == "forward":
             _, ids, pos, spans, rows, _ = cmd
             dev = self.model.device
             batch = ForwardBatch(torch.tensor(ids, dtype=torch.long, device=dev),
                                  torch.tensor(pos, dtype=torch.long, device=dev),
-                                 [Span(self.caches.get(k), s, n) for k, s, n in spans],
+                                 [Span(self._cache(k, s), s, n) for k, s, n in spans],
                                  None if rows is None else torch.tensor(rows, dtype=torch.long, device=dev))
             return self.model(batch)
         if kind == "run":
@@ -152,7 +185,13 @@ class _Rank:
 
 
 def follow(model) -> None:
-    """Ranks > 0: do what rank 0 broadcasts until it says stop (or dies: the collective raises)."""
+    """Ranks > 0: do what rank 0 broadcasts until it says stop (or dies: the collective raises). SIGINT and
+    SIGTERM are left to rank 0 (a terminal's Ctrl-C reaches every local rank, torchrun's SIGTERM every rank):
+    rank 0 drains its work and then stops the followers; if rank 0 dies instead, its closed connections end
+    the wait here at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     me = _Rank(model)
     while True:
         cmd = _bcast()
@@ -173,6 +212,8 @@ class TPModel:
         self._me = _Rank(model)
         self._keys = itertools.count()
         self._freed: list[int] = []
+        self._lock = threading.RLock()
+        self._last = time.monotonic()  # when the last command went out
         self.closed = False
         atexit.register(self.close)
 
@@ -185,13 +226,21 @@ class TPModel:
         return self.local.device
 
     def _send(self, *cmd):
+        with self._lock:
+            return self._send_locked(cmd)
+
+    def _send_locked(self, cmd: tuple):
         if self.closed:
             raise DistError("this tensor-parallel model is closed")
         freed, self._freed = self._freed, []
         cmd = (*cmd, freed)
+        self._last = time.monotonic()
         try:
             _bcast(cmd)
             return self._me.do(cmd)
+        except DistError:  # every rank failed alike (a pool that does not fit): the followers have left
+            self._teardown()
+            raise
         except RuntimeError as e:
             dead = [p.pid for p in self.procs if not p.is_alive()]
             self._teardown()
@@ -205,9 +254,32 @@ class TPModel:
         weakref.finalize(cache, self._freed.append, key)
         return cache
 
+    def new_kv_pool(self, num_blocks: int, block_size: int):
+        """A paged KV pool on every rank (each its KV heads), num_blocks each; rank 0's is returned."""
+        return self._send("pool", int(num_blocks), int(block_size))
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one pool block takes on a rank (all ranks alike)."""
+        return self.local.kv_block_bytes(block_size)
+
+    @property
+    def memory_sharers(self) -> int:
+        """Ranks drawing on the free memory rank 0 sees: the cpu ranks of this host; one a GPU."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) if self.device.type == "cpu" else 1
+
+    def check_alive(self) -> None:
+        """DistError when this model is closed or a follower it spawned has died; for a server's idle loop. After
+        PING_S idle (or half the idle timeout) it also pings every rank: torchrun's followers are checked too,
+        and the followers' wait never reaches the command group's timeout however long the server idles."""
+        dead = [p.pid for p in self.procs if not p.is_alive()]
+        if dead or self.closed:
+            raise DistError(f"tensor-parallel run lost a rank (pids {dead} gone)" if dead else
+                            "this tensor-parallel model is closed")
+        if time.monotonic() - self._last > min(PING_S, group.idle_timeout_s() / 2):
+            self._send("ping")
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        spans = [(getattr(s.cache, "tp_key", None) if s.cache is not None else None, s.start, s.length)
-                 for s in batch.spans]
+        spans = [(_cache_ref(s.cache, s.start + s.length), s.start, s.length) for s in batch.spans]
         rows = None if batch.logits_rows is None else batch.logits_rows.tolist()
         return self._send("forward", batch.input_ids.tolist(), batch.positions.tolist(), spans, rows)
 
@@ -228,14 +300,15 @@ class TPModel:
 
     def close(self) -> None:
         """Tell the followers to stop, wait for them, leave the process group (so another world can start)."""
-        if self.closed:
-            return
-        try:
-            _bcast(("stop",))
-            dist.barrier()  # the followers' side of the same barrier (follow)
-        except RuntimeError:
-            pass
-        self._teardown()
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                _bcast(("stop",))
+                dist.barrier()  # the followers' side of the same barrier (follow)
+            except RuntimeError:
+                pass
+            self._teardown()
 
     def _teardown(self) -> None:
         self.closed = True
@@ -302,31 +375,3 @@ def join_launched(path, world: int, device="cpu", dtype=torch.float32) -> TPMode
     finally:
         group.shutdown()
     raise SystemExit(0)
-
-
-class TPBackend:
-    """verify's backend contract over a TPModel: `.run(input_ids, taps=None)` / `.run_decode(...)` with every
-    rank's taps gathered into the canonical full shapes on rank 0. No graft (a grafted full tensor would have
-    to be re-sliced per rank), so verify names the first divergent tap without isolating the culprit."""
-
-    supports_graft = False
-
-    def __init__(self, tp: TPModel):
-        self.tp, self.cfg = tp, tp.cfg
-        self.name = f"torch-tp{tp.world}"
-        self.dtype = str(tp.dtype).removeprefix("torch.")
-        self.device = tp.device
-
-    def run(self, input_ids, taps=None, graft=None) -> RunResult:
-        _no_graft(graft)
-        return self.tp.run(check_input_ids(input_ids, self.cfg), taps)
-
-    def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
-        _no_graft(graft)
-        return self.tp.run(check_input_ids(input_ids, self.cfg), taps, decode_steps=int(decode_steps))
-
-
-def _no_graft(graft) -> None:
-    if graft is not None:
-        raise InputError("a tensor-parallel candidate cannot graft (taps are gathered, not re-sliced); "
-                         "verify names the first divergent tap without isolating the culprit")

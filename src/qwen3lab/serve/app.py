@@ -5,7 +5,9 @@ caching, continuous batching), steps it on one thread (engine_loop.py) from the 
 answers in OpenAI's shapes: streamed answers are server-sent events ending in `data: [DONE]`; every error is
 {"error": {"message", "type", "param", "code"}}. With api_key, every route but /health needs
 `Authorization: Bearer KEY`. Uvicorn's graceful shutdown (SIGTERM) lets running requests finish before the
-lifespan stops the engine thread.
+lifespan stops the engine thread and calls `on_shutdown` (the CLI: stop the tensor-parallel ranks). When the
+engine can run no more (a lost rank, engine_loop.py) a stream in progress ends with an error event in OpenAI's
+shape and `data: [DONE]`, /health answers 503, and `on_fatal` tells the server to exit.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ def _logprobs_obj(deltas: list, tokenizer, chat: bool) -> dict | None:
 
 
 class Server:
-    def __init__(self, model, name: str, max_num_seqs: int, kv_memory_gib: float | None, max_queue: int | None):
+    def __init__(self, model, name: str, max_num_seqs: int, kv_memory_gib: float | None, max_queue: int | None,
+                 on_fatal=None):
         self.model, self.name, self.tokenizer = model, name, model.tokenizer
         self.engine = LLMEngine(model, max_num_seqs=max_num_seqs, kv_memory_gib=kv_memory_gib)
-        self.loop = EngineLoop(self.engine, max_queue or max_num_seqs * 4)
+        self.loop = EngineLoop(self.engine, max_queue or max_num_seqs * 4, on_fatal)
         self.metrics = Metrics(name)
         self.stop_ids = frozenset(model.eos_token_ids)
         self.ctx = model.config.max_position_embeddings
@@ -91,14 +94,19 @@ class Server:
     async def stream(self, req: GenRequest) -> AsyncIterator[str]:
         rid, usage = new_id("chatcmpl" if req.chat else "cmpl"), Usage()
         gen = run_request(self.loop, self.tokenizer, self.metrics, req, self._stops(req), usage)
-        async with contextlib.aclosing(gen):
-            if req.chat:  # OpenAI opens each choice with its role
-                for i in range(req.n):
-                    yield self._chunk(rid, req, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}])
-            async for d in gen:
-                if d.text or d.reasoning or d.finish_reason or d.logprobs:
-                    yield self._chunk(rid, req, [self._choice_delta(d, req)])
+        try:
+            async with contextlib.aclosing(gen):
+                if req.chat:  # OpenAI opens each choice with its role
+                    for i in range(req.n):
+                        yield self._chunk(rid, req, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}])
+                async for d in gen:
+                    if d.text or d.reasoning or d.finish_reason or d.logprobs:
+                        yield self._chunk(rid, req, [self._choice_delta(d, req)])
+        except APIError as e:  # the engine failed mid-stream: the 200 is sent, so the error is an event
+            yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         if req.include_usage:
             yield self._chunk(rid, req, [], usage.as_dict())
         yield "data: [DONE]\n\n"
@@ -132,14 +140,16 @@ def _error(e: APIError) -> JSONResponse:
 
 
 def make_app(model, served_model_name: str = "qwen3lab", max_num_seqs: int = 256, kv_memory_gib: float | None = None,
-             api_key: str | None = None, max_queue: int | None = None) -> FastAPI:
-    server = Server(model, served_model_name, max_num_seqs, kv_memory_gib, max_queue)
+             api_key: str | None = None, max_queue: int | None = None, on_shutdown=None, on_fatal=None) -> FastAPI:
+    server = Server(model, served_model_name, max_num_seqs, kv_memory_gib, max_queue, on_fatal)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         server.loop.start()
         yield
         server.loop.stop()
+        if on_shutdown is not None:
+            on_shutdown()
 
     app = FastAPI(title="qwen3lab", lifespan=lifespan)
     app.state.server = server
@@ -183,6 +193,9 @@ def make_app(model, served_model_name: str = "qwen3lab", max_num_seqs: int = 256
 
     @app.get("/health")
     async def health():
+        if server.loop.dead is not None:
+            return _error(APIError(503, f"the engine cannot run: {server.loop.dead}", type_="server_error",
+                                   code="engine_unavailable"))
         return Response(status_code=200)
 
     @app.get("/metrics", dependencies=keyed)

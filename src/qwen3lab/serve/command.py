@@ -2,6 +2,12 @@
 
 fastapi / uvicorn are the `serve` extra: imported when the server starts, so the rest of the CLI works
 without them, and a missing one is a one-line error naming the extra to install.
+
+With --ndev N the model is a tensor-parallel TPModel (models/tp_run.py) and this process is rank 0, the only
+one serving HTTP. The ranks are stopped in the app's lifespan shutdown (after the drain), not after
+uvicorn.run returns: uvicorn re-raises the SIGTERM / SIGINT it caught once it has drained, which ends this
+process there. A lost rank makes the app ask uvicorn to exit (should_exit), and then this raises DistError:
+one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import InputError
+from ..errors import DistError, InputError
 
 
 def serve_options(fn):
@@ -41,9 +47,22 @@ def run_server(lm, model_dir: str, host: str, port: int, max_num_seqs: int, max_
     except ImportError as e:
         raise InputError(f"qwen3lab serve needs the serve extra: pip install 'qwen3lab[serve]' ({e})") from None
     name = served_model_name or Path(str(model_dir)).name or "qwen3lab"
-    app = make_app(lm, name, max_num_seqs=max_num_seqs, kv_memory_gib=kv_memory, api_key=api_key,
-                   max_queue=max_queue)
+    close = getattr(lm.model, "close", None)  # a TPModel: stops the other ranks
+    box: list = []
+    try:
+        app = make_app(lm, name, max_num_seqs=max_num_seqs, kv_memory_gib=kv_memory, api_key=api_key,
+                       max_queue=max_queue, on_shutdown=close,
+                       on_fatal=lambda _msg: setattr(box[0], "should_exit", True))
+    except BaseException:
+        if close is not None:
+            close()
+        raise
     click.echo(app.state.server.engine.describe(), err=True)
-    click.echo(f"serving {name} on http://{host}:{port}/v1 (max {max_num_seqs} sequences"
+    ranks = f", {lm.model.world} tensor-parallel ranks" if close is not None else ""
+    click.echo(f"serving {name} on http://{host}:{port}/v1 (max {max_num_seqs} sequences{ranks}"
                f"{', API key required' if api_key else ''})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=None)
+    box.append(uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                             timeout_graceful_shutdown=None)))
+    box[0].run()
+    if app.state.server.loop.dead is not None:
+        raise DistError(f"the server stopped: {app.state.server.loop.dead}")

@@ -6,6 +6,12 @@ held during the forward, so adding a request never waits for one). Our lock guar
 outputs go to the asyncio.Queue of their request with loop.call_soon_threadsafe (asyncio queues are not
 thread-safe). A request counts against `max_queue` from add() until its last token or its abort: past
 that, add() answers 429 with Retry-After instead of queueing without bound.
+
+A DistError (a tensor-parallel rank is gone: models/tp_run.py) is fatal, unlike any other step error: the
+engine can run nothing more, so every request in flight ends with a 500, every later one is answered 503,
+the thread ends and `on_fatal(message)` tells the server to shut down. While idle the thread also asks the
+model (`check_alive`, when it has one) whether its spawned ranks still live, so a dead follower ends an idle
+server too.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import threading
 from typing import Any
 
-from ..errors import InputError
+from ..errors import DistError, InputError
 from .protocol import APIError
 
 log = logging.getLogger("qwen3lab.serve")
@@ -29,8 +35,11 @@ class EngineError:
 
 
 class EngineLoop:
-    def __init__(self, engine, max_queue: int):
+    def __init__(self, engine, max_queue: int, on_fatal=None):
         self.engine = engine
+        self.on_fatal = on_fatal  # called (on this thread) with the message when the engine can run no more
+        self.dead: str | None = None  # that message, once it happened
+        self._check_alive = getattr(engine.model, "check_alive", None)
         self.max_queue = max_queue
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -62,7 +71,10 @@ class EngineLoop:
         added = []
         try:
             for i, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
-                with self.lock:
+                with self.lock:  # under the lock _die takes: a route is either failed there or refused here
+                    if self.dead is not None:
+                        raise APIError(503, f"the engine cannot run: {self.dead}; the server is shutting down",
+                                       type_="server_error", code="engine_unavailable")
                     self.routes[rid] = (loop, queue, i)  # before the engine can step it
                 self.engine.add_request(rid, prompt_ids, p, max_tokens, stop_ids=stop_ids, logprobs=logprobs)
                 added.append(rid)
@@ -91,6 +103,11 @@ class EngineLoop:
             if not self.engine.has_unfinished():
                 self.wake.wait(0.5)
                 self.wake.clear()
+                try:
+                    if self._check_alive is not None and not self.stopping:
+                        self._check_alive()
+                except DistError as e:
+                    return self._die(e)
                 continue
             try:
                 outs = self.engine.step()
@@ -103,12 +120,22 @@ class EngineLoop:
                         if o.finished:
                             del self.routes[o.request_id]
                         sends.append((route, o))
+            except DistError as e:
+                return self._die(e)
             except Exception as e:  # noqa: BLE001 - one bad step must end its requests with an error, not the server
                 log.exception("engine step failed")
                 self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
                 continue
             for (loop, q, i), o in sends:
                 loop.call_soon_threadsafe(q.put_nowait, (i, o))
+
+    def _die(self, e: DistError) -> None:
+        log.error("the engine cannot run any more: %s", e)
+        with self.lock:
+            self.dead = str(e)
+        self._fail_all(f"the engine cannot run any more: {e}")
+        if self.on_fatal is not None:
+            self.on_fatal(self.dead)
 
     def _fail_all(self, message: str) -> None:
         with self.lock:

@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import Qwen3LabError
-from .backends import BUILTIN
 from .report_terminal import ROWS, RichProgress, render
+from .side import BUILTIN
 
 KNOWN = {"model_path", "reference", "candidate", "device", "dtype", "test_input", "ids", "layers", "decode_steps",
          "isolate", "output", "html", "cos_min", "mse_max", "rel_max", "preset", "taps", "probs", "stream",
@@ -69,6 +69,10 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
     if sweep and self_test:
         raise Qwen3LabError("give either --sweep or --self-test, not both")
     decode_steps = int(decode_steps or 0)
+    if self_test and isinstance(candidate, str) and candidate.split(":")[0] == "llama.cpp":
+        from .gguf_zoo import self_test as gguf_self_test  # llama.cpp's bindings: only when asked for
+
+        return gguf_self_test(console, model_path, candidate, candidate_opt)
     if self_test:
         return _self_test(console, model_path)
     needs_model = model_path is not None or any(
@@ -112,7 +116,8 @@ def _run(console: Console, model_path=None, reference="numpy", candidate="torch"
 
 def _tensor_parallel(candidate, path, ndev: int, device: str, dtype):
     """--ndev N: the torch candidate as N tensor-parallel ranks (models/tp_run.py)."""
-    from ..models.tp_run import TPBackend, start_local
+    from ..models.tp_backend import TPBackend
+    from ..models.tp_run import start_local
     from ..runspec import RunSpec
 
     if candidate != "torch":
@@ -198,9 +203,9 @@ def _check_layers(path, layers) -> None:
         parse_layers(layers, Qwen3Config.from_file(path).num_hidden_layers)
 
 
-def _self_test(console: Console, model_path=None, moe_path=None) -> int:
+def _self_test(console: Console, model_path=None, moe_path=None, power: bool = True) -> int:
     """The bug zoo on tiny / tiny-moe models (or the given models), plus the correct torch model in float64,
-    float32 and bfloat16, which must pass with no false alarm."""
+    float32 and bfloat16, which must pass with no false alarm; then (power) the detection-power table."""
     import tempfile
     from pathlib import Path
 
@@ -246,6 +251,41 @@ def _self_test(console: Console, model_path=None, moe_path=None) -> int:
                 table.add_row(f"no bug: torch {dt} ({kind}, decode 2)", fd.name if fd else "none",
                               "[green]pass[/]" if good else "[red]FALSE ALARM[/]")
     console.print(table)
+    if power:
+        ok &= _power_table(console, bool(kernel_bugs))
     console.print("[bold green]self-test passed: every planted bug named, no false alarm[/]" if ok
                   else "[bold red]self-test FAILED[/]")
     return 0 if ok else 1
+
+
+def _power_table(console: Console, fast_ok: bool) -> bool:
+    """Detection power (power.py) on Qwen3-0.6B shapes (1 layer, vocab 4096: both bugs start in layer 0): per
+    dtype, the smallest bug of each scalable kind verify catches; False when a clean run raised a false alarm."""
+    import tempfile
+    from pathlib import Path
+
+    from rich import box
+
+    from ..make_model import make_model
+    from .power import BUGS, detection_power, fmt_eps
+
+    ids = [9707 % 4096, 11, 419, 374, 264, 1273, 1946, 13]
+    with tempfile.TemporaryDirectory(prefix="qwen3lab-power-") as tmp:
+        path = make_model(Path(tmp) / "power", preset="qwen3-0.6b", layers=1, vocab_size=4096, seed=1)
+        rows = detection_power(path, ids, fast_ok=fast_ok)
+    console.print(f"detection power: the smallest eps (ladder 1e-4 .. 1000, bisection) at which verify catches "
+                  f"layer 0's ffn_down weight x (1 + eps) and every RMSNorm's eps x (1 + eps); NumPy float64 oracle "
+                  f"as reference, Qwen3-0.6B shapes (1 layer, vocab 4096), {len(ids)} tokens")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold")
+    for col in ("candidate", "clean run", *BUGS.values()):
+        table.add_column(col, overflow="fold")  # piped at 80 columns: wrap, never cut a figure
+    good = True
+    for r in rows:
+        if r.clean_ok is None:
+            table.add_row(r.dtype, f"skipped: {r.clean_note}", "", "")
+            continue
+        good &= r.clean_ok
+        clean = "[green]pass[/]" if r.clean_ok else f"[red]FALSE ALARM[/] at {r.clean_note}"
+        table.add_row(r.dtype, clean, *(fmt_eps(r.smallest.get(b)) if r.clean_ok else "-" for b in BUGS))
+    console.print(table)
+    return good

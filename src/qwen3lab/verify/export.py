@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import taps as _taps
+from ..backends.dump import file_sha256
 from ..config import Qwen3Config
 from ..errors import InputError
-from .backends import resolve
-from .dumpfile import file_sha256
 from .inputs import parse_layers, resolve_input_ids
+from .side import resolve
 
 
 def export_reference(path, reference="numpy", input_ids=None, *, model_path, test_input: str | None = None,

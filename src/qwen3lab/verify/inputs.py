@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.namemap import NameMap
 from ..errors import InputError
 from ..models.base import check_input_ids
 from ..taps import canonical_shape
@@ -95,8 +96,6 @@ def load_name_map(spec):
     """--map: None, a NameMap, or a file / built-in name to load."""
     if spec is None or not isinstance(spec, (str, Path)):
         return spec
-    from .namemap import NameMap
-
     return NameMap.load(spec)
 
 

@@ -33,7 +33,7 @@ AXES = {
     "mlp_out": _AXES_TD, "resid_post": _AXES_TD, "final_norm": _AXES_TD,
     "gate": _AXES_TD, "up": _AXES_TD, "act": _AXES_TD,
     "q": _AXES_THD, "k": _AXES_THD, "v": _AXES_THD, "q_norm": _AXES_THD, "k_norm": _AXES_THD,
-    "q_rot": _AXES_THD, "k_rot": _AXES_THD, "attn": _AXES_THD,
+    "q_rot": _AXES_THD, "k_rot": _AXES_THD, "attn": _AXES_THD, "k_cache": _AXES_THD, "v_cache": _AXES_THD,
     "probs": ("head", "token", "position"),
     "router_logits": ("token", "expert"), "topk_idx": ("token", "expert"), "topk_weight": ("token", "expert"),
     "logits": ("token", "vocab"),

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..config import Qwen3Config
 from ..errors import InputError
-from .backends import resolve
 from .inputs import parse_options
+from .side import resolve
 
 TOP_K = 10
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import taps as _taps
+from ..backends.check import unbatched_sink
 from ..models.numpy_ref import softmax64, topk_weights
-from .backends import _unbatched
 
 
 def _like(value: np.ndarray, x):
@@ -37,7 +37,7 @@ class PinRouting(_taps.Recorder):
     pinned layer is kept in `own` for the topk_idx comparison."""
 
     def __init__(self, names, sink, routing: Mapping[str, np.ndarray], cfg):
-        super().__init__(names, _unbatched(sink))
+        super().__init__(names, unbatched_sink(sink, cfg))
         self.routing, self.cfg = routing, cfg
         self._logits: np.ndarray | None = None
         self._idx: np.ndarray | None = None

@@ -22,16 +22,17 @@ import numpy as np
 
 from ..config import Qwen3Config
 from ..errors import InputError, Qwen3LabError
-from ..taps import dataflow_key, split_name, split_steps, tap_sites
-from .backends import Side, resolve
+from ..taps import CACHE_SITES, dataflow_key, reference_cache_tap, split_name, split_steps, tap_sites
 from .band import band_for_run
 from .compare import FAILING, Comparator, TapResult, layer_selected
 from .inputs import DEFAULT_TEST_INPUT as DEFAULT_TEST_INPUT  # re-exported (qwen3lab.verify)
 from .inputs import estimate_bytes, is_dump, load_name_map, parse_layers, parse_options, resolve_input_ids
 from .isolate import attach_isolated, label_origins
+from .quantref import quantised_reference_side
 from .report import VerifyReport
+from .side import Side, resolve
 from .store import DiskStore, MemoryStore, Without
-from .tolerances import Tolerance, normalize_dtype, tolerance_for
+from .tolerances import Tolerance, tolerance_for
 
 STREAM_BYTES = 1 << 30  # spill the reference's taps to disk past this estimated size
 
@@ -95,7 +96,7 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
                    name_map=nmap if is_dump(candidate) or not is_dump(reference) else None, isolated=isolated,
                    options=candidate_opts if isinstance(candidate_opts, dict) else parse_options(candidate_opts))
     if quantised_reference:
-        ref, cand.precision = _quantised_reference(reference, cand, path)  # judged at its activations' tolerance
+        ref, cand.precision = quantised_reference_side(reference, cand, path)  # at its activations' tolerance
     timings["load_s"] = time.perf_counter() - t
     problems = ref.problems + cand.problems + _same_config(ref.cfg, cand.cfg)
 
@@ -128,34 +129,9 @@ def verify(reference="numpy", candidate="torch", input_ids=None, *, model_path=N
         report.notes.append(band_note)
     run = _DecodeRun if decode_steps else _PrefillRun
     run(report, ref, cand, ids, names, ref_names, sel, stream, progress).go(isolate)
-    for side in (ref, cand):  # a dump's tensors that were not compared, and why
-        if callable(getattr(side.backend, "uncompared", None)):
-            report.notes += side.backend.uncompared(names, decode_steps, None if sel is None else set(sel))
+    for side in (ref, cand):  # tensors not compared or not in the canonical shape, and why (backends/check.py)
+        report.notes += side.notes(names, decode_steps, None if sel is None else set(sel))
     return report
-
-
-def _quantised_reference(reference, cand: Side, path: Path | None) -> tuple[Side, str]:
-    """The oracle over the candidate's weight format (verify's quantised_reference), and the candidate's
-    activation dtype (what is left to check). Refused, naming what is missing, for anything but numpy vs our
-    quantised model."""
-    from ..models.numpy_quant import quantise_weights
-    from ..models.numpy_ref import NumpyBackend
-    from ..weights import load_weights
-
-    model = getattr(getattr(cand.backend, "inner", cand.backend), "model", None)
-    fmt = getattr(model, "quant", None)
-    if reference != "numpy" or fmt is None or path is None:
-        got = f"reference {reference!r}" if reference != "numpy" else (
-            "no checkpoint dir" if path is None else f"candidate {cand.spec!r} with unquantised weights")
-        raise InputError(f"--quantised-reference needs the numpy reference, a checkpoint dir and a candidate with "
-                         f"quantised weights (torch-fast --dtype int8 / int4); got {got}")
-    import torch
-
-    group = getattr(model, "group_size", None) if fmt == "int4" else None
-    w = quantise_weights(load_weights(path, cand.cfg, dtype=torch.float64), cand.cfg, fmt, group)
-    what = f"{fmt}-g{group}" if group else fmt
-    return Side(NumpyBackend(w, cand.cfg), "numpy", label=f"numpy (float64, {what} weights)"), \
-        normalize_dtype(str(model.dtype))
 
 
 def _kernels_of(backend) -> dict[str, str] | None:
@@ -175,6 +151,9 @@ class _PrefillRun:
         # what backends are asked for: "all" when that is the same set (their pattern matching is then free)
         every = sel is None and not any(n.endswith(".probs") for n in names)
         self.select, self.ref_select = ("all", "all") if every else (names, ref_names)
+        extra = [n for n in getattr(cand.backend, "cache_taps", ()) if layer_selected(n, set(sel) if sel else None)]
+        if extra:  # KV-cache contents the candidate holds: asked of it by name, derived for the reference
+            self.select = sorted(set(names) | set(extra), key=dataflow_key)
         self.sel_set = None if sel is None else set(sel)
         self.store = DiskStore() if stream else MemoryStore()
         self.own_routing: dict[str, np.ndarray] = {}  # reference's own expert choice when routing is pinned
@@ -214,7 +193,7 @@ class _PrefillRun:
                 return
             r = out[name] = self._compare_tap(comp, name, arr)
             if r.status == "fail" and not first:
-                first.append((name, np.array(arr), np.array(self.own_routing.get(name, self.store.get(name)))))
+                first.append((name, np.array(arr), np.array(self.own_routing.get(name, self._ref_of(name)))))
 
         self.cand.run(self.ids, self.select, graft=graft, sink=check)
         self.report.timings[f"{phase}_s"] = self.report.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
@@ -227,11 +206,18 @@ class _PrefillRun:
                 self.report.culprit_arrays = first[0]
         return out
 
+    def _ref_of(self, name: str):
+        """The reference's tap (a KV-cache tap derived from its k_rot / v rows), or None."""
+        ref = self.store.get(name)
+        if ref is None and split_name(name)[2] in CACHE_SITES:
+            ref = reference_cache_tap(self.store.get, name)
+        return ref
+
     def _compare_tap(self, comp: Comparator, name: str, arr) -> TapResult:
         """One candidate tap against the reference. At a layer whose routing was pinned (routing.py), topk_idx
         is compared with the reference's own choice and the later topk_weight aligned to the pinned run."""
         own = self.own_routing.get(name)
-        ref = self.store.get(name) if own is None else own
+        ref = self._ref_of(name) if own is None else own
         r = comp.compare(name, arr, None if ref is None else np.asarray(ref))
         if own is not None and name in self.store:
             comp.align_weights_to(name, self.store[name])
@@ -382,7 +368,7 @@ class _DecodeRun(_PrefillRun):
             if out[n].status == "fail":
                 key = "divergence_arrays" if phase == "candidate" else "culprit_arrays"
                 if getattr(rep, key) is None:
-                    setattr(rep, key, (n, np.asarray(res.taps[n]), np.asarray(self.store[n])))
+                    setattr(rep, key, (n, np.asarray(res.taps[n]), np.asarray(self._ref_of(n))))
         rep.timings[f"{phase}_s"] = rep.timings.get(f"{phase}_s", 0.0) + time.perf_counter() - t
         if phase == "candidate":
             self.routing = comp.candidate_routing()

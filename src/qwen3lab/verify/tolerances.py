@@ -33,9 +33,13 @@ Qwen3-0.6B shapes with random weights, 32 random tokens, worst tap of the run (4
 - q8_0 / q4_0 / q4_k (ggml block formats, a dump's `dtype`): measured with NumPy emulations of the formats
   (weights in blocks of 32 along the input dim, every matmul's activations quantised as ggml's CPU dot
   products do), the oracle's code in float32, Qwen3-0.6B shapes, 4 layers, 16 random tokens
-  (`benchmarks/calibrate_block_formats.py`): q8_0 clean 0.038 (1 - cosine 7.2e-4; llama.cpp's real q8_0
-  measured 0.039 in issue 15), ffn_down x1.1 0.105, q_norm weight -> 1 0.120: threshold 0.06 relative,
-  1 - 1.5e-3 cosine, between the two. q4_0 clean 0.44 and q4_k (emulated as 4-bit blocks of 32 with scale
+  (`benchmarks/calibrate_block_formats.py`): q8_0 clean 0.038 (1 - cosine 7.2e-4), ffn_down x1.1 0.105, q_norm
+  weight -> 1 0.120. Then llama.cpp's real Q8_0 at all 28 layers (`benchmarks/calibrate_llama_cpp.py /tmp/q06
+  --dtype int8`: llama.cpp as the candidate, GGUF by its own converter and llama-quantize, 2 decode steps, two
+  inputs, f16 and f32 KV cache): clean worst 0.066 (1 - cosine 2.2e-3, the late layers' mlp_out), the same
+  bugs planted before conversion 0.107 (ffn_down x1.1: 1 - cosine 5.2e-4, a scale only the relative error
+  sees) and 0.102 (q_norm -> 1: 1 - cosine 5.1e-3). Threshold 0.085 relative, 1 - 3.5e-3 cosine: between
+  the clean runs and the bugs on both measures. q4_0 clean 0.44 and q4_k (emulated as 4-bit blocks of 32 with scale
   and min) 0.38, a 10% bug adding ~0.01: nothing between; they take int4's row (1.2, cosine 0.5), measured
   at 28 layers on a coarser format. Check a q4 port's arithmetic with the oracle on the same weights instead.
 - KV cache in lower precision than the compute (`kv_dtype` in dump metadata, `--kv-dtype`; llama.cpp's
@@ -56,6 +60,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..backends.dtypes import ALIASES as _ALIASES
+from ..backends.dtypes import normalize_dtype
 from ..errors import Qwen3LabError
 from ..taps import split_name
 from .metrics import TapMetrics
@@ -84,7 +90,7 @@ DTYPE_DEFAULTS: dict[str, Tolerance] = {
     "bfloat16": Tolerance(cos_min=0.995, rel_max=0.08, name="bfloat16"),
     "int8": Tolerance(cos_min=0.99, rel_max=0.12, name="int8"),
     "int4": Tolerance(cos_min=0.5, rel_max=1.2, name="int4"),
-    "q8_0": Tolerance(cos_min=1 - 1.5e-3, rel_max=0.06, name="q8_0"),
+    "q8_0": Tolerance(cos_min=1 - 3.5e-3, rel_max=0.085, name="q8_0"),
     "q4_0": Tolerance(cos_min=0.5, rel_max=1.2, name="q4_0"),
     "q4_k": Tolerance(cos_min=0.5, rel_max=1.2, name="q4_k"),
 }
@@ -93,23 +99,13 @@ KV_DEFAULTS: dict[str, Tolerance] = {
     "float16": Tolerance(cos_min=1 - 1e-6, rel_max=2e-3, name="float16 KV cache"),
     "bfloat16": Tolerance(cos_min=1 - 5e-5, rel_max=0.015, name="bfloat16 KV cache"),
 }
-KV_READERS = ("probs", "attn", "attn_out")  # the taps computed from the KV cache
+KV_READERS = ("k_cache", "v_cache", "probs", "attn", "attn_out")  # the cache itself and the taps computed from it
 _BEFORE_CACHE = ("embed", "attn_in", "q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot")
 PRESETS: dict[str, Tolerance] = {
     "simple": Tolerance(cos_min=0.99, rel_max=0.01, mse_max=1e-4, name="simple"),
 }
 # tighter first: the tolerance of a comparison is that of its least precise side
 _LOOSENESS = ["float64", "float32", "float16", "bfloat16", "q8_0", "int8", "q4_k", "q4_0", "int4"]
-_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32", "fp16": "float16",
-            "half": "float16", "bf16": "bfloat16", "f32": "float32", "f16": "float16", "f64": "float64",
-            "q4_k_m": "q4_k", "q4_k_s": "q4_k"}
-
-
-def normalize_dtype(dtype: str | None) -> str:
-    d = str(dtype or "float32").replace("torch.", "").lower()
-    return _ALIASES.get(d, d)
-
-
 def _known(d: str, what: str, table) -> str:
     if d not in table:
         raise Qwen3LabError(f"unknown {what} {d!r}: known labels are {', '.join(table)} (aliases "

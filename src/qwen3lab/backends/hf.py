@@ -20,6 +20,8 @@ Graft (each op consumes the reference's input) works by hooks returning the refe
 - recorded but never grafted: probs (made and consumed inside the attention function) and router_logits
   (softmax and top-k run inside the same router forward).
 HF in float64 still builds RMSNorm and the RoPE tables in float32, so ~2e-7 relative is its floor.
+The model's parameters are checked against the config (check.check_weight_shapes: a transformers model built
+from another config is refused, naming the tensor) and its taps go through the shared check (check.TapCheck).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import numpy as np
 from .. import taps as _taps
 from ..config import Qwen3Config
 from ..errors import InputError, MissingDependencyError, WeightsError
+from ..models.base import RunResult, check_input_ids
 from ..taps import dataflow_key, record_only, tap, to_numpy
-from .base import RunResult, check_input_ids
+from .check import TapCheck, check_weight_shapes
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 NOT_GRAFTABLE = ("probs", "router_logits")
@@ -99,6 +102,9 @@ class HFBackend:
                 model.to(_torch_dtype(dtype))
             if device is not None:
                 model.to(device)
+        check_weight_shapes(self.cfg, {k: tuple(p.shape) for k, p in model.named_parameters()},
+                            f"hf backend ({type(model).__name__})")
+        self.check = TapCheck(self.cfg, "hf")
         self.model = model.eval()
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.device = next(model.parameters()).device
@@ -149,7 +155,8 @@ class HFBackend:
         if rec is None:
             return RunResult(logits_np)
         # hooks fire in call order (probs after attn_out); hand taps back in dataflow order
-        return RunResult(logits_np, dict(sorted(rec.taps.items(), key=lambda kv: dataflow_key(kv[0]))))
+        taps = self.check.all(rec.taps, x.shape[1], decode_steps)
+        return RunResult(logits_np, dict(sorted(taps.items(), key=lambda kv: dataflow_key(kv[0]))))
 
     @contextmanager
     def _hooks(self):

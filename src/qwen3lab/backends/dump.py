@@ -25,9 +25,8 @@ from .. import taps as _taps
 from ..config import Qwen3Config
 from ..errors import InputError
 from ..models.base import RunResult
-from .tolerances import normalize_dtype
-
-_TOP_SITES = ("embed", "final_norm", "logits")
+from .check import TapCheck
+from .dtypes import normalize_dtype
 
 
 def file_sha256(path: Path) -> str:
@@ -36,23 +35,6 @@ def file_sha256(path: Path) -> str:
 
 def _short(ids: list[int], n: int = 12) -> str:
     return "[" + ", ".join(map(str, ids[:n])) + (f", ... ({len(ids)} ids)]" if len(ids) > n else "]")
-
-
-def _names(names: list[str], n: int = 6) -> str:
-    return ", ".join(names[:n]) + (f", ... ({len(names)} tensors)" if len(names) > n else "")
-
-
-def why_not_a_tap(name: str, cfg: Qwen3Config) -> str | None:
-    """Why `name` is no tap of this model (None: it is one, probs and decode steps included)."""
-    _, layer, site = _taps.split_name(name)
-    if layer is None:
-        return None if site in _TOP_SITES else "not a tap name (give a name map with --map)"
-    if layer >= cfg.num_hidden_layers:
-        return f"layer {layer} does not exist: the model has {cfg.num_hidden_layers} layers"
-    if f"layers.{layer}.{site}" not in _taps.layer_sites(cfg, layer, probs=True):
-        kind = "MoE" if cfg.is_moe_layer(layer) else "dense"
-        return f"not a tap of {kind} layer {layer}"
-    return None
 
 
 class DumpBackend:
@@ -65,7 +47,7 @@ class DumpBackend:
         self.path = Path(path)
         self.cfg = cfg
         self.name_map = name_map
-        self.dropped: dict[str, list[str]] = {}  # why -> tensor names, for the notes
+        self.check = TapCheck(cfg, self.path.name)  # names and shapes (check.py); its notes end in the report
         self.taps, self.meta = self._read(self.path)
         self.dtype = normalize_dtype(self.meta.get("dtype") or _dominant_dtype(self.taps))
         self.kv_dtype = self.meta.get("kv_dtype")
@@ -82,6 +64,12 @@ class DumpBackend:
                                  f"{_short(meta['input_ids'])} but {self.path} for {_short(self.fixed_input_ids)}")
 
     @property
+    def cache_taps(self) -> list[str]:
+        """The KV-cache taps (taps.CACHE_SITES) the dump holds, by their prefill names."""
+        return sorted({f"layers.{layer}.{site}" for step, layer, site in map(_taps.split_name, self.taps)
+                       if site in _taps.CACHE_SITES})
+
+    @property
     def supports_graft(self) -> bool:
         return self.isolated_taps is not None
 
@@ -89,15 +77,9 @@ class DumpBackend:
         taps, meta = _taps.read_dump(path)
         if self.name_map is not None:
             taps = self.name_map.apply(taps, meta, self.cfg, path=path,
-                                       dropped=self.dropped if note else {})
-        keep = {}
-        for k, v in taps.items():
-            why = why_not_a_tap(k, self.cfg)
-            if why is None:
-                keep[k] = v
-            elif note:
-                self.dropped.setdefault(why, []).append(k)
-        return keep, meta
+                                       dropped=self.check.dropped if note else {})
+        check = self.check if note else TapCheck(self.cfg, path.name)  # the twin's dropped names: not noted twice
+        return {k: v for k, v in taps.items() if check.name(k)}, meta
 
     def _check_positions(self, path: Path, meta: dict) -> None:
         pos, ids = meta.get("positions"), meta.get("input_ids")
@@ -111,7 +93,7 @@ class DumpBackend:
                              f"sequence from position 0, one position per input id ({len(want)} ids: prefill rows "
                              f"then one row per decode step)")
 
-    def _check_ids(self, input_ids) -> None:
+    def _check_ids(self, input_ids) -> int:
         ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
         if self.fixed_input_ids is not None and ids != self.fixed_input_ids:
             raise InputError(
@@ -119,30 +101,34 @@ class DumpBackend:
                 f"asked for {_short(ids)}; run verify with --ids {','.join(map(str, self.fixed_input_ids))} "
                 f"(or leave --ids/--test-input out to use the dump's)"
             )
+        return len(ids)
 
-    def _select(self, names, decode: bool, graft) -> dict[str, np.ndarray]:
+    def _select(self, names, n_ids: int, decode_steps: int, graft) -> dict[str, np.ndarray]:
+        """The taps asked for, each through the shape check (a batch of one removed, a wrong shape noted)."""
         src = self.isolated_taps if graft is not None and self.isolated_taps is not None else self.taps
         rec = _taps.record(names)
-        return {k: v for k, v in src.items()
-                if (decode or _taps.split_name(k)[0] is None) and (names is None or rec.selects(k, optional=True))}
+        return self.check.all({k: v for k, v in src.items()
+                               if (decode_steps or _taps.split_name(k)[0] is None)
+                               and (names is None or rec.selects(k, optional=True))}, n_ids, decode_steps)
 
     def run(self, input_ids, taps=None, graft=None) -> RunResult:
-        self._check_ids(input_ids)
-        out = self._select(taps, False, graft)
+        n = self._check_ids(input_ids)
+        out = self._select(taps, n, 0, graft)
         logits = out.get("logits", self.taps.get("logits"))
         return RunResult(np.asarray(logits) if logits is not None else np.zeros((0, 0)), out)
 
     def run_decode(self, input_ids, decode_steps: int, taps=None, graft=None) -> RunResult:
-        self._check_ids(input_ids)
+        n = self._check_ids(input_ids)
         steps = {_taps.split_name(k)[0] for k in self.taps} - {None}
         if not steps:
             raise InputError(f"{self.path}: --decode-steps {decode_steps} was asked for but the dump has no "
                              f"step{{j}}. taps")
-        return RunResult(np.asarray(self.taps.get("logits", np.zeros((0, 0)))), self._select(taps, True, graft))
+        logits = np.asarray(self.taps.get("logits", np.zeros((0, 0))))
+        return RunResult(logits, self._select(taps, n, decode_steps, graft))
 
     def uncompared(self, names, decode_steps: int, layers: set[int] | None) -> list[str]:
-        """One note per reason some dump tensors were not compared, naming them."""
-        why = {k: list(v) for k, v in self.dropped.items()}
+        """One note per reason some dump tensors were not compared, and per wrong shape, naming them."""
+        why: dict[str, list[str]] = {}
         rec = _taps.record(names)
         for k in self.taps:
             step, layer, site = _taps.split_name(k)
@@ -156,7 +142,7 @@ class DumpBackend:
             else:
                 continue
             why.setdefault(r, []).append(k)
-        return [f"{self.path.name}: {len(v)} tensor(s) not compared, {r}: {_names(v)}" for r, v in why.items()]
+        return self.check.lines(extra_dropped=why)
 
     def problems(self, model_config: Path | None, want_dtype: str | None) -> list[str]:
         out = []
@@ -182,3 +168,13 @@ def _dominant_dtype(taps: Mapping[str, np.ndarray]) -> str:
         if np.issubdtype(np.asarray(v).dtype, np.floating):
             return str(np.asarray(v).dtype)
     return "float32"
+
+
+def open_dump(rest: str, *, cfg: Qwen3Config, role: str = "candidate", options=None, name_map=None,
+              isolated=None, **_) -> DumpBackend:
+    """The registry's opener for `dump:FILE` (__init__.py)."""
+    if options:
+        raise InputError(f"--candidate-opt {next(iter(options))}: a dump takes no options (the {role} is dump:{rest})")
+    if not rest:
+        raise InputError(f"the {role} 'dump' needs a file: dump:FILE")
+    return DumpBackend(Path(rest), cfg, name_map=name_map, isolated=isolated)

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import taps as _taps
 from ..errors import DumpError, InputError
-from .dumpfile import why_not_a_tap
+from .check import why_not_a_tap
 
 try:
     import tomllib
@@ -78,23 +78,42 @@ class NameMap:
             raise InputError(f"--map {path}: expected [[tap]] tables (name, tap, optional op and layout)")
         return cls([_rule(path, i, r) for i, r in enumerate(rows)], str(path))
 
+    def match(self, key: str, op: str | None, step: int | None = None) -> tuple[str, Rule] | None:
+        """The canonical tap and rule for a foreign tensor `key` (any '#k' suffix ignored) of op `op`, or None.
+        step: the tensor is decode step `step`'s (a capture that knows it; the map's own `step` group otherwise)."""
+        base = _SUFFIX.sub("", key)
+        for rule in self.rules:
+            m = rule.regex.fullmatch(base)
+            if m and (rule.op is None or op == rule.op):
+                g = m.groupdict()
+                name = rule.tap.format(**g)
+                step = int(g["step"]) if g.get("step") is not None else step
+                return (f"step{step}.{name}" if step is not None else name), rule
+        return None
+
+    def to_foreign(self, ref: np.ndarray, rule: Rule, shape: tuple[int, ...], name: str, cfg,
+                   prefill: int) -> np.ndarray:
+        """A canonical tap's array laid out as the foreign tensor of `shape` (a graft written back into a port)."""
+        return to_foreign(ref, rule, shape, name, cfg, prefill)
+
+    def wants(self, key: str) -> bool:
+        """Whether some rule could map a tensor of this name (its op not known yet)."""
+        base = _SUFFIX.sub("", key)
+        return any(rule.regex.fullmatch(base) for rule in self.rules)
+
     def apply(self, taps: dict[str, np.ndarray], meta: dict, cfg, path: Path,
-              dropped: dict[str, list[str]]) -> dict[str, np.ndarray]:
-        """The dump's tensors renamed and re-laid-out; unmatched foreign names and duplicates go to `dropped`."""
+              dropped: dict[str, list[str]], step: int | None = None,
+              prefill: int | None = None) -> dict[str, np.ndarray]:
+        """The dump's tensors renamed and re-laid-out; unmatched foreign names and duplicates go to `dropped`.
+        step / prefill: every tensor is decode step `step`'s, after a `prefill`-token prompt (a capture that
+        runs one step at a time, e.g. the llama.cpp candidate)."""
         ops = _ops(meta, path)
         matched: list[tuple[str, str, Rule]] = []  # (canonical, key, rule)
         out: dict[str, np.ndarray] = {}
         for key in taps:
-            base = _SUFFIX.sub("", key)
-            for rule in self.rules:
-                m = rule.regex.fullmatch(base)
-                if m and (rule.op is None or ops.get(key) == rule.op):
-                    g = m.groupdict()
-                    name = rule.tap.format(**g)
-                    if g.get("step") is not None:
-                        name = f"step{int(g['step'])}.{name}"
-                    matched.append((name, key, rule))
-                    break
+            hit = self.match(key, ops.get(key), step)
+            if hit is not None:
+                matched.append((hit[0], key, hit[1]))
             else:
                 if why_not_a_tap(key, cfg) is None:
                     out[key] = taps[key]  # already canonical
@@ -103,7 +122,8 @@ class NameMap:
                     dropped.setdefault(f"no rule of the map {Path(self.source).name} matches", []).append(key + op)
         ids = meta.get("input_ids")
         steps = {_taps.split_name(n)[0] for n, _, _ in matched} - {None}
-        prefill = (len(ids) - len(steps)) if ids is not None else None
+        if prefill is None:
+            prefill = (len(ids) - len(steps)) if ids is not None else None
         order = {id(r): i for i, r in enumerate(self.rules)}
         for name, key, rule in sorted(matched, key=lambda m: order[id(m[2])]):  # earlier rules win duplicates
             if name in out:
@@ -191,3 +211,40 @@ def _layout(a: np.ndarray, rule: Rule, key: str, name: str, cfg, prefill, path: 
         except (ValueError, IndexError, np.exceptions.AxisError) as e:
             raise DumpError(f"{where}: {e}") from None
     return a
+
+
+def to_foreign(ref: np.ndarray, rule: Rule, shape: tuple[int, ...], name: str, cfg, prefill: int) -> np.ndarray:
+    """The inverse of a rule's layout: a canonical tap's array `ref` laid out as the foreign tensor of `shape`
+    (what a graft writes back into the port), padding a sliced axis with zeros. Errors name the tap."""
+    sym = _symbols(cfg, name, prefill)
+    where = f"graft of {name} into a foreign tensor of shape {shape} ({rule.where})"
+    before = []  # the shape before each step
+    cur = tuple(shape)
+    for s in rule.layout:
+        before.append(cur)
+        op, _, arg = s.partition(":")
+        if op == "reverse":
+            cur = cur[::-1]
+        elif op == "permute":
+            cur = tuple(cur[int(x)] for x in arg.split(","))
+        elif op == "reshape":
+            cur = tuple(np.empty(cur, dtype=np.uint8).reshape([_size(x, sym, where) for x in arg.split(",")]).shape)
+        else:
+            axis, n = arg.split(":")
+            cur = cur[:int(axis)] + (_size(n, sym, where),) + cur[int(axis) + 1:]
+    a = np.asarray(ref)
+    if a.size != int(np.prod(cur)):
+        raise DumpError(f"{where}: the reference has {a.shape}, the map's layout gives {cur}")
+    a = a.reshape(cur)
+    for s, prev in zip(reversed(rule.layout), reversed(before), strict=True):
+        op, _, arg = s.partition(":")
+        if op == "permute":
+            a = np.transpose(a, np.argsort([int(x) for x in arg.split(",")]))
+        elif op == "slice":
+            axis = int(arg.split(":")[0])
+            pad = [(0, 0)] * a.ndim
+            pad[axis] = (0, prev[axis] - a.shape[axis])
+            a = np.pad(a, pad)
+        else:  # reverse / reshape: a re-view of the same row-major bytes
+            a = np.ascontiguousarray(a).reshape(prev)
+    return np.ascontiguousarray(a)
