@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fast_kernels.py [--preset qwen3-0.6b] [--dtype bfloat16] [--rows 1,8,32,64]
                                             [--layers 28] [--context 544] [--threads N]
-                                            [--quant int8|int4] [--group-size 128]
+                                            [--quant int8|int4] [--group-size 128] [--no-linear]
 
 - linear: one decode step's projections (fused qkv, o, fused gate/up, down for `--layers` layers, then
   lm_head), each layer its own weights so they stream from memory as in a real step, not from cache. For
@@ -14,8 +14,10 @@
   `linear_q4` (decode), `linear_q4_large` (dequantised bands + sgemm) and torch's
   `_weight_int4pack_mm_for_cpu` over the same q (where this torch has it). GB/s counts the stored bytes
   (int4: packed nibbles + float32 scales).
-- attention: one decode step of `attend_decode` for batch 1 and 8 at `--context` positions, against
-  F.scaled_dot_product_attention over the same caches, with the KV bytes read per second.
+- attention: one decode step of `attend_decode` (contiguous caches) and `attend_paged_decode` (the same keys
+  in a paged pool of 16-position blocks, shuffled block tables) for batch 1 and 8 at `--context` positions,
+  against F.scaled_dot_product_attention over the contiguous caches and the paged fallback (one gather + one
+  SDPA per layer), with the KV bytes read per second.
 Medians of `--runs` after `--warmups`; the machine's other load moves these figures, so compare columns of one
 run, not runs.
 """
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from qwen3lab.fast.build import kernels, status
 from qwen3lab.fast.gemm import band_rows_for, int8_gemm_bf16
 from qwen3lab.fast.linear import Int4Linear, Int8Linear, unpack_int4
+from qwen3lab.models.paged_cache import KVPool, PagedDecode, PagedSeqCache, attend_paged_decode
 from qwen3lab.presets import preset_config
 
 
@@ -129,6 +132,30 @@ def _sdpa(q, kc, vc, context, scale):
     return run
 
 
+def _paged(k, q, kn, vn, kc, vc, context, scale, fallback: bool):
+    """The caches copied into one pool of 16-position blocks (a random table per sequence); each layer's step."""
+    B, Hkv, cap, Dh = len(kc[0]), *kc[0][0].shape
+    bs, nb = 16, -(-cap // 16)
+    pool = KVPool(len(kc), B * nb, Hkv, bs, Dh, q.dtype)
+    ids = torch.randperm(B * nb).tolist()
+    caches = [PagedSeqCache(pool, ids[b * nb:(b + 1) * nb], context - 1) for b in range(B)]
+    for i in range(len(kc)):
+        for b, c in enumerate(caches):
+            t = torch.tensor(c.block_table)
+            pad = nb * bs - cap
+            pool.k[i][t] = F.pad(kc[i][b], (0, 0, 0, pad)).view(Hkv, nb, bs, Dh).transpose(0, 1)
+            pool.v[i][t] = F.pad(vc[i][b], (0, 0, 0, pad)).view(Hkv, nb, bs, Dh).transpose(0, 1)
+    paged = PagedDecode(caches, q.device)
+
+    def run():
+        for i in range(len(kc)):
+            if fallback:
+                attend_paged_decode(q[None], kn[None], vn[None], paged, i, scale, torch.float32)
+            else:
+                k.attend_paged_decode(q, kn, vn, *paged.layer(i), paged.tables, paged.pos, scale)
+    return run
+
+
 def bench_attention(k, cfg, context: int, dtype: torch.dtype, layers: int, warmups: int, runs: int) -> None:
     Hq, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     print(f"attention: decode at {context} positions, {layers} layers, {dtype}")
@@ -142,7 +169,9 @@ def bench_attention(k, cfg, context: int, dtype: torch.dtype, layers: int, warmu
         kv_bytes = 2 * layers * B * Hkv * context * Dh * q.element_size()
         scale = Dh ** -0.5
         for name, fn in (("attend_decode", _ours(k, q, kn, vn, kc, vc, [context - 1] * B, scale)),
-                         ("SDPA", _sdpa(q, kc, vc, context, scale))):
+                         ("SDPA", _sdpa(q, kc, vc, context, scale)),
+                         ("paged kernel", _paged(k, q, kn, vn, kc, vc, context, scale, fallback=False)),
+                         ("paged gather", _paged(k, q, kn, vn, kc, vc, context, scale, fallback=True))):
             ms = _median_ms(fn, warmups, runs)
             print(f"{B:>5} {name:>14} {ms:9.2f} {kv_bytes / ms / 1e6:8.1f}")
 
@@ -160,6 +189,7 @@ def main() -> None:
     ap.add_argument("--quant", choices=["int8", "int4"], default=None, help="quantised weights (linear table)")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size along K (32 or 128)")
     ap.add_argument("--no-attention", action="store_true", help="time the linear table only")
+    ap.add_argument("--no-linear", action="store_true", help="time the attention table only")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -171,8 +201,9 @@ def main() -> None:
     dtype = getattr(torch, a.dtype)
     print(f"{a.preset}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     with torch.inference_mode():
-        bench_linear(k, step_weights(cfg, layers, dtype), [int(r) for r in a.rows.split(",")], a.warmups, a.runs,
-                     a.quant, a.group_size)
+        if not a.no_linear:
+            bench_linear(k, step_weights(cfg, layers, dtype), [int(r) for r in a.rows.split(",")], a.warmups,
+                         a.runs, a.quant, a.group_size)
         if not a.no_attention:
             bench_attention(k, cfg, a.context, dtype, layers, a.warmups, a.runs)
 

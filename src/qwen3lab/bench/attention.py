@@ -26,7 +26,7 @@ import torch
 from ..config import Qwen3Config
 from ..errors import InputError, NumericsError
 from ..models.batch import Span, attention_plans
-from ..models.kv_cache import KVCache
+from ..models.paged_cache import DEFAULT_BLOCK_SIZE, KVPool, PagedSeqCache
 from ..rope import rope_parameters
 from ..shapes import expected_shapes
 from .modules import hf_attention, layer_state, one_layer_config, our_attention, tap_names
@@ -106,7 +106,7 @@ def rope_cos_sin(cfg: Qwen3Config, positions: torch.Tensor, dtype: torch.dtype):
 
 
 class OursAttention:
-    """Our attention layer over a packed batch; one KVCache (of one layer) per request."""
+    """Our attention layer over a packed batch; the requests' caches share one paged pool (of one layer)."""
 
     impl = "qwen3lab"
 
@@ -121,15 +121,18 @@ class OursAttention:
             self.path = f"fast ({use_kernels(self.mod)})"
 
     def _batch(self, xs: list[torch.Tensor], kvs, past: list[int]):
-
+        """The requests' caches in one paged pool (one layer), as LLMEngine keeps them, holding their pasts."""
         Hkv, Dh = self.cfg.num_key_value_heads, self.cfg.head_dim
-        spans, caches = [], []
-        for x, (k, v), P in zip(xs, kvs, past, strict=True):
-            cache = KVCache(1, Hkv, Dh, P + x.shape[0], self.dtype, self.device)
-            cache.k[0, :, :P].copy_(k)
-            cache.v[0, :, :P].copy_(v)
-            cache.advance(P)
-            caches.append(cache)
+        bs = DEFAULT_BLOCK_SIZE
+        need = [-(-(P + x.shape[0]) // bs) for x, P in zip(xs, past, strict=True)]
+        pool = KVPool(1, sum(need), Hkv, bs, Dh, self.dtype, self.device)
+        spans, first = [], 0
+        for x, (k, v), P, n in zip(xs, kvs, past, need, strict=True):
+            cache = PagedSeqCache(pool, list(range(first, first + n)), 0)
+            first += n
+            if P:
+                cache.write(0, 0, k, v)  # k / v [Hkv, P, Dh]
+                cache.advance(P)
             spans.append(Span(cache, P, x.shape[0]))
         positions = torch.cat([torch.arange(s.start, s.start + s.length, device=self.device) for s in spans])  # [N]
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
@@ -317,7 +320,7 @@ def run(cfg: Qwen3Config, device: torch.device, dtype_name: str, warmups: int = 
     extra = {"seqlens": shape.seqlens, "past": shape.past, "decode_past": shape.decode_past,
              "hf_attn_implementation": hf_attn if hf else None, "hf_mode": {
                  "prefill": "one request at a time, DynamicCache each", "decode": "left-padded batch, 4-D mask"}
-             if hf else None, "ours_mode": "one packed (varlen) forward, KVCache per request",
+             if hf else None, "ours_mode": "one packed (varlen) forward, paged KV cache",
              "ours_path": ours.path,
              "parity_rel_error": parity}
     return records, extra

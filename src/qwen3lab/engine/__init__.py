@@ -8,8 +8,8 @@ block_manager.py  paged KV blocks: free list, reference counts, prefix caching (
 scheduler.py      continuous batching: token budget, chunked prefill, max_num_seqs, preemption by recompute
 llm_engine.py     LLMEngine: add_request / step / abort / stats over one paged KV pool (the server's engine)
 
-The KV caches the model writes into (KVCache, one sequence's preallocated keys/values; KVPool / PagedSeqCache,
-the paged pool) are the model's: models/kv_cache.py, models/paged_cache.py; the engine imports them from
-there, so models never import the engine.
+The KV cache the model writes into is the model's (models/paged_cache.py: KVPool, PagedSeqCache; one kind for
+every path: LLMEngine's shared pool, and model.new_cache's private pool for generate and the batch rounds); the
+engine imports it from there, so models never import the engine.
 Nothing is imported here.
 """

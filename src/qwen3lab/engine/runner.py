@@ -2,7 +2,8 @@
 
 A task whose cache is empty is prefilled (all its tokens); the others are decoded (the token sampled last
 round, or several if the caller appended more). All of them share one [1, N, D] stream, so each linear
-layer is a single GEMM over the batch; attention runs per task over its own KV cache (models/torch_model.py).
+layer is a single GEMM over the batch; attention runs per task over its own KV cache
+(model.new_cache: a paged cache over the task's own pool, models/paged_cache.py).
 """
 
 from __future__ import annotations

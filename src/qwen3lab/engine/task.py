@@ -13,6 +13,7 @@ import torch
 from ..checks import check_int, shorten
 from ..errors import InputError
 from ..models.kv_cache import KVCache
+from ..models.paged_cache import PagedSeqCache
 from .sampler import SamplingParams, make_generator
 
 
@@ -63,7 +64,7 @@ class InferTask:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()  # a generated token in here finishes the task (it is kept)
     max_new_tokens: int | None = None  # finish after this many generated tokens (None: only stop / context)
-    cache: KVCache | None = None  # made on the first round, sized for prompt + max_new_tokens
+    cache: PagedSeqCache | KVCache | None = None  # model.new_cache on the first round: prompt + max_new_tokens
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "context"
     generator: torch.Generator | None = field(default=None, repr=False)  # made from sampling.seed on first use
@@ -89,8 +90,9 @@ class InferTask:
             self.stop_ids = stop_id_set(self.stop_ids, f"{what} stop_ids")
         if self.max_new_tokens is not None:
             self.max_new_tokens = check_int(self.max_new_tokens, f"{what} max_new_tokens")
-        if self.cache is not None and not isinstance(self.cache, KVCache):
-            raise InputError(f"{what} cache must be a KVCache or None, got {type(self.cache).__name__}")
+        if self.cache is not None and not isinstance(self.cache, (PagedSeqCache, KVCache)):
+            raise InputError(f"{what} cache must be a PagedSeqCache (model.new_cache) or None, got "
+                             f"{type(self.cache).__name__}")
 
     @property
     def generated(self) -> list[int]:

@@ -17,9 +17,11 @@
 // - Large M (prefill): W is widened to fp32 a band of rows at a time (cache-resident) and handed to sgemm
 //   (int4: dequantised to q * scale, linear_q4_large).
 // - Leaf ops of the model: RMSNorm, RoPE, SiLU(gate) * up, single-query attention that writes the new
-//   key/value into each sequence's cache and attends over it. Each rounds to the model dtype exactly where the
-//   eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE product), so the fast path
-//   tracks the eager one to float32 summation order (~1e-6 relative) and to bf16 rounding order in bfloat16.
+//   key/value into each sequence's cache and attends over it (attend_decode: a contiguous cache per sequence;
+//   attend_paged_decode: a paged pool read through block tables, online softmax). Each rounds to the model
+//   dtype exactly where the eager PyTorch ops do (bf16 after the norm, after the weight, after each RoPE
+//   product), so the fast path tracks the eager one to float32 summation order (~1e-6 relative) and to bf16
+//   rounding order in bfloat16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -904,6 +906,179 @@ void attend_decode_impl(const at::Tensor& q, const at::Tensor& kn, const at::Ten
   });
 }
 
+// ---- paged single-query attention: keys / values read through each sequence's block table ---------------------
+#ifndef QWEN3LAB_PFB
+#define QWEN3LAB_PFB 2
+#endif
+constexpr int PFB = QWEN3LAB_PFB;  // blocks ahead to prefetch
+// acc[r, c0 .. c0 + CB*W) += sum_s p[r, s] * V[s, c0 ..] over the n keys of one chunk, whose rows lie in blocks
+// (Vb[j]: block j's rows for this head, bs of them, [bs, Dh]); accumulators in registers over the whole chunk.
+template <class D, int NR, int CB>
+inline void pv_paged_cols(const typename D::T* const* Vb, int64_t bs, int64_t n, int64_t Dh, int64_t c0,
+                          const float* p, int64_t ldp, float* acc, int64_t lda) {
+  vf a[NR][CB];
+  const int64_t nc = std::min<int64_t>(CB, (Dh - c0 + W - 1) / W);
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < CB; ++c) a[r][c] = c < nc ? load<vf>(acc + r * lda + c0 + c * W) : vf{};
+  for (int64_t j = 0, s = 0; s < n; ++j) {
+    const typename D::T* V = Vb[j];
+    const typename D::T* next = Vb[j + PFB];  // the next block's rows, prefetched as this one's are read
+    for (int64_t t = 0; t < bs && s < n; ++t, ++s) {
+      for (int64_t l = 0; l < nc * W * int64_t(sizeof(typename D::T)); l += 64)  // every line of these columns
+        __builtin_prefetch((const char*)(next + t * Dh + c0) + l, 0, 3);
+      vf vv[CB];
+      for (int c = 0; c < CB; ++c) vv[c] = c < nc ? D::ld(V + t * Dh + c0 + c * W, Dh - c0 - c * W) : vf{};
+      for (int r = 0; r < NR; ++r) {
+        const vf pr = splat(p[r * ldp + s]);
+        for (int c = 0; c < CB; ++c) a[r][c] = fmadd(pr, vv[c], a[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < nc; ++c) store(acc + r * lda + c0 + c * W, a[r][c]);
+}
+
+// scores[r, s] = q[r] . K[s] for the n keys of one block (as qk_rows), prefetching the same rows of the next
+// block the sequence reads (`next`): blocks lie apart in the pool, where no hardware prefetcher follows.
+template <class D, int NR>
+inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t n, int64_t Dh, const float* q,
+                     int64_t ldq, float* sc, int64_t lds) {
+  const int64_t row_bytes = Dh * int64_t(sizeof(typename D::T));
+  int64_t s = 0;
+  for (; s + 4 <= n; s += 4) {
+    for (int64_t l = 0; l < 4 * row_bytes; l += 64) __builtin_prefetch((const char*)(next + s * Dh) + l, 0, 3);
+    vf acc[4][NR];
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < NR; ++r) acc[j][r] = vf{};
+    for (int64_t c = 0; c < Dh; c += W)
+      for (int j = 0; j < 4; ++j) {
+        const vf kv = D::ld(K + (s + j) * Dh + c, Dh - c);
+        for (int r = 0; r < NR; ++r) acc[j][r] = fmadd(load<vf>(q + r * ldq + c), kv, acc[j][r]);
+      }
+    for (int r = 0; r < NR; ++r) {
+      float out[4];
+      hsum4(acc[0][r], acc[1][r], acc[2][r], acc[3][r], out);
+      std::memcpy(sc + r * lds + s, out, sizeof out);
+    }
+  }
+  for (; s < n; ++s)
+    for (int r = 0; r < NR; ++r) {
+      vf acc = {};
+      for (int64_t c = 0; c < Dh; c += W) acc = fmadd(load<vf>(q + r * ldq + c), D::ld(K + s * Dh + c, Dh - c), acc);
+      sc[r * lds + s] = hsum(acc);
+    }
+}
+
+// x[i] = exp(x[i] - m) over n float32 scores, in place; returns their sum
+inline float exp_row(float* x, int64_t n, float m) {
+  vf den = {};
+  int64_t s = 0;
+  for (; s + W <= n; s += W) {
+    const vf e = vexp(load<vf>(x + s) - m);
+    den += e;
+    store(x + s, e);
+  }
+  if (s < n) {
+    const vf e = sel(first_lanes(n - s), vexp(load_n<vf>(x + s, n - s) - m), vf{});
+    den += e;
+    store_n(x + s, e, n - s);
+  }
+  return hsum(den);
+}
+
+inline float max_row(const float* x, int64_t n) {
+  vf mx = splat(-INFINITY);
+  int64_t s = 0;
+  for (; s + W <= n; s += W) mx = vmax(mx, load<vf>(x + s));
+  float m = hmax(mx);
+  for (; s < n; ++s) m = x[s] > m ? x[s] : m;
+  return m;
+}
+
+// Single-query attention for B sequences over a paged KV pool: k_new / v_new [B, Hkv, Dh] go to slot pos[b] of
+// sequence b (block tables[b, pos[b] / bs], offset pos[b] % bs of the pool layer [NB, Hkv, bs, Dh]), then q
+// [B, Hq, Dh] attends over positions 0..pos[b]. Keys are taken a chunk of whole blocks at a time (about 256):
+// float32 scores, an online softmax (running max and sum, the accumulators rescaled when the max grows), the
+// float32 output divided by the sum and rounded once. kp / vp: one pool layer shared by all, or one per sequence.
+template <class D>
+void attend_paged_impl(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn, const std::vector<at::Tensor>& kp,
+                       const std::vector<at::Tensor>& vp, const int32_t* tab, int64_t MB, const int64_t* pos,
+                       double scale, at::Tensor& out) {
+  using T = typename D::T;
+  const int64_t B = q.size(0), Hq = q.size(1), Dh = q.size(2), Hkv = kn.size(1), R = Hq / Hkv;
+  const int64_t bs = kp[0].size(2);
+  const bool shared = kp.size() == 1;
+  auto pool = [&](const std::vector<at::Tensor>& p, int64_t b) { return (T*)p[shared ? 0 : b].data_ptr(); };
+  auto row = [&](const std::vector<at::Tensor>& p, int64_t b, int64_t blk, int64_t g) {  // block blk, head g
+    return pool(p, b) + ((int64_t)tab[b * MB + blk] * Hkv + g) * bs * Dh;
+  };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t off = (pos[b] % bs) * Dh;
+      std::memcpy(row(kp, b, pos[b] / bs, g) + off, (const T*)kn.data_ptr() + (b * Hkv + g) * Dh, Dh * sizeof(T));
+      std::memcpy(row(vp, b, pos[b] / bs, g) + off, (const T*)vn.data_ptr() + (b * Hkv + g) * Dh, Dh * sizeof(T));
+    }
+  const T* qp = (const T*)q.data_ptr();
+  T* op = (T*)out.data_ptr();
+  const int64_t ldq = (Dh + W - 1) / W * W;
+  const int64_t nbc = std::max<int64_t>(1, 256 / bs), CH = nbc * bs;  // blocks and keys per chunk
+  constexpr int CB = W >= 16 ? 8 : 4;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> qf(R * ldq), acc(R * ldq), sc(R * CH), m(R), l(R);
+    std::vector<const T*> Kb(nbc + PFB), Vb(nbc + PFB);  // the chunk's blocks, and PFB after it (prefetch)
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / Hkv, g = i % Hkv, S = pos[b] + 1;
+      std::fill(qf.begin(), qf.end(), 0.f);  // this group's R query heads, float32, scaled, zero-padded
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < Dh; ++j) {
+          const T h = qp[(b * Hq + g * R + r) * Dh + j];
+          float f;
+          if constexpr (std::is_same<T, uint16_t>::value) f = bf(h);
+          else f = h;
+          qf[r * ldq + j] = float(scale) * f;
+        }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t s0 = 0; s0 < S; s0 += CH) {
+        const int64_t n = std::min(CH, S - s0), nb = (n + bs - 1) / bs, last = pos[b] / bs;
+        for (int64_t j = 0; j < nb + PFB; ++j) {
+          const int64_t blk = std::min(s0 / bs + j, last);  // past the end: the last block again (harmless)
+          Kb[j] = row(kp, b, blk, g);
+          Vb[j] = row(vp, b, blk, g);
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          const int64_t nn = std::min(bs, n - j * bs);
+          float* scj = sc.data() + j * bs;
+          int64_t r = 0;
+          for (; r + 2 <= R; r += 2) qk_block<D, 2>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH);
+          for (; r < R; ++r) qk_block<D, 1>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH);
+        }
+        for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was summed under the old max
+          const float mnew = std::max(m[r], max_row(sc.data() + r * CH, n));
+          const float alpha = std::exp(m[r] - mnew);  // 0 on the first chunk (m = -inf)
+          l[r] = l[r] * alpha + exp_row(sc.data() + r * CH, n, mnew);
+          m[r] = mnew;
+          if (alpha != 1.f)
+            for (int64_t c = 0; c < ldq; c += W) store(acc.data() + r * ldq + c, load<vf>(acc.data() + r * ldq + c) * alpha);
+        }
+        for (int64_t c0 = 0; c0 < Dh; c0 += CB * W) {
+          int64_t r = 0;
+          for (; r + 2 <= R; r += 2)
+            pv_paged_cols<D, 2, CB>(Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
+          for (; r < R; ++r)
+            pv_paged_cols<D, 1, CB>(Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const vf inv = splat(1.0f / l[r]);
+        T* o = op + (b * Hq + g * R + r) * Dh;
+        for (int64_t c = 0; c < Dh; c += W) D::st(o + c, load<vf>(acc.data() + r * ldq + c) * inv, Dh - c);
+      }
+    }
+  });
+}
+
 bool is_bf16(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
               "qwen3lab kernel: dtype must be float32 or bfloat16, got ", t.scalar_type());
@@ -964,6 +1139,45 @@ at::Tensor attend_decode_2d(const at::Tensor& q, const at::Tensor& kn, const at:
   auto out = at::empty_like(q);
   if (is_bf16(q)) attend_decode_impl<BF16T>(q, kn, vn, kc, vc, pos, scale, out);
   else attend_decode_impl<F32T>(q, kn, vn, kc, vc, pos, scale, out);
+  return out;
+}
+
+// q [B, Hq, Dh], k_new / v_new [B, Hkv, Dh]; kp / vp: pool layers [NB, Hkv, bs, Dh] (one for all or one per
+// sequence); tables [B, MB] int32 block ids; pos [B] int64 (the new token's position = the cached length).
+at::Tensor attend_paged_decode_2d(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn,
+                                  std::vector<at::Tensor> kp, std::vector<at::Tensor> vp, const at::Tensor& tables,
+                                  const at::Tensor& pos, double scale) {
+  for (auto* t : {&q, &kn, &vn, &tables, &pos}) check_c(*t, "attend_paged_decode input");
+  const int64_t B = q.size(0), Hkv = kn.size(1);
+  TORCH_CHECK(kn.sizes() == vn.sizes() && kn.size(0) == B && kn.size(2) == q.size(2) && Hkv > 0 &&
+                  q.size(1) % Hkv == 0, "attend_paged_decode: q [B, Hq, Dh], k / v [B, Hkv, Dh], got ", q.sizes(),
+              " and ", kn.sizes());
+  TORCH_CHECK(kn.scalar_type() == q.scalar_type() && vn.scalar_type() == q.scalar_type(), "attend_paged_decode: dtypes");
+  TORCH_CHECK(tables.scalar_type() == at::kInt && tables.dim() == 2 && tables.size(0) == B &&
+                  pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == B,
+              "attend_paged_decode: tables [B, MB] int32 and pos [B] int64, got ", tables.sizes(), " and ", pos.sizes());
+  TORCH_CHECK(!kp.empty() && kp.size() == vp.size() && (kp.size() == 1 || int64_t(kp.size()) == B),
+              "attend_paged_decode: one pool layer for all sequences or one per sequence");
+  for (size_t i = 0; i < kp.size(); ++i)
+    for (auto* t : {&kp[i], &vp[i]}) {
+      check_c(*t, "KV pool layer");
+      TORCH_CHECK(t->dim() == 4 && t->size(1) == Hkv && t->size(3) == q.size(2) && t->sizes() == kp[i].sizes() &&
+                      t->scalar_type() == q.scalar_type(), "attend_paged_decode: pool layer must be [NB, Hkv, bs, Dh] ",
+                  "of q's dtype, got ", t->sizes());
+    }
+  const int32_t* tab = tables.data_ptr<int32_t>();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  const int64_t MB = tables.size(1), bs = kp[0].size(2);
+  for (int64_t b = 0; b < B; ++b) {  // every block the sequence reads is a block of its pool
+    TORCH_CHECK(ps[b] >= 0 && ps[b] / bs < MB, "attend_paged_decode: position ", ps[b], " past the block table");
+    const int64_t NB = kp[kp.size() == 1 ? 0 : b].size(0);
+    for (int64_t j = 0; j <= ps[b] / bs; ++j)
+      TORCH_CHECK(tab[b * MB + j] >= 0 && tab[b * MB + j] < NB, "attend_paged_decode: block id ", tab[b * MB + j],
+                  " outside the pool's ", NB);
+  }
+  auto out = at::empty_like(q);
+  if (is_bf16(q)) attend_paged_impl<BF16T>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
+  else attend_paged_impl<F32T>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
   return out;
 }
 
@@ -1085,6 +1299,15 @@ at::Tensor attend_decode(const at::Tensor& q, const at::Tensor& kn, const at::Te
       .view(q.sizes());
 }
 
+// q [..., B, Hq, Dh], k_new / v_new [..., B, Hkv, Dh] as attend_decode; the caches are paged (see above)
+at::Tensor attend_paged_decode(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn, std::vector<at::Tensor> kp,
+                               std::vector<at::Tensor> vp, const at::Tensor& tables, const at::Tensor& pos, double scale) {
+  for (auto* t : {&q, &kn, &vn}) TORCH_CHECK(t->dim() >= 3, "attend_paged_decode: q / k / v must be [..., B, H, Dh]");
+  auto heads = [](const at::Tensor& t) { return rows_of(t, t.size(-2) * t.size(-1)).view({-1, t.size(-2), t.size(-1)}); };
+  return attend_paged_decode_2d(heads(q), heads(kn), heads(vn), std::move(kp), std::move(vp), tables, pos, scale)
+      .view(q.sizes());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PATH") = QWEN3LAB_PATH;  // which build of this source: avx512, avx2 or portable
   m.attr("WIDTH") = W;             // floats per vector
@@ -1094,6 +1317,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "RoPE over [M, H, Dh] rows with per-token cos/sin [M, Dh]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused gate_up row");
   m.def("attend_decode", &attend_decode, "single-query attention over per-sequence KV caches (writes the new k/v)");
+  m.def("attend_paged_decode", &attend_paged_decode,
+        "single-query attention over a paged KV pool through block tables (writes the new k/v)");
   m.def("linear_small", &linear_small, "y = x @ W.T, small M (decode)");
   m.def("linear_large", &linear_large, "y = x @ W.T, large M (prefill): W widened in bands, sgemm");
   m.def("linear_q4", &linear_q4, "y = x @ W'.T, packed int4 W with group scales, small M (decode)");

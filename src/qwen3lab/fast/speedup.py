@@ -76,7 +76,7 @@ def describe(model) -> dict[str, str]:
     attn = next((m for m in leaves if hasattr(m, "sdpa_dtype")), None)  # the attention leaf owns the rule
     sdpa = "sdpa-f32" if attn is not None and attn.sdpa_dtype(model.dtype) == torch.float32 else "sdpa"
     return {"linear": linear, "norm": path, "rope": path, "silu_mul": path,
-            "attention": f"{path} decode, {sdpa} prefill" if k is not None else sdpa}
+            "attention": f"{path} paged decode, {sdpa} prefill" if k is not None else sdpa}
 
 
 def set_threads(n: int | None = None) -> int:

@@ -6,16 +6,18 @@ whatever drives it (the engine's scheduler, TorchBackend, the benches, tests).
     logits = model(batch)                     # [R, V]: one row per logits_rows entry (all N when None)
 
 Layout: the new tokens of every sequence are back to back in one packed stream of N tokens (`input_ids`,
-`positions` [N]); `spans` say which rows belong to which sequence and where its KV cache (models/kv_cache.py)
+`positions` [N]); `spans` say which rows belong to which sequence and where its KV cache (models/paged_cache.py)
 stands; `logits_rows` picks the rows whose logits are wanted (decode: the last of each sequence). Attention
 is the only per-sequence op; `plans()` gives each span's attention facts (its rows, causal rule) once per
 forward for every layer.
 
 Rules (checked by plans()): a span with a cache continues it (start == cache.length) and fits its capacity;
-a span without a cache attends over its own tokens only and starts at position 0. A span's cache is either a
-contiguous KVCache or a PagedSeqCache (models/paged_cache.py: a block table over the engine's shared pool, with
-the same write/advance protocol); the fused C++ decode kernel takes contiguous caches only, so a batch with a
-paged span runs attention through SDPA (AttnPlan.decode).
+a span without a cache attends over its own tokens only and starts at position 0. A span's cache is a
+PagedSeqCache (models/paged_cache.py: a block table over a pool, the engine's shared one or a sequence's own:
+what every path makes) or a contiguous KVCache (still accepted, as the contiguous reference the paged paths
+are tested against: tests/test_paged_paths.py). plans() builds the paged index tensors once per forward: a decode
+batch's block tables (PagedDecode, read by the C++ paged decode kernel or the gather + SDPA fallback) or a
+prefill's slots (PagedSeqCache.prepare).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import KVCache
-from .paged_cache import PagedSeqCache
+from .paged_cache import PagedDecode, PagedSeqCache
 
 Cache = KVCache | PagedSeqCache
 
@@ -51,6 +53,7 @@ class AttnPlan:
     offset: int  # first row of this span in the packed [1, N, ...] stream
     is_causal: bool
     mask: torch.Tensor | None  # [T, S] bool (True = may attend), only for a prefill after a cached past
+    paged: PagedDecode | None = None  # every span a paged decode: the batch's tables (one object for all plans)
 
     @property
     def decode(self) -> bool:
@@ -60,7 +63,8 @@ class AttnPlan:
 
     @property
     def paged_decode(self) -> bool:
-        """One new token continuing a paged cache: a batch of these is one gather + one SDPA per layer."""
+        """One new token continuing a paged cache: a batch of these is one kernel call (or one gather + one SDPA)
+        per layer, through `paged`."""
         return self.T == 1 and isinstance(self.cache, PagedSeqCache)
 
 
@@ -132,4 +136,9 @@ def attention_plans(spans: Sequence[Span], device: torch.device) -> list[AttnPla
             mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
         plans.append(AttnPlan(s.cache, s.start, T, off, is_causal=T > 1 and past == 0, mask=mask))
         off += T
+    paged = PagedDecode.of([p.cache for p in plans], device) if all(p.T == 1 for p in plans) else None
+    for p in plans:
+        p.paged = paged
+        if paged is None and isinstance(p.cache, PagedSeqCache):
+            p.cache.prepare(p.start, p.T, device)  # write()'s slots and table, once for every layer
     return plans

@@ -1,5 +1,9 @@
-"""KVCache: one sequence's keys and values, preallocated for every layer. It lives with the model (which
-writes into it) so that models/ imports nothing from the engine above it; the engine and the benches use it.
+"""KVCache: one sequence's keys and values, contiguous, preallocated for every layer.
+
+Nothing in qwen3lab makes one any more: every path uses the paged cache (models/paged_cache.py; model.new_cache
+gives a PagedSeqCache). It is kept as the contiguous reference: ForwardBatch still accepts it (the attention
+leaf runs the C++ contiguous decode kernel, `attend_decode`, over it), and tests run it beside the paged cache
+to show both give the same tokens (tests/test_paged_paths.py). Drop it when that comparison is no longer wanted.
 
 Layout: `k`, `v` are [L, Hkv, capacity, Dh] (one allocation each for the whole model), so a layer's cache
 is a strided view and a decode step writes one column per layer in place: no per-step allocation. The

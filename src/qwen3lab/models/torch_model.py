@@ -6,7 +6,8 @@ Notable:
   when dtype and device already match) and a tied lm_head is the embedding Parameter itself.
 - Packed ("varlen") batches: the new tokens of all sequences are flattened to one [1, N, D] stream, so every
   linear layer is one GEMM over the whole batch (decode of B sequences is a [B, D] x [D, *] product, not B
-  GEMVs); only attention runs per sequence, each over its own KV cache (models/kv_cache.py).
+  GEMVs); only attention runs per sequence, each over its own paged KV cache (models/paged_cache.py); a decode
+  batch is one call of the C++ paged decode kernel per layer (block tables built once per forward).
 - RMSNorm in float32 (float64 in a float64 model) then cast back, weight applied in the model dtype (as HF).
 - q_norm / k_norm are per-head RMSNorms applied BEFORE RoPE; RoPE rotates half-split pairs; cos/sin tables
   come from rope.rope_parameters, evaluated in float32 like HF (float64 in a float64 model) then cast.
@@ -48,8 +49,7 @@ from ..taps import tap, wants
 from ..weights import load_weights
 from .base import RunResult, check_input_ids
 from .batch import AttnPlan, ForwardBatch, Span
-from .kv_cache import KVCache
-from .paged_cache import attend_paged_decode
+from .paged_cache import PagedSeqCache, attend_paged_decode
 from .sdpa import sdpa
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ leaf kernels take
@@ -218,11 +218,15 @@ class Qwen3Attention(nn.Module):
         k = tap(names["k_norm"], self.k_norm(k))
         q = tap(names["q_rot"], apply_rope(q, cos, sin, self.kernel))
         k = tap(names["k_rot"], apply_rope(k, cos, sin, self.kernel))
-        if (_on_kernel(self.kernel, q, k) and v.dtype == q.dtype and all(p.decode for p in plans)
-                and not wants(names["probs"])):
+        paged = plans[0].paged  # every span a paged decode: the batch's block tables, built once per forward
+        kernel_ok = _on_kernel(self.kernel, q, k) and v.dtype == q.dtype and not wants(names["probs"])
+        if paged is not None and kernel_ok and paged.pools[0].k.dtype == q.dtype:
+            o = self.kernel.attend_paged_decode(q, k, v, *paged.layer(self.layer_idx), paged.tables, paged.pos,
+                                                self.scaling)  # [1, B, Hq, Dh]
+        elif kernel_ok and all(p.decode for p in plans):
             o = self._attend_decode(q, k, v, plans)
-        elif len(plans) > 1 and all(p.paged_decode for p in plans) and not wants(names["probs"]):
-            o = attend_paged_decode(q, k, v, [p.cache for p in plans], self.layer_idx, self.scaling,
+        elif paged is not None and paged.shared and len(plans) > 1 and not wants(names["probs"]):
+            o = attend_paged_decode(q, k, v, paged, self.layer_idx, self.scaling,
                                     self.sdpa_dtype(q.dtype))  # [1, B, Hq, Dh]
         elif len(plans) == 1:
             o = self._attend(q, k, v, plans[0], names)  # [1, N, Hq, Dh]
@@ -414,8 +418,9 @@ class Qwen3LMHeadModel(nn.Module):
         batch.advance_caches()
         return logits[0]
 
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache.for_model(self.cfg, capacity, self.dtype, self.device)
+    def new_cache(self, capacity: int) -> PagedSeqCache:
+        """One sequence's KV cache: paged, over a private pool with room for `capacity` positions (grows)."""
+        return PagedSeqCache.for_model(self.cfg, capacity, self.dtype, self.device)
 
 
 # ---- the backend contract (COMMON.md) ------------------------------------------------------------------

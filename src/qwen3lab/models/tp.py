@@ -23,8 +23,7 @@ from torch import nn
 from ..config import Qwen3Config
 from ..dist.layers import AllReduceSum, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from ..errors import InputError
-from .kv_cache import KVCache
-from .paged_cache import KVPool
+from .paged_cache import KVPool, PagedSeqCache
 from .torch_model import Qwen3LMHeadModel, _torch_dtype
 
 HEAD_SITES = ("q", "k", "v", "q_norm", "k_norm", "q_rot", "k_rot", "attn")  # [N, H, Dh]: split on dim 1
@@ -97,12 +96,9 @@ class Qwen3LMHeadModelShard(Qwen3LMHeadModel):
     rank = 0
     world = 1
 
-    def new_cache(self, capacity: int) -> KVCache:
-        c = self.cfg
-        capacity = max(1, min(capacity, c.max_position_embeddings))
+    def new_cache(self, capacity: int) -> PagedSeqCache:
         hkv = self.model.layers[0].self_attn.Hkv  # the rank's KV heads
-        return KVCache(c.num_hidden_layers, hkv, c.head_dim, capacity, self.dtype, self.device,
-                       max_len=c.max_position_embeddings)
+        return PagedSeqCache.for_model(self.cfg, capacity, self.dtype, self.device, num_kv_heads=hkv)
 
     def new_kv_pool(self, num_blocks: int, block_size: int) -> KVPool:
         """The rank's paged KV pool [L, num_blocks, Hkv_rank, block_size, Dh]: its own KV heads only."""

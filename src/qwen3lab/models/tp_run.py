@@ -4,8 +4,9 @@
 (generate, batch_infer_one_round, a server's scheduler) drives it exactly as it drives Qwen3LMHeadModel.
 Each call on rank 0 first broadcasts the step (ids, positions, spans, logits rows) to the followers, then
 every rank runs the same forward on its shard; the collectives inside the leaves line them up. KV caches
-live on every rank (each holds its KV heads). Contiguous caches (new_cache): rank 0's carry a key the
-followers map to their own, freed when rank 0's is garbage-collected. Paged (the LLMEngine, a server):
+live on every rank (each holds its KV heads). new_cache's caches (standalone paged caches, a private pool
+each): rank 0's carry a key the followers map to their own, freed when rank 0's is garbage-collected. The
+engine's (LLMEngine, a server):
 `new_kv_pool(num_blocks, block_size)` makes a pool of the rank's KV heads on every rank from the one block
 count rank 0's engine decided; a span's PagedSeqCache travels as its block table, and each follower views
 its own pool through that table, so rank 0's block manager alone decides where every sequence lives.
@@ -108,11 +109,14 @@ def _bcast(obj=None):
 
 
 def _cache_ref(cache, end: int):
-    """How a span's cache travels: None, a contiguous cache's key, or a paged cache's block table (a list)
-    up to position `end`."""
+    """How a span's cache travels: None, a new_cache cache's key (each rank holds its own standalone cache under
+    it), or an engine cache's block table over the ranks' pools (a list) up to position `end`."""
+    key = None if cache is None else getattr(cache, "tp_key", None)
+    if key is not None:
+        return key
     if isinstance(cache, PagedSeqCache):
         return cache.block_table[:-(-end // cache.pool.block_size)]
-    return None if cache is None else getattr(cache, "tp_key", None)
+    return None
 
 
 class _Rank:

@@ -226,13 +226,14 @@ def plant_expert_ids_off_by_one(b):
 
 
 def _write_one_early(self, layer, start, k, v):
-    """KVCache.write with single-token steps stored one position early (over the previous token)."""
+    """PagedSeqCache.write with single-token steps stored one position early (over the previous token)."""
     T = k.shape[1]
     end = start + T
     at = start - 1 if (T == 1 and start > 0) else start
-    self.k[layer, :, at:at + T].copy_(k)
-    self.v[layer, :, at:at + T].copy_(v)
-    return self.k[layer, :, :end], self.v[layer, :, :end]
+    blk, off = self.slots(at, at + T, k.device)
+    self.pool.k[layer][blk, :, off] = k.transpose(0, 1)  # [T, Hkv, Dh] into the wrong slots
+    self.pool.v[layer][blk, :, off] = v.transpose(0, 1)
+    return self.gather(layer, end)
 
 
 def plant_kv_wrong_position(b):
@@ -307,8 +308,10 @@ def plant_kernel_silu_halves(b):
 
 
 def plant_kernel_decode_unscaled(b):
-    return _plant_kernels(b, lambda k: {"attend_decode": lambda q, kn, vn, kc, vc, pos, scale:
-                                        k.attend_decode(q, kn, vn, kc, vc, pos, 1.0)})
+    return _plant_kernels(b, lambda k: {
+        "attend_decode": lambda q, kn, vn, kc, vc, pos, scale: k.attend_decode(q, kn, vn, kc, vc, pos, 1.0),
+        "attend_paged_decode": lambda q, kn, vn, kp, vp, tables, pos, scale:
+            k.attend_paged_decode(q, kn, vn, kp, vp, tables, pos, 1.0)})
 
 
 KERNEL_BUGS: list[Bug] = [
