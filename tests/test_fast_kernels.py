@@ -352,3 +352,10 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
         assert build.clear_stale_lock(tmp_path) and not lock.exists()
     assert "stale kernel build lock" in str(w[0].message)
     assert not build.clear_stale_lock(tmp_path) and not build.clear_stale_lock(None)  # nothing to remove
+
+
+def test_bf16_dot_product_path_is_built_exactly_where_the_cpu_has_it(k):
+    """The avx512 build takes vdpbf16ps for bf16 linears iff the CPU has AVX512-BF16 (build.py adds
+    -mavx512bf16 then); the other builds never do. test_linear_small_matches_float64 checks its numbers."""
+    want = k.PATH == "avx512" and "avx512_bf16" in runspec.cpu_flags()
+    assert bool(k.BF16_DOT) is want, (k.PATH, k.BF16_DOT)

@@ -52,7 +52,8 @@ _built: dict[str, object] = {}  # path -> loaded module (a module is loaded once
 
 
 def _cflags(path: str) -> list[str]:
-    extra = ["-mavx512vnni"] if path == "avx512" and "avx512_vnni" in cpu_flags() else []
+    flags = cpu_flags() if path == "avx512" else set()
+    extra = [f for f, have in (("-mavx512vnni", "avx512_vnni"), ("-mavx512bf16", "avx512_bf16")) if have in flags]
     return BASE_CFLAGS + PATH_CFLAGS[path] + extra
 
 

@@ -7,6 +7,9 @@
 // - Small M (decode, a few sequences): each thread streams a contiguous band of W rows, a block of rows at a
 //   time, against a block of input rows held in fp32; bf16 weights are widened to fp32 by integer shifts
 //   (exact) and multiplied with FMA, fp32 accumulation throughout, one rounding to the output dtype at the end.
+//   Where the CPU has AVX512-BF16 (the avx512 build gets -mavx512bf16 then), bf16 x bf16 pairs go through
+//   vdpbf16ps instead (Bf16Dot): the same exact products and float32 sums, half the instructions; a batch of
+//   16 rows ran 1.5x faster on Zen 4, one row the same (it is memory-bound).
 // - int8 weights: each input row is quantised to int16 (x = x16 * sx, sx = max|x| / 32767: a relative error
 //   <= 1.5e-5 of the row's largest element, far below int8's own ~4e-3) and int8 weights, sign-extended to
 //   int16, are multiplied in pairs into exact int32 sums (vpdpwssd with AVX512-VNNI, vpmaddwd on AVX2 and
@@ -82,6 +85,29 @@ struct Bf16W {
     }
   }
 };
+
+#if defined(__AVX512BF16__)
+// bf16 weights x bf16 inputs on CPUs with AVX512-BF16 (Zen 4, Cooper Lake, Sapphire Rapids): vdpbf16ps takes 32
+// bf16 weights and 32 bf16 inputs a step and adds each pair's two products into a float32 lane. A product of two
+// bf16 is exact in float32, so every add is one rounding, as with the widening path's FMAs (only the order of
+// the pair's two adds differs). x rows are the input's own bf16 values, natural order, read as float-sized
+// pairs (prep_x_bf16); one instruction replaces the widening path's shift, mask and two FMAs per input row.
+struct Bf16Dot {
+  using WT = uint16_t;
+  static constexpr int CH = 2 * W;
+  template <int NR, int NM, bool TAIL>
+  static inline void step(const uint16_t* Wp, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
+                          vf (&acc)[NR][NM]) {
+    __m512bh w[NR];
+    for (int r = 0; r < NR; ++r)
+      w[r] = (__m512bh)(TAIL ? load_n<vu>(Wp + r * K + k, n) : load<vu>(Wp + r * K + k));
+    for (int m = 0; m < NM; ++m) {
+      const __m512bh xv = (__m512bh)load<vu>(x + m * ldx + k / 2);
+      for (int r = 0; r < NR; ++r) acc[r][m] = (vf)_mm512_dpbf16_ps((__m512)acc[r][m], w[r], xv);
+    }
+  }
+};
+#endif
 
 // float32 and int8 weights (the latter only for inputs int16 cannot carry: inf / NaN): W per chunk, widened
 // to float32, one FMA per input row.
@@ -197,6 +223,18 @@ const float* prep_x(const at::Tensor& x, bool split, int64_t ldx) {
     }
   return o;
 }
+
+#if defined(__AVX512BF16__)
+// bf16 x [M, K] -> its bf16 rows as they are, zero-padded to ldx floats (2 * ldx bf16) a row (Bf16Dot).
+const float* prep_x_bf16(const at::Tensor& x, int64_t ldx) {
+  static thread_local std::vector<float> buf;
+  const int64_t M = x.size(0), K = x.size(1);
+  float* o = aligned_zeros(buf, M * ldx);
+  const uint16_t* s = (const uint16_t*)x.data_ptr();
+  for (int64_t m = 0; m < M; ++m) std::memcpy((uint16_t*)(o + m * ldx), s + m * K, K * 2);
+  return o;
+}
+#endif
 
 // Row blocks: as many accumulators as the registers hold (AVX-512: 32 zmm, the others 16 ymm or 2x16 NEON
 // q registers for 8 floats): one input row streams 8 weight rows, more input rows share 4 (AVX-512: 2 and 4
@@ -576,7 +614,11 @@ at::Tensor linear_small_2d(const at::Tensor& x, const at::Tensor& Wt, const c10:
   float* yf = out_bf16 ? nullptr : y.data_ptr<float>();
   switch (Wt.scalar_type()) {
     case at::kBFloat16:
+#if defined(__AVX512BF16__)
+      small_m<Bf16Dot>((const uint16_t*)Wt.data_ptr(), N, K, prep_x_bf16(x, ldx / 2), ldx / 2, M, sp, yb);
+#else
       small_m<Bf16W>((const uint16_t*)Wt.data_ptr(), N, K, prep_x(x, true, ldx), ldx, M, sp, yb);
+#endif
       break;
     case at::kFloat:
       small_m<WideW<float>>(Wt.data_ptr<float>(), N, K, prep_x(x, false, ldx), ldx, M, sp, yf);
@@ -1311,6 +1353,11 @@ at::Tensor attend_paged_decode(const at::Tensor& q, const at::Tensor& kn, const 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("PATH") = QWEN3LAB_PATH;  // which build of this source: avx512, avx2 or portable
   m.attr("WIDTH") = W;             // floats per vector
+#if defined(__AVX512BF16__)
+  m.attr("BF16_DOT") = true;  // bf16 linears by vdpbf16ps (Bf16Dot), not by widening
+#else
+  m.attr("BF16_DOT") = false;
+#endif
   m.def("stream_read", &stream_read, "read a tensor's bytes once (bandwidth probe)");
   m.def("argmax_rows", &argmax_rows, "first argmax of each row (NaN wins), as a list");
   m.def("rmsnorm", &rmsnorm, "RMSNorm(x) * w over rows");

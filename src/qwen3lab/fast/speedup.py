@@ -72,6 +72,8 @@ def describe(model) -> dict[str, str]:
     weights = quant or {torch.bfloat16: "bf16", torch.float32: "f32"}.get(model.dtype, "")
     if quant == "int4":  # the group size the weights were quantised with
         weights += f"-g{next(m.group_size for m in mods if isinstance(m, Int4Linear))}"
+    if weights == "bf16" and lk is not None and getattr(lk, "BF16_DOT", False):
+        weights = "bf16dot"  # AVX512-BF16's vdpbf16ps (kernels.cpp Bf16Dot)
     linear = f"{lk.PATH}-{weights}" if lk is not None else f"torch-{weights}" if quant else "torch"
     attn = next((m for m in leaves if hasattr(m, "sdpa_dtype")), None)  # the attention leaf owns the rule
     sdpa = "sdpa-f32" if attn is not None and attn.sdpa_dtype(model.dtype) == torch.float32 else "sdpa"
