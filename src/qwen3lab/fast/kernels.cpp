@@ -818,15 +818,16 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
   });
 }
 
-// scores[r, s] = q[r] . K[s] for NR heads, 4 keys at a time (q rows float32, already scaled, zero-padded to a
-// multiple of W; the key rows' tails load as zeros).
+// scores[r, s] = q[r] . K[s] for NR heads over n keys, 4 at a time (q rows float32, already scaled, zero-padded
+// to a multiple of W; key tails load as zeros), prefetching the same rows of `next`: the next block a paged
+// sequence reads (blocks lie apart in the pool, where no hardware prefetcher follows), or 16 keys ahead.
 template <class D, int NR>
-inline void qk_rows(const typename D::T* K, int64_t S, int64_t Dh, const float* q, int64_t ldq, float* sc,
-                    int64_t lds) {
+inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t n, int64_t Dh, const float* q,
+                     int64_t ldq, float* sc, int64_t lds) {
+  const int64_t row_bytes = Dh * int64_t(sizeof(typename D::T));
   int64_t s = 0;
-  for (; s + 4 <= S; s += 4) {
-    for (int64_t l = 0; l < 4 * Dh * int64_t(sizeof(typename D::T)); l += 64)
-      __builtin_prefetch((const char*)(K + (s + 16) * Dh) + l, 0, 3);
+  for (; s + 4 <= n; s += 4) {
+    for (int64_t l = 0; l < 4 * row_bytes; l += 64) __builtin_prefetch((const char*)(next + s * Dh) + l, 0, 3);
     vf acc[4][NR];
     for (int j = 0; j < 4; ++j)
       for (int r = 0; r < NR; ++r) acc[j][r] = vf{};
@@ -841,12 +842,19 @@ inline void qk_rows(const typename D::T* K, int64_t S, int64_t Dh, const float* 
       std::memcpy(sc + r * lds + s, out, sizeof out);
     }
   }
-  for (; s < S; ++s)
+  for (; s < n; ++s)
     for (int r = 0; r < NR; ++r) {
       vf acc = {};
       for (int64_t c = 0; c < Dh; c += W) acc = fmadd(load<vf>(q + r * ldq + c), D::ld(K + s * Dh + c, Dh - c), acc);
       sc[r * lds + s] = hsum(acc);
     }
+}
+
+// scores[r, s] = q[r] . K[s] for NR heads over a contiguous cache: qk_block with its prefetch 16 keys ahead.
+template <class D, int NR>
+inline void qk_rows(const typename D::T* K, int64_t S, int64_t Dh, const float* q, int64_t ldq, float* sc,
+                    int64_t lds) {
+  qk_block<D, NR>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds);
 }
 
 // out[r, c0 .. c0 + CB*W) = sum_s p[r, s] * V[s, c0 ..] for NR heads: every accumulator in registers
@@ -978,37 +986,6 @@ inline void pv_paged_cols(const typename D::T* const* Vb, int64_t bs, int64_t n,
   }
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < nc; ++c) store(acc + r * lda + c0 + c * W, a[r][c]);
-}
-
-// scores[r, s] = q[r] . K[s] for the n keys of one block (as qk_rows), prefetching the same rows of the next
-// block the sequence reads (`next`): blocks lie apart in the pool, where no hardware prefetcher follows.
-template <class D, int NR>
-inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t n, int64_t Dh, const float* q,
-                     int64_t ldq, float* sc, int64_t lds) {
-  const int64_t row_bytes = Dh * int64_t(sizeof(typename D::T));
-  int64_t s = 0;
-  for (; s + 4 <= n; s += 4) {
-    for (int64_t l = 0; l < 4 * row_bytes; l += 64) __builtin_prefetch((const char*)(next + s * Dh) + l, 0, 3);
-    vf acc[4][NR];
-    for (int j = 0; j < 4; ++j)
-      for (int r = 0; r < NR; ++r) acc[j][r] = vf{};
-    for (int64_t c = 0; c < Dh; c += W)
-      for (int j = 0; j < 4; ++j) {
-        const vf kv = D::ld(K + (s + j) * Dh + c, Dh - c);
-        for (int r = 0; r < NR; ++r) acc[j][r] = fmadd(load<vf>(q + r * ldq + c), kv, acc[j][r]);
-      }
-    for (int r = 0; r < NR; ++r) {
-      float out[4];
-      hsum4(acc[0][r], acc[1][r], acc[2][r], acc[3][r], out);
-      std::memcpy(sc + r * lds + s, out, sizeof out);
-    }
-  }
-  for (; s < n; ++s)
-    for (int r = 0; r < NR; ++r) {
-      vf acc = {};
-      for (int64_t c = 0; c < Dh; c += W) acc = fmadd(load<vf>(q + r * ldq + c), D::ld(K + s * Dh + c, Dh - c), acc);
-      sc[r * lds + s] = hsum(acc);
-    }
 }
 
 // x[i] = exp(x[i] - m) over n float32 scores, in place; returns their sum
