@@ -285,6 +285,8 @@ def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
     # the report names the kernels the candidate ran: the build's path, the weight type the dtype asks for
     path = build.kernels().PATH if build.kernels() is not None else None
     weights = {None: "f32", "bfloat16": "bf16", "int8": "int8"}[dtype]
+    if weights == "bf16" and getattr(build.kernels(), "BF16_DOT", False):
+        weights = "bf16dot"  # AVX512-BF16's vdpbf16ps (kernels.cpp Bf16Dot)
     assert rep.kernels["linear"] == (f"{path}-{weights}" if path else "torch" if weights != "int8" else "torch-int8")
     assert rep.kernels["norm"] == rep.kernels["rope"] == (path or "torch")
 
