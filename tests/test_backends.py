@@ -151,3 +151,15 @@ def test_a_plugins_taps_go_through_the_shared_check(tmp_path):
     print(notes)
     assert "not compared, not a tap name (give a name map with --map): scratch" in notes
     assert "layers.0.attn [3, " in notes and "expected [T, Hq, Dh] = [3, " in notes
+
+
+def test_bf16_numpy_conversions_match_torch():
+    """backends.gguf's bf16 <-> float32 for GGUF bytes and ggml nodes round exactly as torch does (nearest even)."""
+    import torch
+
+    from qwen3lab.backends.gguf import bf16_to_f32, f32_to_bf16
+
+    x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 1e3
+    t = torch.from_numpy(x).bfloat16()
+    np.testing.assert_array_equal(f32_to_bf16(x), t.view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(bf16_to_f32(f32_to_bf16(x)), t.float().numpy())

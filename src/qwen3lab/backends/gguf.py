@@ -21,11 +21,24 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 
 GGUF_TYPE = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "int8": "q8_0", "int4": "q4_0"}
 BUILD_HINT = "build it once with `make peer` (about 10-15 minutes on 2 cores; cached outside the repo)"
 TOOLS = ("llama-bench", "llama-quantize")
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values held as uint16 bits -> float32 (exact: the bits are float32's high half)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits as uint16, rounded to nearest even (as torch and ggml round)."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def cache_dir() -> Path:

@@ -297,22 +297,20 @@ def _read(g, t) -> np.ndarray:
     g.ggml_backend_tensor_get(t, buf.ctypes.data, 0, size)
     elem = np.uint16 if h.type == 30 else _NP[h.type]
     shape, strides = tuple(h.ne[i] for i in range(n))[::-1], tuple(h.nb[i] for i in range(n))[::-1]
-    need = (np.dtype(elem).itemsize + sum((d - 1) * s for d, s in zip(shape, strides, strict=True)))
-    buf = np.pad(buf, (0, max(0, need - size)))
-    a = np.ascontiguousarray(np.lib.stride_tricks.as_strided(buf.view(np.uint8), shape=shape + (_ELEM[h.type],),
+    # ggml_nbytes is the extent of the strides, so the strided view stays inside buf
+    a = np.ascontiguousarray(np.lib.stride_tricks.as_strided(buf, shape=shape + (_ELEM[h.type],),
                                                              strides=strides + (1,)))
     a = a.view(elem).reshape(shape)
     if h.type == 30:
-        a = (a.astype(np.uint32) << 16).view(np.float32)
+        a = _gguf.bf16_to_f32(a)
     return np.ascontiguousarray(a.astype(np.float32) if a.dtype == np.float16 else a).reshape(shape[::-1])
 
 
 def _write(g, t, ref: np.ndarray) -> None:
     """Overwrite a contiguous node with `ref` (listed in ne order, as _read gives), in the node's own type."""
     h = _Head.from_address(t)
-    if h.type == 30:  # bfloat16: round float32 to nearest even, keep the high half
-        bits = np.ascontiguousarray(ref, dtype=np.float32).view(np.uint32)
-        data = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    if h.type == 30:  # bfloat16
+        data = _gguf.f32_to_bf16(ref)
     else:
         data = np.ascontiguousarray(ref, dtype=_NP[h.type])
     size = g.ggml_nbytes(t)

@@ -57,12 +57,7 @@ def _as_float(t) -> tuple[np.ndarray, Callable[[np.ndarray], None]]:
         return np.array(raw, dtype=np.float32), lambda v: raw.__setitem__(..., v.astype(np.float16))
     if kind == "BF16":
         bits = raw.view(np.uint16).reshape(tuple(int(n) for n in reversed(t.shape)))
-        vals = (bits.astype(np.uint32) << 16).view(np.float32)
-
-        def put(v):
-            b = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32)
-            bits[...] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-        return vals.copy(), put
+        return _gguf.bf16_to_f32(bits), lambda v: bits.__setitem__(..., _gguf.f32_to_bf16(v))
     raise InputError(f"self-test: tensor {t.name} is {kind}; GGUF-level bugs are planted in F32 / F16 / BF16 files")
 
 
