@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from .seq_cache import SeqCache
 
 
-class KVCache:
+class KVCache(SeqCache):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  max_len: int | None = None):
@@ -46,10 +46,6 @@ class KVCache:
         return self.k.shape[2]
 
     @property
-    def free(self) -> int:
-        return self.capacity - self.length
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.k.dtype
 
@@ -60,20 +56,6 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def reserve(self, n: int) -> int:
-        """Make room for n more positions; returns the position the first of them will get."""
-        need = self.length + n
-        if self.max_len is not None and need > self.max_len:
-            raise InputError(
-                f"{need} positions exceed the context length {self.max_len} (max_position_embeddings)"
-            )
-        if need > self.capacity:
-            new_cap = max(need, 2 * self.capacity)
-            if self.max_len is not None:
-                new_cap = min(new_cap, self.max_len)
-            self._grow(new_cap)
-        return self.length
-
     def _grow(self, new_cap: int) -> None:
         L, H, cap, Dh = self.k.shape
         for attr in ("k", "v"):
@@ -81,18 +63,6 @@ class KVCache:
             new = torch.zeros((L, H, new_cap, Dh), dtype=old.dtype, device=old.device)  # [L, Hkv, new_cap, Dh]
             new[:, :, : self.length].copy_(old[:, :, : self.length])
             setattr(self, attr, new)
-
-    def advance(self, n: int) -> None:
-        assert self.length + n <= self.capacity, (self.length, n, self.capacity)
-        self.length += n
-
-    def truncate(self, length: int) -> None:
-        """Forget positions >= length (e.g. to re-run a suffix); the memory stays allocated."""
-        assert 0 <= length <= self.length, (length, self.length)
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0
 
     # ---- used by the model -------------------------------------------------------------------------
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,8 @@ from functools import cached_property
 
 import torch
 
-from ..errors import InputError
 from .sdpa import sdpa
+from .seq_cache import SeqCache
 
 DEFAULT_BLOCK_SIZE = 16  # positions per block: the engine's default, and a standalone cache's
 
@@ -46,10 +46,11 @@ class KVPool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
-    def block_bytes(cfg, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes (keys and values of every layer)."""
+    def block_bytes(cfg, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+        """Bytes one block takes (keys and values of every layer; num_kv_heads: a tensor-parallel rank's share)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * block_size * cfg.head_dim * elem
+        hkv = cfg.num_key_value_heads if num_kv_heads is None else num_kv_heads
+        return 2 * cfg.num_hidden_layers * hkv * block_size * cfg.head_dim * elem
 
     @classmethod
     def for_model(cls, cfg, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -73,7 +74,7 @@ class KVPool:
         return new
 
 
-class PagedSeqCache:
+class PagedSeqCache(SeqCache):
     """One sequence's view of a pool: its block table and how many positions hold valid keys/values."""
 
     def __init__(self, pool: KVPool, block_table: list[int], length: int, max_len: int | None = None,
@@ -110,10 +111,6 @@ class PagedSeqCache:
         return len(self.block_table) * self.pool.block_size
 
     @property
-    def free(self) -> int:
-        return self.capacity - self.length
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.pool.k.dtype
 
@@ -125,36 +122,13 @@ class PagedSeqCache:
         """Bytes of this sequence's blocks."""
         return self.pool.nbytes() // self.pool.num_blocks * len(self.block_table)
 
-    def reserve(self, n: int) -> int:
-        """Make room for n more positions; returns the position the first of them will get. A standalone
-        cache grows its pool (doubling, up to max_len); an engine's sequence has its blocks allocated already."""
-        need = self.length + n
-        if self.max_len is not None and need > self.max_len:
-            raise InputError(
-                f"{need} positions exceed the context length {self.max_len} (max_position_embeddings)"
-            )
-        if need > self.capacity:
-            assert self.owns_pool, "an engine's sequence gets its blocks from the block manager"
-            bs = self.pool.block_size
-            cap = max(need, 2 * self.capacity)
-            if self.max_len is not None:
-                cap = min(cap, max(self.max_len, need))
-            nb, old = -(-cap // bs), self.pool.num_blocks
-            self.pool = self.pool.grown(nb)
-            self.block_table.extend(range(old, nb))
-        return self.length
-
-    def advance(self, n: int) -> None:
-        assert self.length + n <= self.capacity, (self.length, n, self.capacity)
-        self.length += n
-
-    def truncate(self, length: int) -> None:
-        """Forget positions >= length (e.g. to re-run a suffix); the blocks stay."""
-        assert 0 <= length <= self.length, (length, self.length)
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0
+    def _grow(self, new_capacity: int) -> None:
+        """A standalone cache's pool, grown (reserve() in seq_cache.py decides to what); an engine's sequence has
+        its blocks from the block manager already."""
+        assert self.owns_pool, "an engine's sequence gets its blocks from the block manager"
+        nb, old = -(-new_capacity // self.pool.block_size), self.pool.num_blocks
+        self.pool = self.pool.grown(nb)
+        self.block_table.extend(range(old, nb))
 
     # ---- used by the model -------------------------------------------------------------------------
     def slots(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,9 +108,7 @@ class Qwen3LMHeadModelShard(Qwen3LMHeadModel):
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one block of new_kv_pool takes on this rank (every rank holds as many KV heads)."""
-        c = self.cfg
-        return 2 * c.num_hidden_layers * self.model.layers[0].self_attn.Hkv * block_size * c.head_dim * \
-            torch.empty((), dtype=self.dtype).element_size()
+        return KVPool.block_bytes(self.cfg, block_size, self.dtype, self.model.layers[0].self_attn.Hkv)
 
     @property
     def dtype(self) -> torch.dtype:
