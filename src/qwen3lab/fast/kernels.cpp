@@ -857,6 +857,19 @@ inline void qk_rows(const typename D::T* K, int64_t S, int64_t Dh, const float* 
   qk_block<D, NR>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds);
 }
 
+// a[r][c] += p[r * ldp] * Vrow[c0 + c*W ..] for NR heads: one key position's values (nc whole or partial vectors
+// of the row from column c0), what both decode attentions' p.V loops do at each position.
+template <class D, int NR, int CB>
+inline void pv_add_row(const typename D::T* Vrow, int64_t Dh, int64_t c0, int64_t nc, const float* p, int64_t ldp,
+                       vf (&a)[NR][CB]) {
+  vf vv[CB];
+  for (int c = 0; c < CB; ++c) vv[c] = c < nc ? D::ld(Vrow + c0 + c * W, Dh - c0 - c * W) : vf{};
+  for (int r = 0; r < NR; ++r) {
+    const vf pr = splat(p[r * ldp]);
+    for (int c = 0; c < CB; ++c) a[r][c] = fmadd(pr, vv[c], a[r][c]);
+  }
+}
+
 // out[r, c0 .. c0 + CB*W) = sum_s p[r, s] * V[s, c0 ..] for NR heads: every accumulator in registers
 // (NR * CB of them), one pass over these columns of V, summed over s in order.
 template <class D, int NR, int CB>
@@ -868,12 +881,7 @@ inline void pv_cols(const typename D::T* V, int64_t S, int64_t Dh, int64_t c0, c
   const int64_t nc = std::min<int64_t>(CB, (Dh - c0 + W - 1) / W);  // whole or partial vectors left in the row
   for (int64_t s = 0; s < S; ++s) {
     __builtin_prefetch((const char*)(V + (s + 16) * Dh + c0), 0, 3);
-    vf vv[CB];
-    for (int c = 0; c < CB; ++c) vv[c] = c < nc ? D::ld(V + s * Dh + c0 + c * W, Dh - c0 - c * W) : vf{};
-    for (int r = 0; r < NR; ++r) {
-      const vf pr = splat(p[r * ldp + s]);
-      for (int c = 0; c < CB; ++c) a[r][c] = fmadd(pr, vv[c], a[r][c]);
-    }
+    pv_add_row<D, NR, CB>(V + s * Dh, Dh, c0, nc, p + s, ldp, a);
   }
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < nc; ++c) D::st(o + r * Dh + c0 + c * W, a[r][c], Dh - c0 - c * W);
@@ -976,12 +984,7 @@ inline void pv_paged_cols(const typename D::T* const* Vb, int64_t bs, int64_t n,
     for (int64_t t = 0; t < bs && s < n; ++t, ++s) {
       for (int64_t l = 0; l < nc * W * int64_t(sizeof(typename D::T)); l += 64)  // every line of these columns
         __builtin_prefetch((const char*)(next + t * Dh + c0) + l, 0, 3);
-      vf vv[CB];
-      for (int c = 0; c < CB; ++c) vv[c] = c < nc ? D::ld(V + t * Dh + c0 + c * W, Dh - c0 - c * W) : vf{};
-      for (int r = 0; r < NR; ++r) {
-        const vf pr = splat(p[r * ldp + s]);
-        for (int c = 0; c < CB; ++c) a[r][c] = fmadd(pr, vv[c], a[r][c]);
-      }
+      pv_add_row<D, NR, CB>(V + t * Dh, Dh, c0, nc, p + s, ldp, a);
     }
   }
   for (int r = 0; r < NR; ++r)
