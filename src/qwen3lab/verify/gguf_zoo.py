@@ -180,7 +180,7 @@ def run_bug(bug: GgufBug, model: Path, base_gguf: Path, work: Path, ids: list[in
     r.data.flush()
     del r
     opts = {"kv": kv} if threads is None else {"kv": kv, "threads": str(threads)}
-    rep = verify("numpy", f"llama.cpp:{planted}", ids, model_path=ref_dir, isolate=True,
+    rep = verify(oracle, f"llama.cpp:{planted}", ids, model_path=ref_dir, isolate=True,
                  candidate_opts=[f"{k}={v}" for k, v in opts.items()])
     labels = {t.name: t.origin for t in rep.results if t.passed is False and t.origin}
     row = GgufZooRow(bug, rep.culprit.name if rep.culprit else None, labels, rep.sentence())
@@ -193,7 +193,7 @@ def run_bug(bug: GgufBug, model: Path, base_gguf: Path, work: Path, ids: list[in
         sha = file_sha256(ref_dir / "config.json")
         plain = port.write_dump(ids, work / "port.safetensors", config_sha256=sha)
         iso = port.write_dump(ids, work / "port-isolated.safetensors", graft=ref_taps, config_sha256=sha)
-        drep = verify("numpy", f"dump:{plain}", ids, model_path=ref_dir, isolated=f"dump:{iso}", name_map="llama.cpp")
+        drep = verify(oracle, f"dump:{plain}", ids, model_path=ref_dir, isolated=f"dump:{iso}", name_map="llama.cpp")
         row.dump_culprit = drep.culprit.name if drep.culprit else None
         row.dump_labels = {t.name: t.origin for t in drep.results if t.passed is False and t.origin}
     return row

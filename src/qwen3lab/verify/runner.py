@@ -151,10 +151,10 @@ class _PrefillRun:
         # what backends are asked for: "all" when that is the same set (their pattern matching is then free)
         every = sel is None and not any(n.endswith(".probs") for n in names)
         self.select, self.ref_select = ("all", "all") if every else (names, ref_names)
-        extra = [n for n in getattr(cand.backend, "cache_taps", ()) if layer_selected(n, set(sel) if sel else None)]
+        self.sel_set = None if sel is None else set(sel)
+        extra = [n for n in getattr(cand.backend, "cache_taps", ()) if layer_selected(n, self.sel_set)]
         if extra:  # KV-cache contents the candidate holds: asked of it by name, derived for the reference
             self.select = sorted(set(names) | set(extra), key=dataflow_key)
-        self.sel_set = None if sel is None else set(sel)
         self.store = DiskStore() if stream else MemoryStore()
         self.own_routing: dict[str, np.ndarray] = {}  # reference's own expert choice when routing is pinned
         self.routing: dict[str, np.ndarray] = {}  # the candidate's expert choice, per topk_idx tap
