@@ -440,7 +440,6 @@ class TorchBackend:
         spec = spec or self.spec_for(device, dtype, fast, quant, group_size)
         self.model = Qwen3LMHeadModel.from_weights(cfg, weights, device=spec.device, dtype=spec.torch_dtype)
         if spec.fast:
-
             optimize(self.model, quant=spec.quant, group_size=spec.group_size)
             self.name = "torch-fast" if spec.quant is None else f"torch-{spec.quant}"
         self.spec = spec
