@@ -104,7 +104,9 @@ def test_generate_bench_end_to_end(tmp_path, capsys):
             assert r["peak_mem_bytes"] > 0
         if r["phase"] == "decode":
             assert 0 < r["roofline_fraction"] and r["roofline_tok_per_s"] > 0
-    assert report["settings"]["bandwidth"]["read_gbs"] > 0
+    bw = report["settings"]["bandwidth"]
+    # probed at the start and after ours and after HF; the roofline is taken at the fastest probe
+    assert len(bw["probes_read_gbs"]) == 3 and bw["read_gbs"] == max(bw["probes_read_gbs"]) > 0, bw
     wb = report["settings"]["weight_bytes"]["float32"]
     assert wb["qwen3lab"] == wb["hf"]
     assert report["settings"]["fast"] is True and report["settings"]["ours_path"].startswith("fast (")

@@ -9,9 +9,10 @@ Notable:
   prompt tokens / TTFT); decode at each batch (tok/s = batch * (N - 1) / time from the first token to the
   last; latency = median inter-token (per-step) time, p90 too); peak memory of each phase; a `load` record
   with load time and its peak.
-- roofline: the machine's bandwidth is measured in the same run (bandwidth.py) and each decode figure is
-  given as a fraction of bandwidth / (weights + KV cache + embedding rows read per step), the KV cache at
-  the mean context of the decode (prompt + N/2).
+- roofline: the machine's bandwidth is measured in the same run (bandwidth.py: at the start and after each
+  impl's runs; the fastest probe counts, all are in the JSON) and each decode figure is given as a fraction
+  of bandwidth / (weights + KV cache + embedding rows read per step), the KV cache at the mean context of the
+  decode (prompt + N/2).
 - ours and HF are loaded one after the other, the first freed before the second, so each peak is its own.
 - several dtypes (`--dtype bfloat16,float32,int8`): each in turn, ours then HF, every model freed before the
   next; records carry their dtype, so the ours-vs-HF ratio only ever pairs records of the same dtype.
@@ -163,17 +164,18 @@ class HFGenerate:
 
 
 # ---- the bench -------------------------------------------------------------------------------------
-def _decode_roofline(cfg: Qwen3Config, dtype: str, bandwidth_gbs: float | None, prompt_len: int, new_tokens: int,
-                     batch: int) -> float | None:
-    """tok/s a decode of `new_tokens` after `prompt_len` could reach at the measured bandwidth, the KV cache
-    counted at the decode's mean context; None without a bandwidth. The same for every impl."""
-    if not bandwidth_gbs:
-        return None
-    return roofline_tok_per_s(cfg, dtype, bandwidth_gbs, context=prompt_len + new_tokens // 2, batch=batch)
+def _fill_rooflines(records: list[dict], cfg: Qwen3Config, bandwidth_gbs: float) -> None:
+    """Each decode record's roofline: the tok/s its decode of `new_tokens` after `prompt_len` at its batch could
+    reach at `bandwidth_gbs`, the KV cache counted at the decode's mean context; the same for every impl."""
+    for r in records:
+        if r["phase"] == "decode" and r.get("tok_per_s"):
+            roof = roofline_tok_per_s(cfg, r["dtype"], bandwidth_gbs,
+                                      context=r["prompt_len"] + r["new_tokens"] // 2, batch=r["batch"])
+            r.update(roofline_tok_per_s=roof, roofline_fraction=r["tok_per_s"] / roof)
 
 
 def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches, new_tokens: int,
-                decode_prompt_len: int, warmups: int, runs: int, seed: int, bandwidth_gbs: float | None,
+                decode_prompt_len: int, warmups: int, runs: int, seed: int,
                 progress) -> tuple[list[dict], list[list[int]] | None]:
     recs: list[dict] = []
     greedy_tokens = None
@@ -207,13 +209,11 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
             rates.append(B * (new_tokens - 1) / (s.marks[-1] - s.marks[0]))
             itl += [b - a for a, b in zip(s.marks[:-1], s.marks[1:], strict=True)]
         rate = median(rates)
-        roof = _decode_roofline(cfg, dtype, bandwidth_gbs, decode_prompt_len, new_tokens, B)
-        frac = rate / roof if roof else None
         recs.append(make_record(
             "generate", impl.impl, "decode", f"batch={B} prompt={decode_prompt_len} new={new_tokens}", device, dtype,
             tok_per_s=rate, latency_ms=1e3 * median(itl), latency_p90_ms=1e3 * percentile(itl, 90),
-            ttft_ms=1e3 * median([s.marks[0] for s in samples]), roofline_fraction=frac,
-            roofline_tok_per_s=roof, peak_mem_bytes=peak, prompt_len=decode_prompt_len, batch=B,
+            ttft_ms=1e3 * median([s.marks[0] for s in samples]), roofline_fraction=None,
+            roofline_tok_per_s=None, peak_mem_bytes=peak, prompt_len=decode_prompt_len, batch=B,
             new_tokens=new_tokens))
     return recs, greedy_tokens
 
@@ -264,19 +264,15 @@ def _load_and_bench(name: str, make: Callable, device, dt: str, fast: bool, benc
 
 
 def _peer(path: Path, cfg: Qwen3Config, device, dt: str, prompt_lens, batches, new_tokens: int,
-          decode_prompt_len: int, runs: int, read_gbs: float | None, log, notes: list[str]):
-    """llama.cpp's records for one dtype (with its decode roofline), and its settings; [] and a note when the
-    peer itself fails: ours and HF's figures stand."""
+          decode_prompt_len: int, runs: int, log, notes: list[str]):
+    """llama.cpp's records for one dtype, and its settings; [] and a note when the peer itself fails: ours and
+    HF's figures stand."""
     try:
         recs, info = llama_cpp.run(path, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, runs, log)
     except InputError as e:
         log(f"note: {e}")
         notes.append(str(e))
         return [], None
-    roof = _decode_roofline(cfg, dt, read_gbs, decode_prompt_len, new_tokens, 1)
-    for r in recs:
-        if r["phase"] == "decode" and roof:  # llama-bench decodes one sequence
-            r.update(roofline_tok_per_s=roof, roofline_fraction=r["tok_per_s"] / roof)
     return recs, info
 
 
@@ -297,7 +293,11 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         fast: bool = True, log: Callable[[str], None] | None = None,
         peer: str | None = None, ndev: int = 1) -> tuple[list[dict], dict[str, Any]]:
     """Records for each dtype in `dtype` (one name or a sequence), ours (fast path unless fast=False) then
-    HF; the bandwidth is measured once. Settings keyed by dtype: weight_bytes, greedy_agreement_tokens."""
+    HF (then the peer). Settings keyed by dtype: weight_bytes, greedy_agreement_tokens.
+
+    The bandwidth is probed at the start and again after each impl's runs, and the roofline of every decode
+    record is taken at the fastest probe: this VM's memory bandwidth moves by up to 1.7x between minutes, and
+    one probe in a slow minute put a decode that ran in a fast one at 105 % of its roofline."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     dtypes, path, cfg, decode_prompt_len = _checked(path, dtype, warmups, runs, new_tokens, prompt_lens,
                                                     decode_prompt_len, peer)
@@ -307,8 +307,12 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         log(f"note: peer skipped: {peer_skip}")
         notes.append(f"peer skipped: {peer_skip}")
     peer_info: dict[str, Any] = {}
-    bw = measure_bandwidth(device) if roofline else None
-    read_gbs = bw.read_gbs if bw else None
+    probes = [measure_bandwidth(device)] if roofline else []
+
+    def probe() -> None:
+        if probes:
+            probes.append(measure_bandwidth(device, repeats=5))
+
     records: list[dict] = []
     weight_bytes: dict[str, dict[str, int]] = {}
     agreement: dict[str, str] = {}
@@ -324,28 +328,34 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         greedy: dict[str, Any] = {}
         weight_bytes[dt] = {}
         bench_args = (cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, warmups, runs, seed,
-                      read_gbs, progress)
+                      progress)
         for name, make in makers:
             recs, greedy[name], weight_bytes[dt][name], k, ranks = _load_and_bench(name, make, device, dt, fast,
                                                                                    bench_args)
             records += recs
+            probe()
             if k is not None:
                 kernels[dt] = k
             if ranks:
                 tp_ranks[dt] = _tp_note(ranks, log)
         if peer is not None and not peer_skip:
             recs, info = _peer(path, cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, runs,
-                               read_gbs, log, notes)
+                               log, notes)
             records += recs
+            probe()
             if info is not None:
                 peer_info[dt] = info
         if _agreement(greedy):
             agreement[dt] = _agreement(greedy)
+    bw = max(probes, key=lambda b: b.read_gbs) if probes else None
+    if bw:
+        _fill_rooflines(records, cfg, bw.read_gbs)
     extra: dict[str, Any] = {
         "model": str(path), "model_type": cfg.model_type, "layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size, "prompt_lens": list(prompt_lens), "batches": list(batches),
         "new_tokens": new_tokens, "decode_prompt_len": decode_prompt_len, "weight_bytes": weight_bytes,
-        "bandwidth": bw.as_dict() if bw else None, "hf_attn_implementation": hf_attn if hf else None,
+        "bandwidth": {**bw.as_dict(), "probes_read_gbs": [round(b.read_gbs, 2) for b in probes]} if bw else None,
+        "hf_attn_implementation": hf_attn if hf else None,
         "baseline_rss_bytes": rss_bytes(),
     }
     for key, value in (("greedy_agreement_tokens", agreement), ("kernels", kernels), ("notes", notes),

@@ -107,19 +107,25 @@ def build(path: str):
     """Compile (or load from the cache) the kernels for `path` and return the module; raises on failure.
     Tests use it to run every path the CPU has; the model uses kernels()."""
     assert path in PATHS, path
-    if path in _built:
-        return _built[path]
+    if path not in _built:
+        _built[path] = build_source(path, SOURCE)
+    return _built[path]
+
+
+def build_source(path: str, source: Path, prefix: str = "qwen3lab"):
+    """Compile (or load from the cache) one kernels.cpp, with the simd.h beside it, for `path`: build() for this
+    package's source; benchmarks/ab_kernels.py for another revision's, to time two kernel sources in one process."""
     from torch.utils.cpp_extension import load
 
+    source = Path(source)
     _ninja_on_path()
     flags = _cflags(path)
-    digest = hashlib.sha256(SOURCE.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    name = f"qwen3lab_{path}_{digest}"
+    text = source.read_bytes() + source.with_name(HEADER.name).read_bytes()
+    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"{prefix}_{path}_{digest}"
     clear_stale_lock(_build_dir(name))
-    module = load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                  extra_ldflags=LDFLAGS, extra_include_paths=[str(SOURCE.parent)], verbose=False)
-    _built[path] = module
-    return module
+    return load(name=name, sources=[str(source)], extra_cflags=flags,
+                extra_ldflags=LDFLAGS, extra_include_paths=[str(source.parent)], verbose=False)
 
 
 def kernels():
