@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_fast_kernels import step_weights  # this directory's script: one decode step's weights
 
 from qwen3lab.fast import build
 from qwen3lab.fast.linear import Int4Linear, Int8Linear
@@ -46,15 +47,14 @@ def sources_of(rev: str, into: Path) -> Path:
 
 def step_calls(cfg, layers: int, dtype: str, rows: int):
     """(bytes, [fn(kernels) -> y]) for one decode step's projections of `layers` layers and lm_head."""
-    D, Dh, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    shapes = [((Hq + 2 * Hkv) * Dh, D), (D, Hq * Dh), (2 * I, D), (D, I)] * layers + [(cfg.vocab_size, D)]
-    g = torch.Generator().manual_seed(0)
     act = torch.float32 if dtype == "float32" else torch.bfloat16
-    xs = {K: torch.randn(rows, K, generator=g).to(act) for K in {k for _, k in shapes}}
+    g = torch.Generator().manual_seed(1)
+    xs: dict[int, torch.Tensor] = {}
     calls, nbytes = [], 0
-    for N, K in shapes:
-        w = torch.randn(N, K, generator=g) * 0.02
+    for w in step_weights(cfg, layers, torch.float32):  # float32 [N, K], quantised or converted below
+        K = w.shape[1]
+        if K not in xs:
+            xs[K] = torch.randn(rows, K, generator=g).to(act)
         x = xs[K]
         if dtype == "int8":
             q = Int8Linear.from_float(w)

@@ -317,7 +317,7 @@ inline void i8_block(const int8_t* Wp, int64_t K, const int16_t* x, int64_t ldx,
       for (int u = 0; u < U1; ++u) acc[0][0] += part[u];
     }
     for (; k < k1; k += 2 * W) {
-      if (NR > 1 && (k & 63) == 0) prefetch_rows<NR>(Wp + k, K);
+      if (NR * NM > 1 && (k & 63) == 0) prefetch_rows<NR>(Wp + k, K);  // one row: no prefetch (see above)
       const bool tail = k + 2 * W > K;
       vs2 w[NR];
       for (int r = 0; r < NR; ++r)
