@@ -13,7 +13,14 @@ import torch
 
 from qwen3lab.bench import attention as A
 from qwen3lab.bench import moe as M
-from qwen3lab.bench.bandwidth import decode_bytes, expected_experts_hit, measure_bandwidth, roofline_tok_per_s
+from qwen3lab.bench.bandwidth import (
+    PairedProbe,
+    decode_bytes,
+    expected_experts_hit,
+    measure_bandwidth,
+    paired_fraction,
+    roofline_tok_per_s,
+)
 from qwen3lab.bench.compare import compare_reports, parse_tolerance, regressions
 from qwen3lab.bench.machine import machine_info
 from qwen3lab.bench.modules import layer_state, our_moe_block
@@ -104,6 +111,8 @@ def test_generate_bench_end_to_end(tmp_path, capsys):
             assert r["peak_mem_bytes"] > 0
         if r["phase"] == "decode":
             assert 0 < r["roofline_fraction"] and r["roofline_tok_per_s"] > 0
+            # the decode again with a probe read between steps: ours and HF alike
+            assert 0 < r["roofline_fraction_paired"] and r["paired_read_gbs"] > 0, r
     bw = report["settings"]["bandwidth"]
     # probed at the start and after ours and after HF; the roofline is taken at the fastest probe
     assert len(bw["probes_read_gbs"]) == 3 and bw["read_gbs"] == max(bw["probes_read_gbs"]) > 0, bw
@@ -526,6 +535,21 @@ def test_moe_decode_reads_only_the_experts_hit():
     one, many = decode_bytes(cfg, "float32", 1, 1), decode_bytes(cfg, "float32", 1, 1000)
     experts = 2 * 8 * 3 * 32 * 64 * 4  # layers * experts * 3 matrices * I * D * 4 bytes
     assert many["weights_bytes"] - one["weights_bytes"] == pytest.approx(experts * (1 - 2 / 8), rel=1e-9)
+
+
+def test_paired_fraction_by_hand():
+    # two steps of 10 ms reading 1e8 and 2e8 bytes; reads of 1e8 bytes took 2, 4 and 2 ms around them: step 0
+    # at 1e8 / 3 ms = 33.3 GB/s (roofline time 3 ms, 30 %), step 1 at 1e8 / 3 ms too (roofline time 6 ms, 60 %)
+    frac, gbs = paired_fraction([0.010, 0.010], [0.002, 0.004, 0.002], [1e8, 2e8], int(1e8))
+    assert frac == pytest.approx((0.3 + 0.6) / 2) and gbs == pytest.approx(1e8 / 0.003 / 1e9)
+    with pytest.raises(AssertionError):
+        paired_fraction([0.01], [0.002], [1e8], int(1e8))  # a step needs a read on each side
+
+
+def test_paired_probe_reads_its_buffer():
+    probe = PairedProbe(torch.device("cpu"), nbytes=8 << 20)
+    assert probe.nbytes == 8 << 20 and probe.read_seconds() > 0
+    probe.close()
 
 
 def test_measure_bandwidth_is_positive():

@@ -14,10 +14,14 @@ Notable:
   row (int8), or half a byte per weight plus one float32 scale per group of 128 along the row (int4, the
   default group size); the norms and the MoE router stay bfloat16, as do the KV cache and the embedding rows
   (a gather).
+- the paired roofline (PairedProbe, paired_fraction): the bench also runs a decode with one probe read between
+  every two steps and gives each step's fraction of the roofline at the bandwidth read right around it; the
+  median over steps is the figure that does not depend on when the separate probes ran.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +84,50 @@ def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: 
         read, method = n * 4 / stream / 1e9, "best of torch sum, qwen3lab streaming read / copy"
     return Bandwidth(read_gbs=read, copy_gbs=2 * n * 4 / best_copy / 1e9, nbytes=n * 4, repeats=repeats,
                      method=method)
+
+
+class PairedProbe:
+    """The bandwidth probe taken between decode steps, for a roofline paired with each step.
+
+    One read of a `nbytes` buffer per call (the kernels' streaming read on CPU, else a torch sum), timed: a
+    decode step and the read right after it run within ~50 ms of each other, so their ratio does not depend on
+    which minute the bench's separate probes fell in (this VM's bandwidth moves between 42 and 80 GB/s from
+    minute to minute). The buffer lives only as long as the probe."""
+
+    def __init__(self, device: torch.device, nbytes: int | None = None):
+        if nbytes is None:
+            nbytes = (2 << 30) if device.type == "cuda" else (512 << 20)
+        self.device = device
+        with torch.inference_mode():
+            self.src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # every page touched now
+        self.nbytes = self.src.numel() * 4
+        k = kernels() if device.type == "cpu" else None
+        self._read = k.stream_read if k is not None else torch.sum
+        self.method = "qwen3lab streaming read" if k is not None else "torch sum"
+        self.read_seconds()  # warm-up
+
+    def read_seconds(self) -> float:
+        t0 = clock(self.device)
+        self._read(self.src)
+        return clock(self.device) - t0
+
+    def close(self) -> None:
+        del self.src
+
+
+def paired_fraction(step_s: list[float], read_s: list[float], step_bytes: list[float], read_nbytes: int
+                    ) -> tuple[float, float]:
+    """(median over steps of the roofline fraction, median read GB/s) for decode steps timed alternately with
+    reads: step i took step_s[i] and read step_bytes[i]; read_s[i] and read_s[i + 1] are the reads just before
+    and just after it (len(read_s) == len(step_s) + 1). Step i's roofline time is step_bytes[i] at the mean
+    bandwidth of its two reads, and its fraction that time over step_s[i]."""
+    assert len(read_s) == len(step_s) + 1 and len(step_bytes) == len(step_s) and step_s
+    fractions, gbs = [], []
+    for i, (t, b) in enumerate(zip(step_s, step_bytes, strict=True)):
+        bw = read_nbytes / ((read_s[i] + read_s[i + 1]) / 2)  # bytes / s around this step
+        fractions.append(b / bw / t)
+        gbs.append(bw / 1e9)
+    return statistics.median(fractions), statistics.median(gbs)
 
 
 def _kernel_read_seconds(src: torch.Tensor, repeats: int) -> float | None:
@@ -146,6 +194,10 @@ def decode_bytes(cfg, dtype: str, context: int, batch: int = 1,
 def roofline_tok_per_s(cfg, dtype: str, bandwidth_gbs: float, context: int, batch: int = 1,
                        bytes_per_param: float | None = None) -> float:
     """Decode tokens/s (all sequences of the batch together) if memory traffic were the only cost."""
+    return batch * bandwidth_gbs * 1e9 / step_bytes(cfg, dtype, context, batch, bytes_per_param)
+
+
+def step_bytes(cfg, dtype: str, context: int, batch: int = 1, bytes_per_param: float | None = None) -> float:
+    """All the bytes one decode step reads (decode_bytes summed)."""
     b = decode_bytes(cfg, dtype, context, batch, bytes_per_param)
-    step_bytes = b["weights_bytes"] + b["kv_bytes"] + b["embed_bytes"]
-    return batch * bandwidth_gbs * 1e9 / step_bytes
+    return b["weights_bytes"] + b["kv_bytes"] + b["embed_bytes"]

@@ -13,6 +13,11 @@ Notable:
   impl's runs; the fastest probe counts, all are in the JSON) and each decode figure is given as a fraction
   of bandwidth / (weights + KV cache + embedding rows read per step), the KV cache at the mean context of the
   decode (prompt + N/2).
+- paired roofline: after each decode's timed runs, one more decode with a bandwidth probe read between every
+  two steps (bandwidth.PairedProbe); `roofline_fraction_paired` is the median over its steps of each step's
+  fraction of the roofline at the bandwidth read right around it, `paired_read_gbs` the median of those reads.
+  It does not depend on which minute the separate probes fell in; llama.cpp's runs cannot be split by step
+  and have only the fastest-probe figure.
 - ours and HF are loaded one after the other, the first freed before the second, so each peak is its own.
 - several dtypes (`--dtype bfloat16,float32,int8`): each in turn, ours then HF, every model freed before the
   next; records carry their dtype, so the ours-vs-HF ratio only ever pairs records of the same dtype.
@@ -45,7 +50,7 @@ from ..fast import describe
 from ..paths import resolve_model_path
 from ..qwen3 import Qwen3ForCausalLM
 from . import llama_cpp
-from .bandwidth import measure_bandwidth, roofline_tok_per_s
+from .bandwidth import PairedProbe, measure_bandwidth, paired_fraction, roofline_tok_per_s, step_bytes
 from .choices import GENERATE_DTYPES
 from .memory import PeakMemory, rss_bytes
 from .modules import require_transformers
@@ -174,9 +179,38 @@ def _fill_rooflines(records: list[dict], cfg: Qwen3Config, bandwidth_gbs: float)
             r.update(roofline_tok_per_s=roof, roofline_fraction=r["tok_per_s"] / roof)
 
 
+def _paired_decode(impl, cfg: Qwen3Config, device, dtype: str, prompts, new_tokens: int) -> dict[str, float]:
+    """One more decode of `prompts` with a bandwidth probe read after every step (bandwidth.PairedProbe): each
+    step's roofline fraction at the bandwidth read just before and just after it, the median over the steps
+    (bandwidth.paired_fraction). The probe's buffer is freed before the next phase's memory is measured."""
+    probe = PairedProbe(device)
+    ends: list[float] = []
+    starts: list[float] = []
+    reads: list[float] = []
+
+    def mark() -> None:
+        ends.append(clock(device))
+        reads.append(probe.read_seconds())
+        starts.append(clock(device))
+
+    try:
+        with torch.inference_mode():
+            impl.generate(prompts, new_tokens, mark)
+    finally:
+        probe.close()
+    assert len(ends) == new_tokens, (len(ends), new_tokens)
+    # mark 0 follows the prefill; decode step i (1..N-1) runs from the end of read i-1 to mark i, over the
+    # prompt plus the i tokens made so far
+    L, B = len(prompts[0]), len(prompts)
+    step_s = [ends[i] - starts[i - 1] for i in range(1, new_tokens)]
+    nbytes = [step_bytes(cfg, dtype, context=L + i, batch=B) for i in range(1, new_tokens)]
+    fraction, gbs = paired_fraction(step_s, reads, nbytes, probe.nbytes)
+    return {"roofline_fraction_paired": fraction, "paired_read_gbs": round(gbs, 2)}
+
+
 def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches, new_tokens: int,
-                decode_prompt_len: int, warmups: int, runs: int, seed: int,
-                progress) -> tuple[list[dict], list[list[int]] | None]:
+                decode_prompt_len: int, warmups: int, runs: int, seed: int, progress,
+                paired: bool = False) -> tuple[list[dict], list[list[int]] | None]:
     recs: list[dict] = []
     greedy_tokens = None
 
@@ -209,12 +243,13 @@ def _bench_impl(impl, cfg: Qwen3Config, device, dtype: str, prompt_lens, batches
             rates.append(B * (new_tokens - 1) / (s.marks[-1] - s.marks[0]))
             itl += [b - a for a, b in zip(s.marks[:-1], s.marks[1:], strict=True)]
         rate = median(rates)
+        pair = _paired_decode(impl, cfg, device, dtype, prompts, new_tokens) if paired else {}
         recs.append(make_record(
             "generate", impl.impl, "decode", f"batch={B} prompt={decode_prompt_len} new={new_tokens}", device, dtype,
             tok_per_s=rate, latency_ms=1e3 * median(itl), latency_p90_ms=1e3 * percentile(itl, 90),
             ttft_ms=1e3 * median([s.marks[0] for s in samples]), roofline_fraction=None,
             roofline_tok_per_s=None, peak_mem_bytes=peak, prompt_len=decode_prompt_len, batch=B,
-            new_tokens=new_tokens))
+            new_tokens=new_tokens, **pair))
     return recs, greedy_tokens
 
 
@@ -328,7 +363,7 @@ def run(path: str | Path | None, device: torch.device, dtype: str | Sequence[str
         greedy: dict[str, Any] = {}
         weight_bytes[dt] = {}
         bench_args = (cfg, device, dt, prompt_lens, batches, new_tokens, decode_prompt_len, warmups, runs, seed,
-                      progress)
+                      progress, roofline)
         for name, make in makers:
             recs, greedy[name], weight_bytes[dt][name], k, ranks = _load_and_bench(name, make, device, dt, fast,
                                                                                    bench_args)

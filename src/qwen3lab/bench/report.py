@@ -20,6 +20,7 @@ from .machine import machine_info
 FIGURE_DIRECTION = {
     "tok_per_s": +1,
     "roofline_fraction": +1,
+    "roofline_fraction_paired": +1,  # the roofline at the bandwidth read between the decode's steps
     "bandwidth_gbs": +1,
     "ttft_ms": -1,
     "latency_ms": -1,
@@ -81,7 +82,7 @@ def fmt_figure(v: Any, key: str) -> str:
         return "-"
     if key == "peak_mem_bytes":
         return f"{v / 2**20:,.0f} MiB"
-    if key == "roofline_fraction":
+    if key in ("roofline_fraction", "roofline_fraction_paired"):
         return f"{100 * v:.1f}%"
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
@@ -114,7 +115,8 @@ def print_table(report: dict[str, Any], console=None) -> None:
     for col in cols:
         table.add_column(col)
     units = {"tok_per_s": "tok/s", "ttft_ms": "TTFT ms", "latency_ms": "latency ms", "latency_p90_ms": "p90 ms",
-             "peak_mem_bytes": "peak mem", "roofline_fraction": "roofline", "bandwidth_gbs": "GB/s",
+             "peak_mem_bytes": "peak mem", "roofline_fraction": "roofline",
+             "roofline_fraction_paired": "roofline paired", "bandwidth_gbs": "GB/s",
              "peak_growth_x_weights": "load peak ×W"}
     for k in figures:
         table.add_column(units.get(k, k), justify="right")
