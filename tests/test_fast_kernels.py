@@ -186,6 +186,38 @@ def test_rope_and_head_norm_match_modules(k, dtype, H, Dh):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv,Dh", [(16, 8, 128), (4, 2, 20), (3, 1, 8)])
+@pytest.mark.parametrize("M", [1, 5, 40])  # one decode token; a prefill spanning several threads' row blocks
+def test_qk_norm_rope_equals_norm_then_rope(k, dtype, Hq, Hkv, Dh, M):
+    """The fused q/k leaf gives what the norm kernel then the RoPE kernel give, bit for bit (the model taps either
+    and grafts onto either), and stays within a bf16 step of the eager modules, which the separate kernels match;
+    each head takes its own norm's weight and eps."""
+    g = torch.Generator().manual_seed(M * 1000 + Hq * 10 + Dh)
+    qkv = torch.randn(1, M, (Hq + 2 * Hkv) * Dh, generator=g).to(dtype)
+    q = qkv[..., :Hq * Dh].view(1, M, Hq, Dh)  # a slice of the fused projection, as the model hands it over
+    kk = qkv[..., Hq * Dh:(Hq + Hkv) * Dh].view(1, M, Hkv, Dh)
+    wq, wk = ((1 + 0.1 * torch.randn(Dh, generator=g)).to(dtype) for _ in range(2))
+    pos = torch.arange(7, 7 + M, dtype=torch.float32)[:, None] * (1e6 ** (-torch.arange(Dh // 2) / (Dh // 2)))
+    ang = torch.cat((pos, pos), dim=-1)
+    cos, sin = ang.cos().to(dtype).view(1, M, 1, Dh), ang.sin().to(dtype).view(1, M, 1, Dh)
+    with torch.inference_mode():
+        qn, kn, qr, kr = k.qk_norm_rope(q, kk, wq, wk, 1e-6, 1e-5, cos, sin)
+        want_qn, want_kn = k.rmsnorm(q, wq, 1e-6), k.rmsnorm(kk, wk, 1e-5)
+        pairs = ((qn, want_qn), (kn, want_kn), (qr, k.rope(want_qn, cos, sin)), (kr, k.rope(want_kn, cos, sin)))
+        for got, want in pairs:
+            assert got.shape == want.shape and got.dtype == dtype
+            assert torch.equal(got, want), float((got.double() - want.double()).abs().max())
+        nq, nk = RMSNorm(Dh, 1e-6), RMSNorm(Dh, 1e-5)
+        nq.weight, nk.weight = (torch.nn.Parameter(w, requires_grad=False) for w in (wq, wk))
+        _close_in_dtype(qr, apply_rope(nq(q), cos, sin), dtype)
+        _close_in_dtype(kr, apply_rope(nk(kk), cos, sin), dtype)
+    with pytest.raises(RuntimeError, match="qk_norm_rope: q"):
+        k.qk_norm_rope(q, kk, wq[:-1], wk, 1e-6, 1e-6, cos, sin)
+    with pytest.raises(RuntimeError, match="qk_norm_rope: every input in q's dtype"):
+        k.qk_norm_rope(q, kk.double(), wq, wk, 1e-6, 1e-6, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_mul_matches_torch(k, dtype):
     g = torch.Generator().manual_seed(3)
     gu = (4 * torch.randn(3, 2 * 50, generator=g)).to(dtype)  # 50: a tail after three 16-wide chunks

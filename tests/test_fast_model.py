@@ -163,6 +163,46 @@ def test_taps_on_fast_model_equal_plain(mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qk_norm_rope_leaf_runs_and_rotates_a_graft(dtype):
+    """With the kernels, q/k's norms and RoPE are one kernel call a layer (qk_norm_rope), not four; its taps are
+    still there, and a grafted q_norm is rotated from the graft (q_rot = RoPE(graft)), as the eager path does."""
+    from qwen3lab.fast import build, set_kernels
+    from qwen3lab.models.torch_model import apply_rope
+
+    k = build.kernels()
+    if k is None:
+        pytest.skip(f"needs the kernels: {build.status()}")
+    cfg = CASES["dense"]
+    _, fast = _pair(cfg, dtype)
+    calls: dict[str, int] = {}
+
+    class Counting:
+        def __getattr__(self, name):
+            f = getattr(k, name)
+
+            def counted(*a):
+                calls[name] = calls.get(name, 0) + 1
+                return f(*a)
+            return counted
+
+    set_kernels(fast, Counting())
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    _prefill_decode(fast, ids)
+    layers = cfg.num_hidden_layers
+    assert calls["qk_norm_rope"] == 4 * layers and "rope" not in calls, calls  # a prefill and three decode steps
+    assert calls["rmsnorm"] == 4 * (2 * layers + 1), calls  # the layers' two norms and the final one only
+    be = TorchBackend(cfg, random_weights(cfg, seed=0), dtype=dtype, fast=True)
+    qn = be.run(ids, taps=["layers.0.q_norm"]).taps["layers.0.q_norm"]  # [T, Hq, Dh]
+    graft = {"layers.0.q_norm": 0.5 * qn}
+    got = torch.as_tensor(be.run(ids, taps=["layers.0.q_rot"], graft=graft).taps["layers.0.q_rot"])
+    N = len(ids)
+    cos, sin = (t[:N].view(1, N, 1, -1) for t in be.model.rope_tables(N))
+    with torch.inference_mode():
+        want = apply_rope(torch.as_tensor(graft["layers.0.q_norm"]).to(dtype)[None], cos, sin, k)[0].float()
+    assert torch.equal(got, want), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["dense", "moe"])
 def test_recording_taps_changes_no_bit(mode, case, dtype):
     """One forward: with every tap recorded (as verify does) the logits are bitwise those of a run with no taps,

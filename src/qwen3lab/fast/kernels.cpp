@@ -799,12 +799,36 @@ void rmsnorm_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, doubl
   });
 }
 
-// RoPE over rows of one head each: out = dtype(x * cos) + dtype(rotate_half(x) * sin), rounded again, as
-// apply_rope's three eager ops round them. x [M, H, Dh], cos / sin [M, Dh] (one row per token).
+// RoPE of one head's row: out = dtype(x * cos) + dtype(rotate_half(x) * sin), rounded again, as apply_rope's
+// three eager ops round them. c / s: the token's angles [Dh]; t / rot: scratch of Dh + W floats.
+template <class D>
+inline void rope_row(const typename D::T* xr, const typename D::T* c, const typename D::T* s, typename D::T* out,
+                     int64_t Dh, float* t, float* rot) {
+  const int64_t half = Dh / 2;
+  for (int64_t j = 0; j < Dh; j += W) store(t + j, D::ld(xr + j, Dh - j));
+  if (half % W == 0) {  // rotate_half: [-t2, t1], whole vectors (Dh 128: 4 / 8 of them)
+    for (int64_t j = 0; j < half; j += W) {
+      store(rot + j, -load<vf>(t + j + half));
+      store(rot + j + half, load<vf>(t + j));
+    }
+  } else {
+    for (int64_t j = 0; j < half; ++j) {
+      rot[j] = -t[j + half];
+      rot[j + half] = t[j];
+    }
+  }
+  for (int64_t j = 0; j < Dh; j += W) {  // each product rounded to the dtype, then the sum
+    const vf a = D::rnd(load<vf>(t + j) * D::ld(c + j, Dh - j));
+    const vf bb = D::rnd(load<vf>(rot + j) * D::ld(s + j, Dh - j));
+    D::st(out + j, a + bb, Dh - j);
+  }
+}
+
+// RoPE over rows of one head each (rope_row). x [M, H, Dh], cos / sin [M, Dh] (one row per token).
 template <class D>
 void rope_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out) {
   using T = typename D::T;
-  const int64_t M = x.size(0), H = x.size(1), Dh = x.size(2), half = Dh / 2;
+  const int64_t M = x.size(0), H = x.size(1), Dh = x.size(2);
   const T* xp = (const T*)x.data_ptr();
   const T* cp = (const T*)cos.data_ptr();
   const T* sp = (const T*)sin.data_ptr();
@@ -813,19 +837,36 @@ void rope_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
     std::vector<float> t(Dh + W), rot(Dh + W);  // room for a whole last vector
     for (int64_t i = b; i < e; ++i) {
       const int64_t m = i / H;
-      const T* xr = xp + i * Dh;
-      for (int64_t j = 0; j < Dh; j += W) store(t.data() + j, D::ld(xr + j, Dh - j));
-      for (int64_t j = 0; j < half; ++j) {  // rotate_half: [-t2, t1]
-        rot[j] = -t[j + half];
-        rot[j + half] = t[j];
-      }
-      const T* c = cp + m * Dh;
-      const T* s = sp + m * Dh;
-      for (int64_t j = 0; j < Dh; j += W) {  // each product rounded to the dtype, then the sum
-        const vf a = D::rnd(load<vf>(t.data() + j) * D::ld(c + j, Dh - j));
-        const vf bb = D::rnd(load<vf>(rot.data() + j) * D::ld(s + j, Dh - j));
-        D::st(op + i * Dh + j, a + bb, Dh - j);
-      }
+      rope_row<D>(xp + i * Dh, cp + m * Dh, sp + m * Dh, op + i * Dh, Dh, t.data(), rot.data());
+    }
+  });
+}
+
+// q's and k's per-head RMSNorm (each its own weight and eps) and then RoPE in one pass over their rows: qn / kn =
+// rms_row (the norm kernel's arithmetic), qr / kr = rope_row of those rounded rows, so all four equal what rmsnorm
+// then rope give, bit for bit. q [M, Hq, Dh], k [M, Hkv, Dh], wq / wk [Dh], cos / sin [M, Dh] (any leading
+// shapes, contiguous). One leaf call a layer instead of four.
+template <class D>
+void qk_norm_rope_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& wq, const at::Tensor& wk,
+                       double eps_q, double eps_k, const at::Tensor& cos, const at::Tensor& sin, int64_t M,
+                       at::Tensor& qn, at::Tensor& kn, at::Tensor& qr, at::Tensor& kr) {
+  using T = typename D::T;
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), Dh = q.size(-1), H = Hq + Hkv;
+  const T* cp = (const T*)cos.data_ptr();
+  const T* sp = (const T*)sin.data_ptr();
+  const T* x[2] = {(const T*)q.data_ptr(), (const T*)k.data_ptr()};  // [0]: q's, [1]: k's
+  const T* w[2] = {(const T*)wq.data_ptr(), (const T*)wk.data_ptr()};
+  const float eps[2] = {float(eps_q), float(eps_k)};
+  T* n[2] = {(T*)qn.data_ptr(), (T*)kn.data_ptr()};
+  T* r[2] = {(T*)qr.data_ptr(), (T*)kr.data_ptr()};
+  at::parallel_for(0, M * H, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> t(Dh + W), rot(Dh + W);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t m = i / H, h = i % H;
+      const int j = h < Hq ? 0 : 1;
+      const int64_t off = (j == 0 ? m * Hq + h : m * Hkv + (h - Hq)) * Dh;  // the head's row in q or in k
+      rms_row<D>(x[j] + off, w[j], n[j] + off, Dh, eps[j]);
+      rope_row<D>(n[j] + off, cp + m * Dh, sp + m * Dh, r[j] + off, Dh, t.data(), rot.data());
     }
   });
 }
@@ -1339,6 +1380,29 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   const int64_t H = x.size(-2), Dh = x.size(-1);
   return rope_2d(rows_of(x, H * Dh).view({-1, H, Dh}), rows_of(cos), rows_of(sin)).view(x.sizes());
 }
+// q [..., Hq, Dh], k [..., Hkv, Dh] over the same M tokens, cos / sin [..., Dh] one row a token -> (q_norm,
+// k_norm, q_rot, k_rot), new contiguous tensors shaped as q, k, q, k. Inputs are used in place when contiguous
+// (a decode step's q / k slices are), outputs made in their final shapes: a call costs ~2 us besides its rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& wq, const at::Tensor& wk, double eps_q,
+    double eps_k, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  TORCH_CHECK(q_in.dim() >= 2 && k_in.dim() >= 2 && q_in.size(-1) == k_in.size(-1) && q_in.size(-1) % 2 == 0,
+              "qk_norm_rope: q / k must be [..., H, Dh] with one even Dh, got ", q_in.sizes(), " and ", k_in.sizes());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  for (auto* t : {&q, &k, &wq, &wk, &cos, &sin}) check_c(*t, "qk_norm_rope input");
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), Dh = q.size(-1), M = q.numel() / (Hq * Dh);
+  TORCH_CHECK(k.numel() == M * Hkv * Dh && wq.dim() == 1 && wq.size(0) == Dh && wk.sizes() == wq.sizes() &&
+                  cos.numel() == M * Dh && cos.size(-1) == Dh && sin.sizes() == cos.sizes(),
+              "qk_norm_rope: q [..., Hq, Dh], k [..., Hkv, Dh] over the same tokens, weights [Dh], cos/sin [..., Dh] "
+              "one row a token, got ", q.sizes(), ", ", k.sizes(), ", ", wq.sizes(), ", ", cos.sizes());
+  for (auto* t : {&k, &wq, &wk, &cos, &sin})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "qk_norm_rope: every input in q's dtype ", q.scalar_type(),
+                ", got ", t->scalar_type());
+  auto qn = at::empty_like(q), kn = at::empty_like(k), qr = at::empty_like(q), kr = at::empty_like(k);
+  if (is_bf16(q)) qk_norm_rope_impl<BF16T>(q, k, wq, wk, eps_q, eps_k, cos, sin, M, qn, kn, qr, kr);
+  else qk_norm_rope_impl<F32T>(q, k, wq, wk, eps_q, eps_k, cos, sin, M, qn, kn, qr, kr);
+  return {qn, kn, qr, kr};
+}
 // gate_up [..., 2I] -> [..., I]
 at::Tensor silu_mul(const at::Tensor& gu) { return with_lead(silu_mul_2d(rows_of(gu)), gu); }
 // q [..., B, Hq, Dh], k_new / v_new [..., B, Hkv, Dh] (a leading 1 of the packed stream is fine)
@@ -1371,6 +1435,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "first argmax of each row (NaN wins), as a list");
   m.def("rmsnorm", &rmsnorm, "RMSNorm(x) * w over rows");
   m.def("rope", &rope, "RoPE over [M, H, Dh] rows with per-token cos/sin [M, Dh]");
+  m.def("qk_norm_rope", &qk_norm_rope, "q / k per-head RMSNorm then RoPE: [q_norm, k_norm, q_rot, k_rot]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up from a fused gate_up row");
   m.def("attend_decode", &attend_decode, "single-query attention over per-sequence KV caches (writes the new k/v)");
   m.def("attend_paged_decode", &attend_paged_decode,

@@ -29,8 +29,9 @@ built; without them they are skipped, with the reason.
 
 | kernel bug | culprit verify must name |
 |---|---|
-| RoPE kernel rotating the wrong way (sin negated) | layers.0.q_rot |
-| RMSNorm kernel scaling by (1 + w), Gemma's convention, not w | layers.0.attn_in |
+| RoPE kernels (RoPE, q/k norm + RoPE) rotating the wrong way (sin negated) | layers.0.q_rot |
+| RMSNorm kernels (RMSNorm, q/k norm + RoPE) scaling by (1 + w), Gemma's convention, not w | layers.0.attn_in |
+| q/k norm + RoPE kernel normalising k's heads with q_norm's weight | layers.0.k_norm |
 | SiLU·up kernel with the halves swapped: silu(up) * gate | layers.0.act |
 | decode attention kernel without the 1/sqrt(head_dim) scale | step0.layers.0.attn |
 The zoo runs in float64 by default: the RMSNorm bug moves a value by ~eps/rms (about 1e-5 relative),
@@ -292,11 +293,24 @@ def _plant_kernels(b, make):
 
 
 def plant_kernel_rope_sign(b):
-    return _plant_kernels(b, lambda k: {"rope": lambda x, cos, sin: k.rope(x, cos, -sin)})
+    # both kernels that rotate: RoPE alone, and q/k's fused norm + RoPE (what a decode step's attention runs)
+    return _plant_kernels(b, lambda k: {
+        "rope": lambda x, cos, sin: k.rope(x, cos, -sin),
+        "qk_norm_rope": lambda q, kk, wq, wk, eq, ek, cos, sin: k.qk_norm_rope(q, kk, wq, wk, eq, ek, cos, -sin)})
 
 
 def plant_kernel_norm_one_plus_w(b):
-    return _plant_kernels(b, lambda k: {"rmsnorm": lambda x, w, eps: k.rmsnorm(x, 1 + w, eps)})
+    # every kernel that normalises: RMSNorm, and the norm inside q/k's fused norm + RoPE
+    return _plant_kernels(b, lambda k: {
+        "rmsnorm": lambda x, w, eps: k.rmsnorm(x, 1 + w, eps),
+        "qk_norm_rope": lambda q, kk, wq, wk, eq, ek, cos, sin: k.qk_norm_rope(q, kk, 1 + wq, 1 + wk, eq, ek, cos,
+                                                                                 sin)})
+
+
+def plant_kernel_qk_norm_weight(b):
+    # the fused q/k leaf normalising k's heads with q_norm's weight (a copy-paste slip in a fused kernel)
+    return _plant_kernels(b, lambda k: {
+        "qk_norm_rope": lambda q, kk, wq, wk, eq, ek, cos, sin: k.qk_norm_rope(q, kk, wq, wq, eq, ek, cos, sin)})
 
 
 def plant_kernel_silu_halves(b):
@@ -319,6 +333,8 @@ KERNEL_BUGS: list[Bug] = [
         fast=True),
     Bug("kernel_norm_one_plus_w", "RMSNorm kernel scaling by 1 + w", ("layers.0.attn_in",),
         plant_kernel_norm_one_plus_w, fast=True),
+    Bug("kernel_qk_norm_weight", "q/k norm + RoPE kernel normalising k with q_norm's weight", ("layers.0.k_norm",),
+        plant_kernel_qk_norm_weight, fast=True),
     Bug("kernel_silu_halves", "SiLU*up kernel on swapped halves", ("layers.0.act",), plant_kernel_silu_halves,
         fast=True),
     Bug("kernel_decode_unscaled", "decode attention kernel without the softmax scale",
