@@ -77,8 +77,11 @@ def describe(model) -> dict[str, str]:
     linear = f"{lk.PATH}-{weights}" if lk is not None else f"torch-{weights}" if quant else "torch"
     attn = next((m for m in leaves if hasattr(m, "sdpa_dtype")), None)  # the attention leaf owns the rule
     sdpa = "sdpa-f32" if attn is not None and attn.sdpa_dtype(model.dtype) == torch.float32 else "sdpa"
-    return {"linear": linear, "norm": path, "rope": path, "silu_mul": path,
-            "attention": f"{path} paged decode, {sdpa} prefill" if k is not None else sdpa}
+    kinds = {"linear": linear, "norm": path, "rope": path, "silu_mul": path,
+             "attention": f"{path} paged decode, {sdpa} prefill" if k is not None else sdpa}
+    if k is not None:  # q/k's per-head norms and RoPE run as one leaf (Qwen3Attention._norm_rope)
+        kinds["qk_norm_rope"] = path
+    return kinds
 
 
 def set_threads(n: int | None = None) -> int:

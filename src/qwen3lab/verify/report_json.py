@@ -9,7 +9,8 @@
   "reference": str,                  e.g. "numpy (float64)"
   "candidate": str,                  e.g. "torch (float32, cpu)"
   "kernels": {str: str} | null,      our torch model: the kernel each kind of leaf ran, e.g. {"linear": "avx2-f32",
-                                     "norm": "avx2", "rope": "avx2", "silu_mul": "avx2", "attention": ...}
+                                     "norm": "avx2", "rope": "avx2", "silu_mul": "avx2", "attention": ...,
+                                     "qk_norm_rope": "avx2"} (the last: q/k's norms + RoPE, one leaf)
   "dtype": str,                      the candidate's dtype
   "overall_success": bool,           true when at least one tap was compared and none failed
   "total_layers_tested": int,        decoder layers with at least one compared tap (per decode step)
