@@ -550,6 +550,7 @@ def test_paired_probe_reads_its_buffer():
     probe = PairedProbe(torch.device("cpu"), nbytes=8 << 20)
     assert probe.nbytes == 8 << 20 and probe.read_seconds() > 0
     probe.close()
+    assert not hasattr(probe, "src")  # the buffer goes with the probe, before the next phase's memory is measured
 
 
 def test_measure_bandwidth_is_positive():

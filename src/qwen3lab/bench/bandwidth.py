@@ -57,14 +57,20 @@ class Bandwidth:
                 "buffer_bytes": self.nbytes, "repeats": self.repeats, "method": self.method}
 
 
+def _probe_buffer(device: torch.device, nbytes: int | None) -> torch.Tensor:
+    """The float32 buffer a probe streams: `nbytes` (default well past any last-level cache, and large enough on
+    a GPU to amortise launch latency), every page touched now, not in the timing."""
+    if nbytes is None:
+        nbytes = (2 << 30) if device.type == "cuda" else (512 << 20)
+    with torch.inference_mode():
+        return torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+
+
 def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> Bandwidth:
     """Best-of-`repeats` streaming bandwidth in GB/s (1e9 bytes) for reads (sum) and copies."""
-    if nbytes is None:
-        # Well past any last-level cache; large enough on a GPU to amortise launch latency.
-        nbytes = (2 << 30) if device.type == "cuda" else (512 << 20)
-    n = nbytes // 4
+    src = _probe_buffer(device, nbytes)
+    n = src.numel()
     with torch.inference_mode():
-        src = torch.ones(n, dtype=torch.float32, device=device)  # touches every page now, not in the timing
         dst = torch.empty_like(src)
         dst.copy_(src)
         best_sum = best_copy = float("inf")
@@ -97,11 +103,8 @@ class PairedProbe:
     as the probe."""
 
     def __init__(self, device: torch.device, nbytes: int | None = None):
-        if nbytes is None:
-            nbytes = (2 << 30) if device.type == "cuda" else (512 << 20)
         self.device = device
-        with torch.inference_mode():
-            self.src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # every page touched now
+        self.src = _probe_buffer(device, nbytes)
         self.nbytes = self.src.numel() * 4
         k = kernels() if device.type == "cpu" else None
         self._reads = [torch.sum] + ([k.stream_read] if k is not None else [])

@@ -806,16 +806,9 @@ inline void rope_row(const typename D::T* xr, const typename D::T* c, const type
                      int64_t Dh, float* t, float* rot) {
   const int64_t half = Dh / 2;
   for (int64_t j = 0; j < Dh; j += W) store(t + j, D::ld(xr + j, Dh - j));
-  if (half % W == 0) {  // rotate_half: [-t2, t1], whole vectors (Dh 128: 4 / 8 of them)
-    for (int64_t j = 0; j < half; j += W) {
-      store(rot + j, -load<vf>(t + j + half));
-      store(rot + j + half, load<vf>(t + j));
-    }
-  } else {
-    for (int64_t j = 0; j < half; ++j) {
-      rot[j] = -t[j + half];
-      rot[j + half] = t[j];
-    }
+  for (int64_t j = 0; j < half; ++j) {  // rotate_half: [-t2, t1]
+    rot[j] = -t[j + half];
+    rot[j + half] = t[j];
   }
   for (int64_t j = 0; j < Dh; j += W) {  // each product rounded to the dtype, then the sum
     const vf a = D::rnd(load<vf>(t + j) * D::ld(c + j, Dh - j));

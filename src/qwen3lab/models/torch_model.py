@@ -89,11 +89,11 @@ class RMSNorm(nn.Module):
         return w * h.to(dt)  # weight applied in the model dtype, as HF does
 
 
-def _is_kernel_norm(mod: nn.Module, kernel) -> bool:
-    """Whether `mod` is an RMSNorm kernel leaf on `kernel` with no hook or patched forward: a fused leaf may then
-    do its work in the same kernel call (nothing that would have run is skipped)."""
-    return (kernel is not None and type(mod) is RMSNorm and mod.kernel is kernel and "forward" not in mod.__dict__
-            and not (mod._forward_hooks or mod._forward_pre_hooks))
+def _is_kernel_norm(mod: nn.Module, kernel, dtype: torch.dtype) -> bool:
+    """Whether `mod` is an RMSNorm kernel leaf on `kernel`, its weight in `dtype`, with no hook or patched
+    forward: a fused leaf may then do its work in the same kernel call (nothing that would have run is skipped)."""
+    return (type(mod) is RMSNorm and mod.kernel is kernel and "forward" not in mod.__dict__
+            and not (mod._forward_hooks or mod._forward_pre_hooks) and mod.weight.dtype == dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -248,8 +248,8 @@ class Qwen3Attention(nn.Module):
         one call (kernels.cpp qk_norm_rope: the norm and RoPE kernels' arithmetic, bit for bit) when both norms
         are plain kernel-leaf RMSNorms; a grafted q_norm / k_norm is then rotated again from the graft."""
         kern, qn_mod, kn_mod = self.kernel, self.q_norm, self.k_norm
-        if _is_kernel_norm(qn_mod, kern) and _is_kernel_norm(kn_mod, kern) and _on_kernel(kern, q, cos) \
-                and k.dtype == q.dtype and qn_mod.weight.dtype == q.dtype and kn_mod.weight.dtype == q.dtype:
+        if _on_kernel(kern, q, cos) and k.dtype == q.dtype and _is_kernel_norm(qn_mod, kern, q.dtype) \
+                and _is_kernel_norm(kn_mod, kern, q.dtype):
             qn, kn, qr, kr = kern.qk_norm_rope(q, k, qn_mod.weight, kn_mod.weight, qn_mod.eps, kn_mod.eps, cos, sin)
             q, k = tap(names["q_norm"], qn), tap(names["k_norm"], kn)
             if q is not qn:
