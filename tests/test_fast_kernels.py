@@ -66,6 +66,38 @@ SHAPES = [(1, 8, 3), (2, 40, 13), (3, 33, 9), (5, 1000, 64), (6, 100, 11), (7, 6
 # chunks a step, then single chunks, then the tail; int8 across a 2048-column segment)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_stream_prefetch_never_changes_a_one_row_linear(k, dtype):
+    """The one-row streams' software prefetch (runspec.stream_prefetch) only moves memory early: the sums are the
+    same bit for bit at every distance, and match float64 (K crosses int8's 2048-column segment)."""
+    g = torch.Generator().manual_seed(7)
+    x, W = torch.randn(1, 2100, generator=g), torch.randn(67, 2100, generator=g)
+    scale = None
+    if dtype == "int8":
+        W, scale = _quant(W)  # float32 activations: the int16 input rounding alone (INT8_X_REL)
+    elif dtype == "bfloat16":
+        x, W = x.bfloat16(), W.bfloat16()
+    ref = x.double() @ (W.double() * (scale.double()[:, None] if scale is not None else 1)).T
+    before = k.stream_prefetch()
+    try:
+        ys = {}
+        for dist in (0, 64, 2048, 1 << 20):
+            assert k.set_stream_prefetch(dist) >= 0 and k.stream_prefetch() == dist
+            ys[dist] = k.linear_small(x, W, scale)
+        with pytest.raises(RuntimeError, match="0 .. 1 MiB ahead, got -1"):
+            k.set_stream_prefetch(-1)
+    finally:
+        k.set_stream_prefetch(before)
+    for dist, y in ys.items():
+        assert torch.equal(y, ys[0]), (dist, (y.float() - ys[0].float()).abs().max())
+    tol = INT8_X_REL if dtype == "int8" else 2 ** -8 if dtype == "bfloat16" else 1e-6
+    assert _rel(ys[0], ref) < tol, _rel(ys[0], ref)
+
+
+def test_built_kernels_take_this_cpus_prefetch(k):
+    assert k.stream_prefetch() == runspec.stream_prefetch()
+
+
 @pytest.mark.parametrize("M,K,N", SHAPES)
 def test_linear_small_matches_float64(k, M, K, N):
     g = torch.Generator().manual_seed(M * 1000 + K + N)

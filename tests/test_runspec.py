@@ -4,6 +4,8 @@ are checked. Each refusal is one InputError naming the options as the caller spe
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +92,30 @@ def test_kernel_set_is_read_and_checked(monkeypatch):
     assert RunSpec.make().kernels == "portable"
     monkeypatch.delenv(runspec.KERNEL_ENV)
     assert RunSpec.make().kernels is None
+
+
+def test_stream_prefetch_is_read_and_checked(monkeypatch):
+    monkeypatch.delenv(runspec.PREFETCH_ENV, raising=False)
+    for vendor, want in (("GenuineIntel", 2048), ("AuthenticAMD", 0), ("", 0)):  # the measured table, else none
+        monkeypatch.setattr(runspec, "cpu_vendor", lambda v=vendor: v)
+        assert runspec.stream_prefetch() == want, vendor
+    monkeypatch.setenv(runspec.PREFETCH_ENV, " 4096 ")
+    assert runspec.stream_prefetch() == 4096
+    monkeypatch.setenv(runspec.PREFETCH_ENV, "0")
+    assert runspec.stream_prefetch() == 0
+    for bad in ("2k", "-64", str(runspec.PREFETCH_MAX + 1)):
+        monkeypatch.setenv(runspec.PREFETCH_ENV, bad)
+        with pytest.raises(InputError, match=f"QWEN3LAB_PREFETCH must be a byte count from 0 to 1048576, got '{bad}'"):
+            RunSpec.make()  # refused with the rest of the run's choices, before a file is read
+    assert RunSpec.make(fast=False).fast is False  # the eager model has no kernels to set it on
+
+
+def test_cpu_vendor_comes_from_cpuinfo():
+    vendor = runspec.cpu_vendor()
+    assert isinstance(vendor, str)
+    if platform.machine().lower() in ("x86_64", "amd64") and Path("/proc/cpuinfo").exists():
+        assert vendor in Path("/proc/cpuinfo").read_text()
+        assert vendor
 
 
 def test_cpu_features_come_from_cpuinfo():

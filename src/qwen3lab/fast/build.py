@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..runspec import KERNEL_ENV, KERNEL_PATHS, KERNEL_SETS, available_paths, cpu_flags, kernel_choice
+from ..runspec import KERNEL_ENV, KERNEL_PATHS, KERNEL_SETS, available_paths, cpu_flags, kernel_choice, stream_prefetch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 HEADER = Path(__file__).with_name("simd.h")
@@ -108,7 +108,9 @@ def build(path: str):
     Tests use it to run every path the CPU has; the model uses kernels()."""
     assert path in PATHS, path
     if path not in _built:
-        _built[path] = build_source(path, SOURCE)
+        module = build_source(path, SOURCE)
+        module.set_stream_prefetch(stream_prefetch())  # InputError for a bad QWEN3LAB_PREFETCH
+        _built[path] = module
     return _built[path]
 
 
@@ -135,6 +137,7 @@ def kernels():
     with _lock:
         if not _state["tried"]:
             want = kernel_choice()  # InputError for a bad QWEN3LAB_KERNELS: raised, not turned into a fallback
+            stream_prefetch()  # the same for a bad QWEN3LAB_PREFETCH (build() sets it on the module)
             module, reason = None, None
             if want == "torch":
                 reason = f"turned off by {ENV}={os.environ.get(ENV, '').strip()}"

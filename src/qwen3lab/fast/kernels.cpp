@@ -147,6 +147,14 @@ struct WideW {
 #define QWEN3LAB_UNROLL1 4
 #endif
 constexpr int U1 = QWEN3LAB_UNROLL1;
+int64_t stream_pf = 0;  // bytes ahead
+
+// The lines of [p, p + n) + stream_pf, into L1 (nothing when stream_pf is 0).
+inline void stream_prefetch(const void* p, int64_t n) {
+  const int64_t d = stream_pf;
+  if (d <= 0) return;
+  for (int64_t b = 0; b < n; b += 64) __builtin_prefetch((const char*)p + d + b, 0, 3);
+}
 
 // The loop all weight types share: full chunks (a prefetch at each new cache line), then the tail.
 template <class Kern, int NR, int NM>
@@ -155,8 +163,10 @@ inline void stream_rows(const typename Kern::WT* Wp, int64_t K, const float* x, 
   int64_t k = 0;
   if constexpr (NR == 1 && NM == 1) {
     vf part[U1][1][1] = {};
-    for (; k + U1 * Kern::CH <= K; k += U1 * Kern::CH)
+    for (; k + U1 * Kern::CH <= K; k += U1 * Kern::CH) {
+      stream_prefetch(Wp + k, U1 * Kern::CH * (int64_t)sizeof(typename Kern::WT));
       for (int u = 0; u < U1; ++u) Kern::template step<1, 1, false>(Wp, K, k + u * Kern::CH, 0, x, ldx, part[u]);
+    }
     for (int u = 0; u < U1; ++u) acc[0][0] += part[u][0][0];
     for (; k + Kern::CH <= K; k += Kern::CH) Kern::template step<1, 1, false>(Wp, K, k, 0, x, ldx, acc);
     if (k < K) Kern::template step<1, 1, true>(Wp, K, k, K - k, x, ldx, acc);
@@ -310,10 +320,12 @@ inline void i8_block(const int8_t* Wp, int64_t K, const int16_t* x, int64_t ldx,
     int64_t k = k0;
     if constexpr (NR == 1 && NM == 1) {  // one row: a sequential stream, U1 accumulators (see stream_rows)
       vi part[U1] = {};
-      for (; k + U1 * 2 * W <= k1; k += U1 * 2 * W)
+      for (; k + U1 * 2 * W <= k1; k += U1 * 2 * W) {
+        stream_prefetch(Wp + k, U1 * 2 * W);
         for (int u = 0; u < U1; ++u)
           part[u] = madd(part[u], __builtin_convertvector(load<vb2>(Wp + k + u * 2 * W), vs2),
                          load<vs2>(x + k + u * 2 * W));
+      }
       for (int u = 0; u < U1; ++u) acc[0][0] += part[u];
     }
     for (; k < k1; k += 2 * W) {
@@ -1348,6 +1360,15 @@ double stream_read(const at::Tensor& t) {
   return double(total);
 }
 
+// The one-row streams' software prefetch distance in bytes (0: none, the hardware prefetcher alone); returns the
+// previous one. Set once at load (fast/build.py says why the best distance depends on the CPU).
+int64_t set_stream_prefetch(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= (1 << 20), "qwen3lab stream prefetch: 0 .. 1 MiB ahead, got ", bytes);
+  const int64_t old = stream_pf;
+  stream_pf = bytes;
+  return old;
+}
+
 // ---- entry points: activations of any leading shape ([..., C] -> [..., N]), see rows_of ------------------------
 at::Tensor linear_small(const at::Tensor& x, const at::Tensor& Wt, const c10::optional<at::Tensor>& scale) {
   return with_lead(linear_small_2d(rows_of(x), Wt, scale), x);
@@ -1424,6 +1445,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("BF16_DOT") = false;
 #endif
+  m.def("set_stream_prefetch", &set_stream_prefetch, "one-row streams' software prefetch distance (bytes)");
+  m.def("stream_prefetch", [] { return stream_pf; }, "the one-row streams' software prefetch distance (bytes)");
   m.def("stream_read", &stream_read, "read a tensor's bytes once (bandwidth probe)");
   m.def("argmax_rows", &argmax_rows, "first argmax of each row (NaN wins), as a list");
   m.def("rmsnorm", &rmsnorm, "RMSNorm(x) * w over rows");
