@@ -96,7 +96,7 @@ def test_kernel_set_is_read_and_checked(monkeypatch):
 
 def test_stream_prefetch_is_read_and_checked(monkeypatch):
     monkeypatch.delenv(runspec.PREFETCH_ENV, raising=False)
-    for vendor, want in (("GenuineIntel", 2048), ("AuthenticAMD", 0), ("", 0)):  # the measured table, else none
+    for vendor, want in (("GenuineIntel", 4096), ("AuthenticAMD", 0), ("", 0)):  # the measured table, else none
         monkeypatch.setattr(runspec, "cpu_vendor", lambda v=vendor: v)
         assert runspec.stream_prefetch() == want, vendor
     monkeypatch.setenv(runspec.PREFETCH_ENV, " 4096 ")

@@ -86,13 +86,13 @@ def cpu_vendor() -> str:
 
 # The one-row (decode) linears' software prefetch distance, bytes ahead of the loads: a fact of the CPU's
 # memory system that no feature flag tells. Measured on Qwen3-0.6B's 113 weights, 2 threads, interleaved with
-# a torch sum of 512 MiB (which reads about what the machine gives): on an Intel Xeon (Emerald Rapids) with
-# none, bf16 streams at 72 % of the sum, int8 at 57 %, fp32 at 93 %; 2 KiB ahead lifts them to 95 %, 88 %
-# and 103 % (4 KiB: the same within noise). On AMD Zen 4 the hardware prefetcher alone kept the decode
-# linears at 82 % of the sum while the kernels' own prefetching read (stream_read) reached only 66 %, so
-# other CPUs keep none. QWEN3LAB_PREFETCH=<bytes> overrides it (0: none).
+# a torch sum of 512 MiB (which reads about what the machine gives), medians of 8: on an Intel Xeon (Emerald
+# Rapids, AVX-512 + AMX) with none, bf16 streams at 74 % of the sum, int8 at 59 %, fp32 at 95 %; 2 KiB ahead
+# 95 %, 85 %, 102 %; 4 KiB ahead 98 %, 88 %, 107 % (8 KiB: as 4). On AMD Zen 4 the hardware prefetcher alone
+# kept the decode linears at 82 % of the sum while the kernels' own prefetching read (stream_read) reached only
+# 66 %, so other CPUs keep none. QWEN3LAB_PREFETCH=<bytes> overrides it (0: none).
 PREFETCH_ENV = "QWEN3LAB_PREFETCH"
-PREFETCH_BY_VENDOR = {"GenuineIntel": 2048}
+PREFETCH_BY_VENDOR = {"GenuineIntel": 4096}
 PREFETCH_MAX = 1 << 20
 
 

@@ -138,8 +138,9 @@ struct WideW {
 };
 
 // One weight row against one input row (a one-sequence decode step, bound by memory): each thread reads its band
-// of rows front to back as one sequential stream, which the hardware prefetcher follows by itself, so there is no
-// software prefetch; U1 chunks a step go to U1 independent accumulators, so the adds' latency does not cap the
+// of rows front to back as one sequential stream, which the hardware prefetcher follows by itself on AMD Zen 4;
+// Intel Xeons need a software prefetch far ahead as well (stream_pf, chosen per CPU at load: runspec.py's
+// stream_prefetch has the figures); U1 chunks a step go to U1 independent accumulators, so the adds' latency does not cap the
 // streaming speed. Qwen3-0.6B's 113 weights on Zen 4, 2 threads, 8-row blocks (the batched path's, 8 streams a
 // thread) -> one row, U1 = 4: bf16 52.7 -> 65.6 GB/s (avx512), 49.5 -> 59.9 (avx2), 40.5 -> 44.9 (portable);
 // float32 57.6 -> 73.6; int8 48.1 -> 58.0 (avx512). U1 = 2 was as fast on avx512, slower on avx2 and portable.
@@ -147,7 +148,7 @@ struct WideW {
 #define QWEN3LAB_UNROLL1 4
 #endif
 constexpr int U1 = QWEN3LAB_UNROLL1;
-int64_t stream_pf = 0;  // bytes ahead
+int64_t stream_pf = 0;  // bytes ahead the one-row streams prefetch (0: none), set_stream_prefetch
 
 // The lines of [p, p + n) + stream_pf, into L1 (nothing when stream_pf is 0).
 inline void stream_prefetch(const void* p, int64_t n) {
