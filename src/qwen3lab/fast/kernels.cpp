@@ -324,7 +324,7 @@ inline void i8_block(const int8_t* Wp, int64_t K, const int16_t* x, int64_t ldx,
       for (; k + U1 * 2 * W <= k1; k += U1 * 2 * W) {
         stream_prefetch(Wp + k, U1 * 2 * W);
         for (int u = 0; u < U1; ++u)
-          part[u] = madd(part[u], __builtin_convertvector(load<vb2>(Wp + k + u * 2 * W), vs2),
+          part[u] = madd(part[u], widen_i8(load<vb2>(Wp + k + u * 2 * W)),
                          load<vs2>(x + k + u * 2 * W));
       }
       for (int u = 0; u < U1; ++u) acc[0][0] += part[u];
@@ -334,7 +334,7 @@ inline void i8_block(const int8_t* Wp, int64_t K, const int16_t* x, int64_t ldx,
       const bool tail = k + 2 * W > K;
       vs2 w[NR];
       for (int r = 0; r < NR; ++r)
-        w[r] = __builtin_convertvector(tail ? load_n<vb2>(Wp + r * K + k, K - k) : load<vb2>(Wp + r * K + k), vs2);
+        w[r] = widen_i8(tail ? load_n<vb2>(Wp + r * K + k, K - k) : load<vb2>(Wp + r * K + k));
       for (int m = 0; m < NM; ++m) {
         const vs2 xv = load<vs2>(x + m * ldx + k);  // zero-padded past K
         for (int r = 0; r < NR; ++r) acc[r][m] = madd(acc[r][m], w[r], xv);
