@@ -62,3 +62,20 @@ def test_llama_cpp_peer_runs_for_real(tiny_model, capsys):
             ours[key]["tok_per_s"] / r["tok_per_s"], rel=1e-3)
     info = report["settings"]["peer"]["llama.cpp"]["bfloat16"]
     assert info["gguf"].endswith("-bf16.gguf") and info["kv_cache"] == "bf16"
+
+
+def test_a_peer_tool_killed_by_a_signal_is_named(tmp_path):
+    """A llama.cpp tool that dies of SIGILL prints nothing: the error names the signal and the way out."""
+    import sys
+
+    from qwen3lab.backends.gguf import run_tool
+    from qwen3lab.errors import InputError
+
+    cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    with pytest.raises(InputError) as e:
+        run_tool(cmd, "llama-bench -p 128")
+    msg = str(e.value)
+    assert "llama-bench -p 128 failed (killed by SIGILL: an instruction this CPU refuses" in msg, msg
+    assert "make peer" in msg, msg
+    with pytest.raises(InputError, match=r"failed \(exit 3\): boom"):
+        run_tool([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "llama-quantize")

@@ -14,7 +14,7 @@
 #   benchmarks/peers/build_llama_cpp.sh [CACHE_DIR]     (default: $QWEN3LAB_PEERS or ~/.cache/qwen3lab/peers)
 #
 # Leaves CACHE_DIR/llama.cpp -> llama.cpp-VERSION/{src,build/bin/{llama-bench,llama-quantize,llama-server,
-# libllama.so,...},VERSION}; a second run with the same version only re-checks the Python package.
+# libllama.so,...},VERSION}; a second run with the same version on the same CPU only re-checks the Python package.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 CACHE="${1:-${QWEN3LAB_PEERS:-$HOME/.cache/qwen3lab/peers}}"
@@ -23,10 +23,24 @@ LINK="$CACHE/llama.cpp"
 PY="${PYTHON:-python3}"
 TOOLS="llama-bench llama-quantize llama-server"
 
+# The CPU a native build is for: its feature flags. The cache outlives machines (a build for an AVX-512 CPU dies
+# with SIGILL on an AVX2 one), so a build whose CPU differs from this one is rebuilt.
+cpu_sig() {
+  { grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; } | cksum | cut -d' ' -f1
+}
+
 built() {
   for t in $TOOLS; do [ -x "$DEST/build/bin/$t" ] || return 1; done
-  [ -f "$DEST/build/bin/libllama.so" ] && [ "$(cat "$DEST/VERSION" 2>/dev/null)" = "$VERSION" ]
+  [ -f "$DEST/build/bin/libllama.so" ] && [ "$(cat "$DEST/VERSION" 2>/dev/null)" = "$VERSION" ] &&
+    [ "$(cat "$DEST/CPU" 2>/dev/null)" = "$(cpu_sig)" ]
 }
+
+# No AMX: this llama.cpp's AMX kernels (Q4_0 / Q8_0 on Intel Sapphire Rapids and later) die with SIGILL in their
+# worker threads on the Xeon VMs measured here (`tilezero` with no tile configuration loaded; upstream PR
+# ggml-org/llama.cpp#26954). Without them llama.cpp runs its AVX-512 VNNI repacked kernels for those types.
+# (Explicit -mno-* flags win over -march=native in GCC and Clang, whatever their order.)
+NO_AMX=""
+case "$(uname -m)" in x86_64|amd64) NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;; esac
 
 mkdir -p "$CACHE"
 tmp="$(mktemp -d "$CACHE/.download.XXXXXX")"
@@ -43,9 +57,11 @@ else
   mkdir -p "$DEST"
   cp -r "$sdist/vendor/llama.cpp" "$DEST/src"
   cmake -S "$DEST/src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=ON >/dev/null
   cmake --build "$DEST/build" --target llama $TOOLS -j "$(nproc)"
   echo "$VERSION" > "$DEST/VERSION"
+  cpu_sig > "$DEST/CPU"
   echo "llama.cpp (llama-cpp-python $VERSION) built in $DEST"
 fi
 ln -sfn "$(basename "$DEST")" "$LINK.new" && mv -T "$LINK.new" "$LINK"  # switch only to a complete build

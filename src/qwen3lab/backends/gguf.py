@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -89,7 +90,16 @@ def run_tool(cmd: list[str], what: str, env: dict[str, str] | None = None, timeo
         raise InputError(f"llama.cpp peer: {what} did not finish within {timeout:.0f} s") from None
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise InputError(f"llama.cpp peer: {what} failed (exit {res.returncode}): {' | '.join(tail)}")
+        how = f"exit {res.returncode}"
+        if res.returncode < 0:  # killed by a signal, often with nothing printed
+            try:
+                how = f"killed by {signal.Signals(-res.returncode).name}"
+            except ValueError:
+                how = f"killed by signal {-res.returncode}"
+            if res.returncode == -signal.SIGILL:
+                how += (": an instruction this CPU refuses (a build for another CPU? `make peer` rebuilds for "
+                        "this one)")
+        raise InputError(f"llama.cpp peer: {what} failed ({how}){': ' if tail else ''}{' | '.join(tail)}")
     return res.stdout
 
 
