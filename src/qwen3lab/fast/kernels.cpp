@@ -783,6 +783,14 @@ struct BF16T {
   static inline vf rnd(vf v) { return (vf)(bf16_bits(v) & 0xffff0000u); }
 };
 
+// D for rows whose length is a multiple of W (every Qwen3 head_dim): each load whole. The attention loops pass
+// the row's remaining length to D::ld, and the partial-vector branch behind it (a memcpy call) made GCC keep
+// their accumulators on the stack across every call it might make: a store and a reload per FMA.
+template <class D>
+struct WholeRows : D {
+  static inline vf ld(const typename D::T* p, int64_t) { return D::ld(p, W); }
+};
+
 template <class D>
 inline float sum_squares(const typename D::T* x, int64_t n) {
   vf acc = {};
@@ -1235,7 +1243,10 @@ at::Tensor attend_decode_2d(const at::Tensor& q, const at::Tensor& kn, const at:
                 "attend_decode: cache dtype or position out of range");
   }
   auto out = at::empty_like(q);
-  if (is_bf16(q)) attend_decode_impl<BF16T>(q, kn, vn, kc, vc, pos, scale, out);
+  const bool whole = q.size(2) % W == 0;
+  if (is_bf16(q) && whole) attend_decode_impl<WholeRows<BF16T>>(q, kn, vn, kc, vc, pos, scale, out);
+  else if (is_bf16(q)) attend_decode_impl<BF16T>(q, kn, vn, kc, vc, pos, scale, out);
+  else if (whole) attend_decode_impl<WholeRows<F32T>>(q, kn, vn, kc, vc, pos, scale, out);
   else attend_decode_impl<F32T>(q, kn, vn, kc, vc, pos, scale, out);
   return out;
 }
@@ -1274,7 +1285,10 @@ at::Tensor attend_paged_decode_2d(const at::Tensor& q, const at::Tensor& kn, con
                   " outside the pool's ", NB);
   }
   auto out = at::empty_like(q);
-  if (is_bf16(q)) attend_paged_impl<BF16T>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
+  const bool whole = q.size(2) % W == 0;
+  if (is_bf16(q) && whole) attend_paged_impl<WholeRows<BF16T>>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
+  else if (is_bf16(q)) attend_paged_impl<BF16T>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
+  else if (whole) attend_paged_impl<WholeRows<F32T>>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
   else attend_paged_impl<F32T>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
   return out;
 }
