@@ -144,10 +144,7 @@ struct WideW {
 // streaming speed. Qwen3-0.6B's 113 weights on Zen 4, 2 threads, 8-row blocks (the batched path's, 8 streams a
 // thread) -> one row, U1 = 4: bf16 52.7 -> 65.6 GB/s (avx512), 49.5 -> 59.9 (avx2), 40.5 -> 44.9 (portable);
 // float32 57.6 -> 73.6; int8 48.1 -> 58.0 (avx512). U1 = 2 was as fast on avx512, slower on avx2 and portable.
-#ifndef QWEN3LAB_UNROLL1
-#define QWEN3LAB_UNROLL1 4
-#endif
-constexpr int U1 = QWEN3LAB_UNROLL1;
+constexpr int U1 = 4;  // stream_rows spells its four accumulators out: keep the two in step
 int64_t stream_pf = 0;  // bytes ahead the one-row streams prefetch (0: none), set_stream_prefetch
 
 // The lines of [p, p + n) + stream_pf, into L1 (nothing when stream_pf is 0).
@@ -163,12 +160,22 @@ inline void stream_rows(const typename Kern::WT* Wp, int64_t K, const float* x, 
   constexpr int64_t per_line = 64 / sizeof(typename Kern::WT);
   int64_t k = 0;
   if constexpr (NR == 1 && NM == 1) {
-    vf part[U1][1][1] = {};
+    // four accumulators as four arrays, not one array of four: GCC 12 kept `vf part[U1][1][1]` on the stack (a
+    // store a step) and loaded each bf16 weight vector twice; as four it holds them in registers (1.02-1.03x
+    // the bf16 / fp32 decode stream on Zen 3 in benchmarks/ab_kernels.py, bit-identical sums)
+    static_assert(U1 == 4, "stream_rows runs four accumulators");
+    vf p0[1][1] = {}, p1[1][1] = {}, p2[1][1] = {}, p3[1][1] = {};
     for (; k + U1 * Kern::CH <= K; k += U1 * Kern::CH) {
       stream_prefetch(Wp + k, U1 * Kern::CH * (int64_t)sizeof(typename Kern::WT));
-      for (int u = 0; u < U1; ++u) Kern::template step<1, 1, false>(Wp, K, k + u * Kern::CH, 0, x, ldx, part[u]);
+      Kern::template step<1, 1, false>(Wp, K, k, 0, x, ldx, p0);
+      Kern::template step<1, 1, false>(Wp, K, k + Kern::CH, 0, x, ldx, p1);
+      Kern::template step<1, 1, false>(Wp, K, k + 2 * Kern::CH, 0, x, ldx, p2);
+      Kern::template step<1, 1, false>(Wp, K, k + 3 * Kern::CH, 0, x, ldx, p3);
     }
-    for (int u = 0; u < U1; ++u) acc[0][0] += part[u][0][0];
+    acc[0][0] += p0[0][0];
+    acc[0][0] += p1[0][0];
+    acc[0][0] += p2[0][0];
+    acc[0][0] += p3[0][0];
     for (; k + Kern::CH <= K; k += Kern::CH) Kern::template step<1, 1, false>(Wp, K, k, 0, x, ldx, acc);
     if (k < K) Kern::template step<1, 1, true>(Wp, K, k, K - k, x, ldx, acc);
     return;
