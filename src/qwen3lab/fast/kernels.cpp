@@ -790,16 +790,6 @@ struct BF16T {
   static inline vf rnd(vf v) { return (vf)(bf16_bits(v) & 0xffff0000u); }
 };
 
-// D for rows whose length is a multiple of W (Qwen3's head_dim, hidden and intermediate sizes): each load and
-// store whole. The row kernels pass the row's remaining length to D::ld / D::st, and the partial-vector branch
-// behind it (a memcpy call) made GCC keep e.g. the attention's p.V accumulators on the stack across every call
-// it might make: a store and a reload per FMA. Only for kernels whose every count is a row's remaining length.
-template <class D>
-struct WholeRows : D {
-  static inline vf ld(const typename D::T* p, int64_t) { return D::ld(p, W); }
-  static inline void st(typename D::T* p, vf v, int64_t) { D::st(p, v, W); }
-};
-
 template <class D>
 inline float sum_squares(const typename D::T* x, int64_t n) {
   vf acc = {};
@@ -1200,20 +1190,6 @@ bool is_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16;
 }
 
-// f(D{}) with D the row type of t's dtype (BF16T / F32T), as WholeRows<D> when rows of `row` elements are whole
-// vectors: the row kernels' (norm, RoPE, SiLU, attention) dispatch.
-template <class F>
-void by_rows(const at::Tensor& t, int64_t row, const F& f) {
-  const bool whole = row % W == 0;
-  if (is_bf16(t)) {
-    if (whole) f(WholeRows<BF16T>{});
-    else f(BF16T{});
-  } else {
-    if (whole) f(WholeRows<F32T>{});
-    else f(F32T{});
-  }
-}
-
 void check_c(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "qwen3lab kernel: ", what, " must be contiguous on CPU");
 }
@@ -1227,7 +1203,8 @@ at::Tensor rmsnorm_2d(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type(),
               "rmsnorm: x [M, D] and w [D] of one dtype, got ", x.sizes(), " and ", w.sizes());
   auto y = at::empty_like(x);
-  by_rows(x, x.size(1), [&](auto d) { rmsnorm_impl<decltype(d)>(x, w, y, eps); });
+  if (is_bf16(x)) rmsnorm_impl<BF16T>(x, w, y, eps);
+  else rmsnorm_impl<F32T>(x, w, y, eps);
   return y;
 }
 
@@ -1239,7 +1216,8 @@ at::Tensor rope_2d(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
               x.sizes(), " and ", cos.sizes());
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "rope: dtypes differ");
   auto out = at::empty_like(x);
-  by_rows(x, x.size(2), [&](auto d) { rope_impl<decltype(d)>(x, cos, sin, out); });
+  if (is_bf16(x)) rope_impl<BF16T>(x, cos, sin, out);
+  else rope_impl<F32T>(x, cos, sin, out);
   return out;
 }
 
@@ -1247,7 +1225,8 @@ at::Tensor rope_2d(const at::Tensor& x, const at::Tensor& cos, const at::Tensor&
 at::Tensor silu_mul_2d(const at::Tensor& gu) {
   check_c(gu, "gate_up");
   auto out = at::empty({gu.size(0), gu.size(1) / 2}, gu.options());
-  by_rows(gu, gu.size(1) / 2, [&](auto d) { silu_mul_impl<decltype(d)>(gu, out); });
+  if (is_bf16(gu)) silu_mul_impl<BF16T>(gu, out);
+  else silu_mul_impl<F32T>(gu, out);
   return out;
 }
 
@@ -1263,7 +1242,8 @@ at::Tensor attend_decode_2d(const at::Tensor& q, const at::Tensor& kn, const at:
                 "attend_decode: cache dtype or position out of range");
   }
   auto out = at::empty_like(q);
-  by_rows(q, q.size(2), [&](auto d) { attend_decode_impl<decltype(d)>(q, kn, vn, kc, vc, pos, scale, out); });
+  if (is_bf16(q)) attend_decode_impl<BF16T>(q, kn, vn, kc, vc, pos, scale, out);
+  else attend_decode_impl<F32T>(q, kn, vn, kc, vc, pos, scale, out);
   return out;
 }
 
@@ -1301,7 +1281,8 @@ at::Tensor attend_paged_decode_2d(const at::Tensor& q, const at::Tensor& kn, con
                   " outside the pool's ", NB);
   }
   auto out = at::empty_like(q);
-  by_rows(q, q.size(2), [&](auto d) { attend_paged_impl<decltype(d)>(q, kn, vn, kp, vp, tab, MB, ps, scale, out); });
+  if (is_bf16(q)) attend_paged_impl<BF16T>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
+  else attend_paged_impl<F32T>(q, kn, vn, kp, vp, tab, MB, ps, scale, out);
   return out;
 }
 
@@ -1440,9 +1421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope(
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "qk_norm_rope: every input in q's dtype ", q.scalar_type(),
                 ", got ", t->scalar_type());
   auto qn = at::empty_like(q), kn = at::empty_like(k), qr = at::empty_like(q), kr = at::empty_like(k);
-  by_rows(q, q.size(-1), [&](auto d) {
-    qk_norm_rope_impl<decltype(d)>(q, k, wq, wk, eps_q, eps_k, cos, sin, M, qn, kn, qr, kr);
-  });
+  if (is_bf16(q)) qk_norm_rope_impl<BF16T>(q, k, wq, wk, eps_q, eps_k, cos, sin, M, qn, kn, qr, kr);
+  else qk_norm_rope_impl<F32T>(q, k, wq, wk, eps_q, eps_k, cos, sin, M, qn, kn, qr, kr);
   return {qn, kn, qr, kr};
 }
 // gate_up [..., 2I] -> [..., I]

@@ -52,16 +52,29 @@ template <class V, class T>
 inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
-// The first n elements (n < the vector's), zeros after: the tails of rows whose length is not a multiple.
+// The first n elements (n <= the vector's), zeros after: the tails of rows whose length is not a multiple.
+// Copied as n's binary digits, each a fixed-size copy (a move or two), not one memcpy of n * sizeof(T) bytes:
+// GCC 12 makes that a libc call, and a call anywhere in a loop (even behind the branch a whole vector takes)
+// made it keep the loop's accumulators on the stack, e.g. the decode attention's p.V sums: a store and a
+// reload per FMA.
+template <int B, class T>
+inline void copy_digits(char* d, const char* s, int64_t n) {  // the elements of n's digits B, B/2, .., 1
+  if (n & B) {
+    std::memcpy(d, s, B * sizeof(T));
+    d += B * sizeof(T);
+    s += B * sizeof(T);
+  }
+  if constexpr (B > 1) copy_digits<B / 2, T>(d, s, n);
+}
 template <class V, class T>
 inline V load_n(const T* p, int64_t n) {
   V v = {};
-  std::memcpy(&v, p, n * sizeof(T));
+  copy_digits<sizeof(V) / sizeof(T), T>((char*)&v, (const char*)p, n);
   return v;
 }
 template <class V, class T>
 inline void store_n(T* p, V v, int64_t n) {
-  std::memcpy(p, &v, n * sizeof(T));
+  copy_digits<sizeof(V) / sizeof(T), T>((char*)p, (const char*)&v, n);
 }
 
 inline vf splat(float a) { return vf{} + a; }
