@@ -212,22 +212,51 @@ inline void run_block(const typename Kern::WT* Wp, int64_t K, const float* x, in
   }
 }
 
+// Input rows [m, m + nm) (nm <= NM) against NR weight rows.
+template <class Kern, int NR, int NM, class OT>
+inline void rows_some_m(const typename Kern::WT* Wp, int64_t K, const float* x, int64_t ldx, int64_t m, int64_t nm,
+                        const float* scale, OT* y, int64_t N) {
+  x += m * ldx;
+  y += m * N;
+  if (nm == NM) run_block<Kern, NR, NM>(Wp, K, x, ldx, scale, y, N);
+  if constexpr (NM > 1) {
+    if (nm == 1) run_block<Kern, NR, 1>(Wp, K, x, ldx, scale, y, N);
+  }
+  if constexpr (NM > 2) {
+    if (nm == 2) run_block<Kern, NR, 2>(Wp, K, x, ldx, scale, y, N);
+  }
+  if constexpr (NM > 3) {
+    if (nm == 3) run_block<Kern, NR, 3>(Wp, K, x, ldx, scale, y, N);
+  }
+}
+
 // All M input rows against NR weight rows, NM input rows at a time (fewer for the last ones).
 template <class Kern, int NR, int NM, class OT>
 inline void rows_all_m(const typename Kern::WT* Wp, int64_t K, const float* x, int64_t ldx, int64_t M,
                        const float* scale, OT* y, int64_t N) {
-  int64_t m = 0;
-  for (; m + NM <= M; m += NM) run_block<Kern, NR, NM>(Wp, K, x + m * ldx, ldx, scale, y + m * N, N);
-  const int64_t rest = M - m;
-  if constexpr (NM > 1) {
-    if (rest == 1) run_block<Kern, NR, 1>(Wp, K, x + m * ldx, ldx, scale, y + m * N, N);
+  for (int64_t m = 0; m < M; m += NM) rows_some_m<Kern, NR, NM>(Wp, K, x, ldx, m, std::min<int64_t>(NM, M - m), scale, y, N);
+}
+
+// Blocks [b, e) of NR weight rows against all M input rows. Weights narrower than the float32 inputs (bf16), more
+// than NM input rows: a run of blocks (about 128 KiB of weights, which L2 keeps) meets each group of NM input rows
+// in turn, so the group's rows stay in L1 across the run instead of all M rows passing through L1 for every block
+// (8 rows of 1024 float32 fill L1 by themselves). Batch-8 decode of Qwen3-0.6B's bf16 weights on Zen 3, 2 threads:
+// 1.06x in two runs of benchmarks/ab_kernels.py --rows 8 (~1.10x in cache, one thread). float32 weights lost
+// (0.88-0.92x): a block's own rows (8 KiB) are what L1 then keeps between the groups, and the order keeps that.
+template <class Kern, int NR, int NM, class OT>
+inline void blocks_all_m(const typename Kern::WT* Wp, int64_t K, const float* x, int64_t ldx, int64_t M,
+                         const float* scale, OT* y, int64_t N, int64_t b, int64_t e) {
+  if (M <= NM || sizeof(typename Kern::WT) >= sizeof(float)) {
+    for (int64_t i = b; i < e; ++i)
+      rows_all_m<Kern, NR, NM>(Wp + i * NR * K, K, x, ldx, M, scale ? scale + i * NR : nullptr, y + i * NR, N);
+    return;
   }
-  if constexpr (NM > 2) {
-    if (rest == 2) run_block<Kern, NR, 2>(Wp, K, x + m * ldx, ldx, scale, y + m * N, N);
-  }
-  if constexpr (NM > 3) {
-    if (rest == 3) run_block<Kern, NR, 3>(Wp, K, x + m * ldx, ldx, scale, y + m * N, N);
-  }
+  const int64_t run = std::max<int64_t>(1, (128 << 10) / (NR * K * (int64_t)sizeof(typename Kern::WT)));
+  for (int64_t r0 = b; r0 < e; r0 += run)
+    for (int64_t m = 0; m < M; m += NM)
+      for (int64_t i = r0; i < std::min(e, r0 + run); ++i)
+        rows_some_m<Kern, NR, NM>(Wp + i * NR * K, K, x, ldx, m, std::min<int64_t>(NM, M - m),
+                                  scale ? scale + i * NR : nullptr, y + i * NR, N);
 }
 
 // A zero-filled scratch buffer of n elements starting on a 64-byte boundary, in `v` (grown, never shrunk).
@@ -301,10 +330,7 @@ void small_m(const typename Kern::WT* Wp, int64_t N, int64_t K, const float* x, 
     constexpr int R = decltype(RR)::value, NM = decltype(NMc)::value;
     const int64_t nblk = N / R;
     // each thread a contiguous band of rows: one forward stream of weights per thread
-    at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        rows_all_m<Kern, R, NM>(Wp + i * R * K, K, x, ldx, M, scale ? scale + i * R : nullptr, y + i * R, N);
-    });
+    at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) { blocks_all_m<Kern, R, NM>(Wp, K, x, ldx, M, scale, y, N, b, e); });
     for (int64_t n = nblk * R; n < N; ++n)
       rows_all_m<Kern, 1, NM>(Wp + n * K, K, x, ldx, M, scale ? scale + n : nullptr, y + n, N);
   };
