@@ -64,7 +64,8 @@ SHAPES = [(1, 8, 3), (2, 40, 13), (3, 33, 9), (5, 1000, 64), (6, 100, 11), (7, 6
           (1, 1000, 19), (1, 2100, 9), (9, 2100, 67)]
 # (M, K, N): every remainder of the 2-, 4- and 8-row blocks of inputs and weights; one input row (its own loop: 4
 # chunks a step, then single chunks, then the tail; int8 across a 2048-column segment); bf16 weights in several
-# ~128 KiB runs of rows, each met by one group of input rows at a time (the last run partial)
+# ~128 KiB runs of rows, each met by one group of input rows at a time (the last run partial), its 2100 columns in
+# slices of 1024 (sums carried between them, the last slice with a tail)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
