@@ -250,7 +250,8 @@ inline void rows_some_m(const typename Kern::WT* Wp, int64_t K, const float* x, 
 template <class Kern, int NR, int NM, class OT>
 inline void rows_all_m(const typename Kern::WT* Wp, int64_t K, const float* x, int64_t ldx, int64_t M,
                        const float* scale, OT* y, int64_t N) {
-  for (int64_t m = 0; m < M; m += NM) rows_some_m<Kern, NR, NM>(Wp, K, x, ldx, m, std::min<int64_t>(NM, M - m), scale, y, N);
+  for (int64_t m = 0; m < M; m += NM)
+    rows_some_m<Kern, NR, NM>(Wp, K, x, ldx, m, std::min<int64_t>(NM, M - m), scale, y, N);
 }
 
 // Blocks [b, e) of NR weight rows against all M input rows. Weights narrower than the float32 inputs (bf16), more
@@ -358,7 +359,8 @@ void small_m(const typename Kern::WT* Wp, int64_t N, int64_t K, const float* x, 
     constexpr int R = decltype(RR)::value, NM = decltype(NMc)::value;
     const int64_t nblk = N / R;
     // each thread a contiguous band of rows: one forward stream of weights per thread
-    at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) { blocks_all_m<Kern, R, NM>(Wp, K, x, ldx, M, scale, y, N, b, e); });
+    at::parallel_for(0, nblk, 1,
+                     [&](int64_t b, int64_t e) { blocks_all_m<Kern, R, NM>(Wp, K, x, ldx, M, scale, y, N, b, e); });
     for (int64_t n = nblk * R; n < N; ++n)
       rows_all_m<Kern, 1, NM>(Wp + n * K, K, x, ldx, M, scale ? scale + n : nullptr, y + n, N);
   };
