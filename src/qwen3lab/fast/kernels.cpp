@@ -70,6 +70,7 @@ inline void prefetch_rows(const void* base, int64_t row_bytes) {
 struct Bf16W {
   using WT = uint16_t;
   static constexpr int CH = 2 * W;
+  static constexpr int XC = 1;  // columns a float of the x rows holds (a slice at column k0 starts at x + k0 / XC)
   template <int NR, int NM, bool TAIL>
   static inline void step(const uint16_t* Wp, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
                           vf (&acc)[NR][NM]) {
@@ -95,6 +96,7 @@ struct Bf16W {
 struct Bf16Dot {
   using WT = uint16_t;
   static constexpr int CH = 2 * W;
+  static constexpr int XC = 2;  // x rows are the input's bf16 pairs
   template <int NR, int NM, bool TAIL>
   static inline void step(const uint16_t* Wp, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
                           vf (&acc)[NR][NM]) {
@@ -125,6 +127,7 @@ template <class T>
 struct WideW {
   using WT = T;
   static constexpr int CH = W;
+  static constexpr int XC = 1;
   template <int NR, int NM, bool TAIL>
   static inline void step(const T* Wp, int64_t K, int64_t k, int64_t n, const float* x, int64_t ldx,
                           vf (&acc)[NR][NM]) {
@@ -155,7 +158,8 @@ inline void stream_prefetch(const void* p, int64_t n) {
 }
 
 // The loop all weight types share: full chunks (a prefetch at each new cache line), then the tail.
-// Columns [0, n) of rows of stride K (n < K: one slice of them, Wp and x pointing at its start; batches only).
+// Columns [0, n) of rows of stride K (n < K: one slice of them, Wp and x pointing at its start, x at column k0 / XC
+// of its rows; batches only).
 template <class Kern, int NR, int NM>
 inline void stream_rows(const typename Kern::WT* Wp, int64_t K, int64_t n, const float* x, int64_t ldx,
                         vf (&acc)[NR][NM]) {
@@ -198,21 +202,21 @@ inline void put(OT* y, float v) {
 // Where a block's columns are taken in slices: [k0, k0 + kn) this time, the vector sums carried from one slice to
 // the next in `part` (NR * NM vectors; nullptr: all K columns at once).
 struct Slice {
-  int64_t k0, kn;
+  int64_t k0, kn;  // kn < 0: to the end
   vf* part;
-  bool first, last;
 };
 
 // One block of NR weight rows x NM input rows: sums (times scale) written to y (fp32 or bf16, row stride N) after
 // the last slice. The sums per lane run over k in order whatever the slices, so slicing never changes a result.
 template <class Kern, int NR, int NM, class OT>
 inline void run_block(const typename Kern::WT* Wp, int64_t K, const float* x, int64_t ldx, const float* scale,
-                      OT* y, int64_t N, const Slice& sl = {0, -1, nullptr, true, true}) {
+                      OT* y, int64_t N, const Slice& sl = {0, -1, nullptr}) {
+  const int64_t kn = sl.kn < 0 ? K - sl.k0 : sl.kn;
   vf acc[NR][NM];
   for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < NM; ++m) acc[r][m] = sl.first ? vf{} : sl.part[r * NM + m];
-  stream_rows<Kern, NR, NM>(Wp + sl.k0, K, sl.kn < 0 ? K : sl.kn, x + sl.k0, ldx, acc);
-  if (!sl.last) {
+    for (int m = 0; m < NM; ++m) acc[r][m] = sl.k0 == 0 ? vf{} : sl.part[r * NM + m];
+  stream_rows<Kern, NR, NM>(Wp + sl.k0, K, kn, x + sl.k0 / Kern::XC, ldx, acc);
+  if (sl.k0 + kn < K) {
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < NM; ++m) sl.part[r * NM + m] = acc[r][m];
     return;
@@ -231,7 +235,7 @@ inline void run_block(const typename Kern::WT* Wp, int64_t K, const float* x, in
 // Input rows [m, m + nm) (nm <= NM) against NR weight rows.
 template <class Kern, int NR, int NM, class OT>
 inline void rows_some_m(const typename Kern::WT* Wp, int64_t K, const float* x, int64_t ldx, int64_t m, int64_t nm,
-                        const float* scale, OT* y, int64_t N, const Slice& sl = {0, -1, nullptr, true, true}) {
+                        const float* scale, OT* y, int64_t N, const Slice& sl = {0, -1, nullptr}) {
   x += m * ldx;
   y += m * N;
   if (nm == NM) run_block<Kern, NR, NM>(Wp, K, x, ldx, scale, y, N, sl);
@@ -277,7 +281,7 @@ inline void blocks_all_m(const typename Kern::WT* Wp, int64_t K, const float* x,
   if (nsl > 1 && int64_t(parts.size()) < run * groups * NR * NM) parts.resize(run * groups * NR * NM);
   for (int64_t r0 = b; r0 < e; r0 += run)
     for (int64_t j = 0; j < nsl; ++j) {
-      const Slice sl0 = {j * ks, std::min(ks, K - j * ks), nullptr, j == 0, j == nsl - 1};
+      const Slice sl0 = {j * ks, std::min(ks, K - j * ks), nullptr};
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t i = r0; i < std::min(e, r0 + run); ++i) {
           Slice sl = sl0;

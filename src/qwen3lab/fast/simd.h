@@ -56,9 +56,11 @@ inline void store(T* p, V v) {
 // Copied as n's binary digits, each a fixed-size copy (a move or two), not one memcpy of n * sizeof(T) bytes:
 // GCC 12 makes that a libc call, and a call anywhere in a loop (even behind the branch a whole vector takes)
 // made it keep the loop's accumulators on the stack, e.g. the decode attention's p.V sums: a store and a
-// reload per FMA.
+// reload per FMA. All three always inlined for the same reason: in a larger build of the linear kernels GCC
+// outlined copy_digits, then load_n (seen in the disassembly), which brings the call back into the loops.
+#define QWEN3LAB_INLINE __attribute__((always_inline)) inline
 template <int B, class T>
-inline void copy_digits(char* d, const char* s, int64_t n) {  // the elements of n's digits B, B/2, .., 1
+QWEN3LAB_INLINE void copy_digits(char* d, const char* s, int64_t n) {  // the elements of n's digits B, B/2, .., 1
   if (n & B) {
     std::memcpy(d, s, B * sizeof(T));
     d += B * sizeof(T);
@@ -67,13 +69,13 @@ inline void copy_digits(char* d, const char* s, int64_t n) {  // the elements of
   if constexpr (B > 1) copy_digits<B / 2, T>(d, s, n);
 }
 template <class V, class T>
-inline V load_n(const T* p, int64_t n) {
+QWEN3LAB_INLINE V load_n(const T* p, int64_t n) {
   V v = {};
   copy_digits<sizeof(V) / sizeof(T), T>((char*)&v, (const char*)p, n);
   return v;
 }
 template <class V, class T>
-inline void store_n(T* p, V v, int64_t n) {
+QWEN3LAB_INLINE void store_n(T* p, V v, int64_t n) {
   copy_digits<sizeof(V) / sizeof(T), T>((char*)p, (const char*)&v, n);
 }
 
