@@ -83,13 +83,15 @@ def test_stream_prefetch_never_changes_a_one_row_linear(k, dtype):
     before = k.stream_prefetch()
     try:
         ys = {}
-        for dist in (0, 64, 2048, 1 << 20):
-            assert k.set_stream_prefetch(dist) >= 0 and k.stream_prefetch() == dist
+        for dist in (0, 64, 2048, 1 << 20):  # both distances: this weight type's is one of them
+            k.set_stream_prefetch(dist, dist)
+            assert k.stream_prefetch() == (dist, dist)
             ys[dist] = k.linear_small(x, W, scale)
-        with pytest.raises(RuntimeError, match="0 .. 1 MiB ahead, got -1"):
-            k.set_stream_prefetch(-1)
+        for bad in ((-1, 0), (0, -1)):
+            with pytest.raises(RuntimeError, match="0 .. 1 MiB ahead, got -1"):
+                k.set_stream_prefetch(*bad)
     finally:
-        k.set_stream_prefetch(before)
+        k.set_stream_prefetch(*before)
     for dist, y in ys.items():
         assert torch.equal(y, ys[0]), (dist, (y.float() - ys[0].float()).abs().max())
     tol = INT8_X_REL if dtype == "int8" else 2 ** -8 if dtype == "bfloat16" else 1e-6

@@ -96,16 +96,25 @@ def test_kernel_set_is_read_and_checked(monkeypatch):
 
 def test_stream_prefetch_is_read_and_checked(monkeypatch):
     monkeypatch.delenv(runspec.PREFETCH_ENV, raising=False)
-    for vendor, want in (("GenuineIntel", 4096), ("AuthenticAMD", 0), ("", 0)):  # the measured table, else none
-        monkeypatch.setattr(runspec, "cpu_vendor", lambda v=vendor: v)
-        assert runspec.stream_prefetch() == want, vendor
+    info = {}
+    monkeypatch.setattr(runspec, "_cpuinfo", lambda field: info.get(field, ""))
+    # the measured table, else none: (weights narrower than float32, float32 weights)
+    cases = (("GenuineIntel", "6", "207", (4096, 4096)), ("AuthenticAMD", "25", "1", (1024, 0)),  # Zen 3 EPYC
+             ("AuthenticAMD", "25", "17", (0, 0)), ("AuthenticAMD", "23", "1", (0, 0)),  # Zen 4, Zen 1
+             ("AuthenticAMD", "", "", (0, 0)), ("", "", "", (0, 0)))
+    for vendor, family, model, want in cases:
+        info.update({"vendor_id": vendor, "cpu family": family, "model": model})
+        assert runspec.stream_prefetch() == want, (vendor, family, model)
     monkeypatch.setenv(runspec.PREFETCH_ENV, " 4096 ")
-    assert runspec.stream_prefetch() == 4096
+    assert runspec.stream_prefetch() == (4096, 4096)
+    monkeypatch.setenv(runspec.PREFETCH_ENV, "1024, 0")
+    assert runspec.stream_prefetch() == (1024, 0)
     monkeypatch.setenv(runspec.PREFETCH_ENV, "0")
-    assert runspec.stream_prefetch() == 0
-    for bad in ("2k", "-64", str(runspec.PREFETCH_MAX + 1)):
+    assert runspec.stream_prefetch() == (0, 0)
+    for bad in ("2k", "-64", str(runspec.PREFETCH_MAX + 1), "1024,", "1,2,3", "512,-1"):
         monkeypatch.setenv(runspec.PREFETCH_ENV, bad)
-        with pytest.raises(InputError, match=f"QWEN3LAB_PREFETCH must be a byte count from 0 to 1048576, got '{bad}'"):
+        with pytest.raises(InputError, match=f"QWEN3LAB_PREFETCH must be a byte count from 0 to 1048576, or two "
+                                             f"separated by a comma .*, got '{bad}'"):
             RunSpec.make()  # refused with the rest of the run's choices, before a file is read
     assert RunSpec.make(fast=False).fast is False  # the eager model has no kernels to set it on
 

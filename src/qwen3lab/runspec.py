@@ -84,31 +84,51 @@ def cpu_vendor() -> str:
     return _cpuinfo("vendor_id")
 
 
-# The one-row (decode) linears' software prefetch distance, bytes ahead of the loads: a fact of the CPU's
-# memory system that no feature flag tells. Measured on Qwen3-0.6B's 113 weights, 2 threads, interleaved with
-# a torch sum of 512 MiB (which reads about what the machine gives), medians of 8: on an Intel Xeon (Emerald
-# Rapids, AVX-512 + AMX) with none, bf16 streams at 74 % of the sum, int8 at 59 %, fp32 at 95 %; 2 KiB ahead
-# 95 %, 85 %, 102 %; 4 KiB ahead 98 %, 88 %, 107 % (8 KiB: as 4). On AMD Zen 4 the hardware prefetcher alone
-# kept the decode linears at 82 % of the sum while the kernels' own prefetching read (stream_read) reached only
-# 66 %, so other CPUs keep none. QWEN3LAB_PREFETCH=<bytes> overrides it (0: none).
+# The one-row (decode) linears' software prefetch distances, bytes ahead of the loads: a fact of the CPU's
+# memory system that no feature flag tells, kept as two numbers, for weights narrower than float32 (bf16, int8:
+# more instructions a byte, so the out-of-order window alone keeps fewer lines in flight) and for float32
+# weights. Measured on Qwen3-0.6B's 113 weights, 2 threads, interleaved with a torch sum of 512 MiB (which reads
+# about what the machine gives), medians of 8: on an Intel Xeon (Emerald Rapids, AVX-512 + AMX) with none, bf16
+# streams at 74 % of the sum, int8 at 59 %, fp32 at 95 %; 2 KiB ahead 95 %, 85 %, 102 %; 4 KiB ahead 98 %,
+# 88 %, 107 % (8 KiB: as 4). On AMD Zen 4 the hardware prefetcher alone kept the decode linears at 82 % of the
+# sum while the kernels' own prefetching read (stream_read) reached only 66 %. On AMD Zen 3 (EPYC, family 25
+# model 1; 2 threads, 9-15 interleaved passes, two runs each) 1 KiB ahead took bf16 from 30.8-31.8 to 32.8-35.9
+# GB/s and int8 from 29.6 to 31.5-31.6 (768 B as good, 1.5-4 KiB less), a whole decode step 1.09x (bf16) and
+# 1.08x (int8) in 8 interleaved rounds; fp32 lost (36.9 -> 32.2 GB/s), so it keeps none. Other CPUs keep none.
+# QWEN3LAB_PREFETCH=<bytes> sets both distances, <narrow>,<float32> each (0: none).
 PREFETCH_ENV = "QWEN3LAB_PREFETCH"
-PREFETCH_BY_VENDOR = {"GenuineIntel": 4096}
+# (vendor, cpu family, first model, last model) -> (narrow, float32); None matches any family / model
+PREFETCH_BY_CPU = {("GenuineIntel", None, None, None): (4096, 4096), ("AuthenticAMD", 25, 0x00, 0x0F): (1024, 0)}
 PREFETCH_MAX = 1 << 20
 
 
-def stream_prefetch() -> int:
-    """Bytes ahead the one-row linears prefetch on this CPU (0: none): QWEN3LAB_PREFETCH, else the vendor's
-    measured distance. A value that is not an integer in 0 .. 1 MiB: InputError, one line."""
+def _int(s: str) -> int | None:
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+def _measured_prefetch() -> tuple[int, int]:
+    vendor, family, model = cpu_vendor(), _int(_cpuinfo("cpu family")), _int(_cpuinfo("model"))
+    for (v, fam, lo, hi), dist in PREFETCH_BY_CPU.items():
+        if v == vendor and fam in (None, family) and (lo is None or (model is not None and lo <= model <= hi)):
+            return dist
+    return (0, 0)
+
+
+def stream_prefetch() -> tuple[int, int]:
+    """Bytes ahead the one-row linears prefetch on this CPU, (weights narrower than float32, float32 weights);
+    0: none. QWEN3LAB_PREFETCH (one number for both, or two separated by a comma), else the table above. A value
+    that is not an integer in 0 .. 1 MiB: InputError, one line."""
     v = os.environ.get(PREFETCH_ENV, "").strip()
     if not v:
-        return PREFETCH_BY_VENDOR.get(cpu_vendor(), 0)
-    try:
-        n = int(v)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= PREFETCH_MAX:
-        raise InputError(f"{PREFETCH_ENV} must be a byte count from 0 to {PREFETCH_MAX}, got {v!r}")
-    return n
+        return _measured_prefetch()
+    parts = [_int(p.strip()) for p in v.split(",")]
+    if len(parts) > 2 or any(n is None or not 0 <= n <= PREFETCH_MAX for n in parts):
+        raise InputError(f"{PREFETCH_ENV} must be a byte count from 0 to {PREFETCH_MAX}, or two separated by a "
+                         f"comma (bf16 / int8 weights, float32 weights), got {v!r}")
+    return (parts[0], parts[-1])
 
 
 def missing(path: str) -> set[str]:

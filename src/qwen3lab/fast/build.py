@@ -109,7 +109,7 @@ def build(path: str):
     assert path in PATHS, path
     if path not in _built:
         module = build_source(path, SOURCE)
-        module.set_stream_prefetch(stream_prefetch())  # InputError for a bad QWEN3LAB_PREFETCH
+        module.set_stream_prefetch(*stream_prefetch())  # InputError for a bad QWEN3LAB_PREFETCH
         _built[path] = module
     return _built[path]
 

@@ -142,17 +142,21 @@ struct WideW {
 
 // One weight row against one input row (a one-sequence decode step, bound by memory): each thread reads its band
 // of rows front to back as one sequential stream, which the hardware prefetcher follows by itself on AMD Zen 4;
-// Intel Xeons need a software prefetch far ahead as well (stream_pf, chosen per CPU at load: runspec.py's
+// Intel Xeons and Zen 3 need a software prefetch ahead as well (stream_pf, chosen per CPU at load: runspec.py's
 // stream_prefetch has the figures); U1 chunks a step go to U1 independent accumulators, so the adds' latency does not cap the
 // streaming speed. Qwen3-0.6B's 113 weights on Zen 4, 2 threads, 8-row blocks (the batched path's, 8 streams a
 // thread) -> one row, U1 = 4: bf16 52.7 -> 65.6 GB/s (avx512), 49.5 -> 59.9 (avx2), 40.5 -> 44.9 (portable);
 // float32 57.6 -> 73.6; int8 48.1 -> 58.0 (avx512). U1 = 2 was as fast on avx512, slower on avx2 and portable.
 constexpr int U1 = 4;  // stream_rows spells its four accumulators out: keep the two in step
-int64_t stream_pf = 0;  // bytes ahead the one-row streams prefetch (0: none), set_stream_prefetch
+// Bytes ahead the one-row streams prefetch (0: none), set_stream_prefetch: one distance for weights narrower than
+// float32 (bf16, int8: more instructions a byte, so fewer lines in flight from the out-of-order window alone)
+// and one for float32 weights; on Zen 3 the first gains from 1 KiB ahead and the second loses (runspec.py).
+int64_t stream_pf = 0, stream_pf_f32 = 0;
 
-// The lines of [p, p + n) + stream_pf, into L1 (nothing when stream_pf is 0).
-inline void stream_prefetch(const void* p, int64_t n) {
-  const int64_t d = stream_pf;
+// The lines of [p, p + n) + the distance for weights of type T, into L1 (nothing when it is 0).
+template <class T>
+inline void stream_prefetch(const T* p, int64_t n) {
+  const int64_t d = sizeof(T) >= 4 ? stream_pf_f32 : stream_pf;
   if (d <= 0) return;
   for (int64_t b = 0; b < n; b += 64) __builtin_prefetch((const char*)p + d + b, 0, 3);
 }
@@ -1449,13 +1453,14 @@ double stream_read(const at::Tensor& t) {
   return double(total);
 }
 
-// The one-row streams' software prefetch distance in bytes (0: none, the hardware prefetcher alone); returns the
-// previous one. Set once at load (fast/build.py says why the best distance depends on the CPU).
-int64_t set_stream_prefetch(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0 && bytes <= (1 << 20), "qwen3lab stream prefetch: 0 .. 1 MiB ahead, got ", bytes);
-  const int64_t old = stream_pf;
-  stream_pf = bytes;
-  return old;
+// The one-row streams' software prefetch distances in bytes (0: none, the hardware prefetcher alone): weights
+// narrower than float32, and float32 weights. Set once at load (runspec.py's stream_prefetch says why the best
+// distances depend on the CPU).
+void set_stream_prefetch(int64_t narrow, int64_t f32) {
+  for (int64_t b : {narrow, f32})
+    TORCH_CHECK(b >= 0 && b <= (1 << 20), "qwen3lab stream prefetch: 0 .. 1 MiB ahead, got ", b);
+  stream_pf = narrow;
+  stream_pf_f32 = f32;
 }
 
 // ---- entry points: activations of any leading shape ([..., C] -> [..., N]), see rows_of ------------------------
@@ -1534,8 +1539,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("BF16_DOT") = false;
 #endif
-  m.def("set_stream_prefetch", &set_stream_prefetch, "one-row streams' software prefetch distance (bytes)");
-  m.def("stream_prefetch", [] { return stream_pf; }, "the one-row streams' software prefetch distance (bytes)");
+  m.def("set_stream_prefetch", &set_stream_prefetch,
+        "one-row streams' software prefetch distances (bytes): weights narrower than float32, float32 weights");
+  m.def("stream_prefetch", [] { return std::make_tuple(stream_pf, stream_pf_f32); },
+        "the one-row streams' software prefetch distances (bytes): (narrower than float32, float32)");
   m.def("stream_read", &stream_read, "read a tensor's bytes once (bandwidth probe)");
   m.def("argmax_rows", &argmax_rows, "first argmax of each row (NaN wins), as a list");
   m.def("rmsnorm", &rmsnorm, "RMSNorm(x) * w over rows");

@@ -75,8 +75,9 @@ def describe(model) -> dict[str, str]:
     if weights == "bf16" and lk is not None and getattr(lk, "BF16_DOT", False):
         weights = "bf16dot"  # AVX512-BF16's vdpbf16ps (kernels.cpp Bf16Dot)
     linear = f"{lk.PATH}-{weights}" if lk is not None else f"torch-{weights}" if quant else "torch"
-    if lk is not None and quant != "int4" and lk.stream_prefetch() > 0:  # one-row decode streams (runspec.py)
-        linear += f"+pf{lk.stream_prefetch()}"
+    pf = lk.stream_prefetch()[1 if weights == "f32" else 0] if lk is not None else 0
+    if quant != "int4" and pf > 0:  # the one-row decode streams' distance for these weights (runspec.py)
+        linear += f"+pf{pf}"
     attn = next((m for m in leaves if hasattr(m, "sdpa_dtype")), None)  # the attention leaf owns the rule
     sdpa = "sdpa-f32" if attn is not None and attn.sdpa_dtype(model.dtype) == torch.float32 else "sdpa"
     kinds = {"linear": linear, "norm": path, "rope": path, "silu_mul": path,
