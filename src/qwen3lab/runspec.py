@@ -110,6 +110,7 @@ def _int(s: str) -> int | None:
 
 
 def _measured_prefetch() -> tuple[int, int]:
+    """PREFETCH_BY_CPU's distances for this CPU (the first entry that matches), else none."""
     vendor, family, model = cpu_vendor(), _int(_cpuinfo("cpu family")), _int(_cpuinfo("model"))
     for (v, fam, lo, hi), dist in PREFETCH_BY_CPU.items():
         if v == vendor and fam in (None, family) and (lo is None or (model is not None and lo <= model <= hi)):

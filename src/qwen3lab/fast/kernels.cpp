@@ -665,10 +665,11 @@ bool q4_linear(const at::Tensor& x, const uint8_t* Wp, int64_t N, int64_t K, con
   const vi* bp = bias.data();
   auto run = [&](auto BPGc) {
     constexpr int BPG = decltype(BPGc)::value;
-    // accumulators: NR * NM float32 vectors + NM int32 group sums + BV unpacked weights (16 ymm / 32 zmm)
     // One input row (decode of one sequence): one weight row at a time, so each thread reads its band as one
     // sequential stream, as the other weight types' one-row decode does; 8 rows side by side (8 streams a
     // thread) ran 0.82-0.90x as fast (Zen 3, avx2: 60 weights of [3072, 1024], 1 and 2 threads).
+    // Batches: blocks of NR weight rows x NM input rows, as many as the registers hold: NR * NM float32
+    // accumulators + NM int32 group sums + BV unpacked weights (16 ymm / 32 zmm).
     if (M == 1) {
       q4_all<1, 1, BPG>(Wp, N, K, sc, xp, ldx, bp, xs, M, y);
     } else if constexpr (W >= 16) {
