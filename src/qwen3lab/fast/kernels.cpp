@@ -990,7 +990,8 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
 // scores[r, s] = q[r] . K[s] for NR heads over n keys, 4 at a time (q rows float32, already scaled, zero-padded
 // to a multiple of W; key tails load as zeros), prefetching the same rows of `next`: the next block a paged
 // sequence reads (blocks lie apart in the pool, where no hardware prefetcher follows), or 16 keys ahead.
-template <class D, int NR>
+// FULL: Dh a multiple of W, so every key load is a whole vector with no length check.
+template <class D, int NR, bool FULL = false>
 inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t n, int64_t Dh, const float* q,
                      int64_t ldq, float* sc, int64_t lds) {
   const int64_t row_bytes = Dh * int64_t(sizeof(typename D::T));
@@ -1000,11 +1001,14 @@ inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t 
     vf acc[4][NR];
     for (int j = 0; j < 4; ++j)
       for (int r = 0; r < NR; ++r) acc[j][r] = vf{};
-    for (int64_t c = 0; c < Dh; c += W)
+    for (int64_t c = 0; c < Dh; c += W) {
+      vf qv[NR];
+      for (int r = 0; r < NR; ++r) qv[r] = load<vf>(q + r * ldq + c);
       for (int j = 0; j < 4; ++j) {
-        const vf kv = D::ld(K + (s + j) * Dh + c, Dh - c);
-        for (int r = 0; r < NR; ++r) acc[j][r] = fmadd(load<vf>(q + r * ldq + c), kv, acc[j][r]);
+        const vf kv = D::ld(K + (s + j) * Dh + c, FULL ? W : Dh - c);
+        for (int r = 0; r < NR; ++r) acc[j][r] = fmadd(qv[r], kv, acc[j][r]);
       }
+    }
     for (int r = 0; r < NR; ++r) {
       float out[4];
       hsum4(acc[0][r], acc[1][r], acc[2][r], acc[3][r], out);
@@ -1023,16 +1027,19 @@ inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t 
 template <class D, int NR>
 inline void qk_rows(const typename D::T* K, int64_t S, int64_t Dh, const float* q, int64_t ldq, float* sc,
                     int64_t lds) {
-  qk_block<D, NR>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds);
+  if (Dh % W == 0) qk_block<D, NR, true>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds);
+  else qk_block<D, NR, false>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds);
 }
 
 // a[r][c] += p[r * ldp] * Vrow[c0 + c*W ..] for NR heads: one key position's values (nc whole or partial vectors
-// of the row from column c0), what both decode attentions' p.V loops do at each position.
-template <class D, int NR, int CB>
+// of the row from column c0), what both decode attentions' p.V loops do at each position. FULL: the CB vectors
+// from c0 are all whole (nc = CB), so every load is a plain vector load with no length check.
+template <class D, int NR, int CB, bool FULL = false>
 inline void pv_add_row(const typename D::T* Vrow, int64_t Dh, int64_t c0, int64_t nc, const float* p, int64_t ldp,
                        vf (&a)[NR][CB]) {
   vf vv[CB];
-  for (int c = 0; c < CB; ++c) vv[c] = c < nc ? D::ld(Vrow + c0 + c * W, Dh - c0 - c * W) : vf{};
+  for (int c = 0; c < CB; ++c)
+    vv[c] = FULL ? D::ld(Vrow + c0 + c * W, W) : c < nc ? D::ld(Vrow + c0 + c * W, Dh - c0 - c * W) : vf{};
   for (int r = 0; r < NR; ++r) {
     const vf pr = splat(p[r * ldp]);
     for (int c = 0; c < CB; ++c) a[r][c] = fmadd(pr, vv[c], a[r][c]);
@@ -1041,28 +1048,34 @@ inline void pv_add_row(const typename D::T* Vrow, int64_t Dh, int64_t c0, int64_
 
 // out[r, c0 .. c0 + CB*W) = sum_s p[r, s] * V[s, c0 ..] for NR heads: every accumulator in registers
 // (NR * CB of them), one pass over these columns of V, summed over s in order.
-template <class D, int NR, int CB>
+// FULL: as pv_paged_cols's.
+template <class D, int NR, int CB, bool FULL>
 inline void pv_cols(const typename D::T* V, int64_t S, int64_t Dh, int64_t c0, const float* p, int64_t ldp,
                     typename D::T* o) {
   vf a[NR][CB];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < CB; ++c) a[r][c] = vf{};
-  const int64_t nc = std::min<int64_t>(CB, (Dh - c0 + W - 1) / W);  // whole or partial vectors left in the row
+  // whole or partial vectors left in the row
+  const int64_t nc = FULL ? CB : std::min<int64_t>(CB, (Dh - c0 + W - 1) / W);
   for (int64_t s = 0; s < S; ++s) {
     __builtin_prefetch((const char*)(V + (s + 16) * Dh + c0), 0, 3);
-    pv_add_row<D, NR, CB>(V + s * Dh, Dh, c0, nc, p + s, ldp, a);
+    pv_add_row<D, NR, CB, FULL>(V + s * Dh, Dh, c0, nc, p + s, ldp, a);
   }
   for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < nc; ++c) D::st(o + r * Dh + c0 + c * W, a[r][c], Dh - c0 - c * W);
+    for (int c = 0; c < CB; ++c)
+      if (c < nc) D::st(o + r * Dh + c0 + c * W, a[r][c], FULL ? W : Dh - c0 - c * W);
 }
 
 template <class D>
 inline void pv_heads(const typename D::T* V, int64_t S, int64_t Dh, const float* p, int64_t R, typename D::T* o) {
   constexpr int CB = W >= 16 ? 8 : 4;  // 128 / 64 columns of V at a time, 2 heads: 16 / 8 accumulators
   for (int64_t c0 = 0; c0 < Dh; c0 += CB * W) {
+    const bool full = Dh - c0 >= CB * W;
     int64_t r = 0;
-    for (; r + 2 <= R; r += 2) pv_cols<D, 2, CB>(V, S, Dh, c0, p + r * S, S, o + r * Dh);
-    for (; r < R; ++r) pv_cols<D, 1, CB>(V, S, Dh, c0, p + r * S, S, o + r * Dh);
+    for (; r + 2 <= R; r += 2)
+      (full ? pv_cols<D, 2, CB, true> : pv_cols<D, 2, CB, false>)(V, S, Dh, c0, p + r * S, S, o + r * Dh);
+    for (; r < R; ++r)
+      (full ? pv_cols<D, 1, CB, true> : pv_cols<D, 1, CB, false>)(V, S, Dh, c0, p + r * S, S, o + r * Dh);
   }
 }
 
@@ -1140,24 +1153,31 @@ void attend_decode_impl(const at::Tensor& q, const at::Tensor& kn, const at::Ten
 constexpr int PFB = QWEN3LAB_PFB;  // blocks ahead to prefetch
 // acc[r, c0 .. c0 + CB*W) += sum_s p[r, s] * V[s, c0 ..] over the n keys of one chunk, whose rows lie in blocks
 // (Vb[j]: block j's rows for this head, bs of them, [bs, Dh]); accumulators in registers over the whole chunk.
-template <class D, int NR, int CB>
+// FULL (CB whole vectors from c0, as head_dim 128 gives): every count a constant, so the accumulators stay in
+// registers; with a run-time count GCC 12 kept them on the stack, a store of each per key (seen in the
+// disassembly), and p.V took ~60 cycles a key per KV head on Zen 3 for 2 heads x 128 values (~40 with FULL).
+template <class D, int NR, int CB, bool FULL>
 inline void pv_paged_cols(const typename D::T* const* Vb, int64_t bs, int64_t n, int64_t Dh, int64_t c0,
                           const float* p, int64_t ldp, float* acc, int64_t lda) {
   vf a[NR][CB];
-  const int64_t nc = std::min<int64_t>(CB, (Dh - c0 + W - 1) / W);
+  const int64_t nc = FULL ? CB : std::min<int64_t>(CB, (Dh - c0 + W - 1) / W);
+  const int64_t col_bytes = nc * W * int64_t(sizeof(typename D::T));  // these columns of one row
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < CB; ++c) a[r][c] = c < nc ? load<vf>(acc + r * lda + c0 + c * W) : vf{};
   for (int64_t j = 0, s = 0; s < n; ++j) {
     const typename D::T* V = Vb[j];
     const typename D::T* next = Vb[j + PFB];  // the next block's rows, prefetched as this one's are read
-    for (int64_t t = 0; t < bs && s < n; ++t, ++s) {
-      for (int64_t l = 0; l < nc * W * int64_t(sizeof(typename D::T)); l += 64)  // every line of these columns
+    const int64_t nn = std::min(bs, n - s);
+    for (int64_t t = 0; t < nn; ++t) {
+      for (int64_t l = 0; l < col_bytes; l += 64)  // every line of these columns
         __builtin_prefetch((const char*)(next + t * Dh + c0) + l, 0, 3);
-      pv_add_row<D, NR, CB>(V + t * Dh, Dh, c0, nc, p + s, ldp, a);
+      pv_add_row<D, NR, CB, FULL>(V + t * Dh, Dh, c0, nc, p + s + t, ldp, a);
     }
+    s += nn;
   }
   for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < nc; ++c) store(acc + r * lda + c0 + c * W, a[r][c]);
+    for (int c = 0; c < CB; ++c)
+      if (c < nc) store(acc + r * lda + c0 + c * W, a[r][c]);
 }
 
 // x[i] = exp(x[i] - m) over n float32 scores, in place; returns their sum
@@ -1242,8 +1262,12 @@ void attend_paged_impl(const at::Tensor& q, const at::Tensor& kn, const at::Tens
           const int64_t nn = std::min(bs, n - j * bs);
           float* scj = sc.data() + j * bs;
           int64_t r = 0;
-          for (; r + 2 <= R; r += 2) qk_block<D, 2>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH);
-          for (; r < R; ++r) qk_block<D, 1>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH);
+          for (; r + 2 <= R; r += 2)
+            (Dh % W == 0 ? qk_block<D, 2, true> : qk_block<D, 2, false>)(Kb[j], Kb[j + PFB], nn, Dh,
+                                                                          qf.data() + r * ldq, ldq, scj + r * CH, CH);
+          for (; r < R; ++r)
+            (Dh % W == 0 ? qk_block<D, 1, true> : qk_block<D, 1, false>)(Kb[j], Kb[j + PFB], nn, Dh,
+                                                                          qf.data() + r * ldq, ldq, scj + r * CH, CH);
         }
         for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was summed under the old max
           const float mnew = std::max(m[r], max_row(sc.data() + r * CH, n));
@@ -1254,11 +1278,14 @@ void attend_paged_impl(const at::Tensor& q, const at::Tensor& kn, const at::Tens
             for (int64_t c = 0; c < ldq; c += W) store(acc.data() + r * ldq + c, load<vf>(acc.data() + r * ldq + c) * alpha);
         }
         for (int64_t c0 = 0; c0 < Dh; c0 += CB * W) {
+          const bool full = Dh - c0 >= CB * W;
           int64_t r = 0;
           for (; r + 2 <= R; r += 2)
-            pv_paged_cols<D, 2, CB>(Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
+            (full ? pv_paged_cols<D, 2, CB, true> : pv_paged_cols<D, 2, CB, false>)(
+                Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
           for (; r < R; ++r)
-            pv_paged_cols<D, 1, CB>(Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
+            (full ? pv_paged_cols<D, 1, CB, true> : pv_paged_cols<D, 1, CB, false>)(
+                Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
         }
       }
       for (int64_t r = 0; r < R; ++r) {
