@@ -45,6 +45,11 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @cached_property
+    def layer_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values, [NB, Hkv, bs, Dh] views made once (not two per layer a decode step)."""
+        return list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
+
     @staticmethod
     def block_bytes(cfg, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
         """Bytes one block takes (keys and values of every layer; num_kv_heads: a tensor-parallel rank's share)."""
@@ -213,7 +218,11 @@ class PagedDecode:
 
     def layer(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Layer i of the pool(s), [NB, Hkv, bs, Dh] each: what the kernel reads and writes."""
-        return [p.k[i] for p in self.pools], [p.v[i] for p in self.pools]
+        if self.shared:
+            k, v = self.pools[0].layer_views[i]
+            return [k], [v]
+        views = [p.layer_views[i] for p in self.pools]
+        return [k for k, _ in views], [v for _, v in views]
 
     @cached_property
     def gather_index(self) -> tuple[torch.Tensor, ...]:

@@ -89,11 +89,15 @@ class RMSNorm(nn.Module):
         return w * h.to(dt)  # weight applied in the model dtype, as HF does
 
 
-def _is_kernel_norm(mod: nn.Module, kernel, dtype: torch.dtype) -> bool:
-    """Whether `mod` is an RMSNorm kernel leaf on `kernel`, its weight in `dtype`, with no hook or patched
-    forward: a fused leaf may then do its work in the same kernel call (nothing that would have run is skipped)."""
-    return (type(mod) is RMSNorm and mod.kernel is kernel and "forward" not in mod.__dict__
-            and not (mod._forward_hooks or mod._forward_pre_hooks) and mod.weight.dtype == dtype)
+def _kernel_norm_weight(mod: nn.Module, kernel, dtype: torch.dtype) -> torch.Tensor | None:
+    """`mod`'s weight if it is an RMSNorm kernel leaf on `kernel`, its weight in `dtype`, with no hook or patched
+    forward (a fused leaf may then do its work in the same kernel call: nothing that would have run is skipped);
+    else None."""
+    if type(mod) is not RMSNorm or mod.kernel is not kernel or "forward" in mod.__dict__ \
+            or mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    w = mod.weight
+    return w if w.dtype == dtype else None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +121,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, gate_up: torch.Tensor | None 
     return F.silu(gate) * up
 
 
+def silu_mul_fused(gate_up: torch.Tensor, kernel=None) -> torch.Tensor:
+    """silu_mul of the two halves of gate_up [..., 2I] -> [..., I]; the kernel takes gate_up as it is."""
+    if _on_kernel(kernel, gate_up, gate_up):
+        return kernel.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class Qwen3MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers tap gate/up/act; experts (names None) do not."""
 
@@ -130,17 +142,21 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # [2I, D] fused by fast.optimize; gate/up are its row views
 
     def forward(self, x: torch.Tensor, names: Mapping[str, str] | None = None) -> torch.Tensor:
-        gu = None
-        if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)  # [..., I] each
+        fused = self.gate_up_proj
+        if fused is not None and (names is None or not _taps.active()):
+            act = silu_mul_fused(fused(x), self.kernel)  # no tap to offer gate / up to: their views are not made
         else:
-            gu = self.gate_up_proj(x)  # [..., 2I]: one weight stream instead of two
-            gate, up = gu.chunk(2, dim=-1)
-        if names is not None:
-            g, u = tap(names["gate"], gate), tap(names["up"], up)  # [1, N, I]
-            if g is not gate or u is not up:  # grafted: the halves are no longer the fused output's
-                gate, up, gu = g, u, None
-        act = silu_mul(gate, up, gu, self.kernel)
+            gu = None
+            if fused is None:
+                gate, up = self.gate_proj(x), self.up_proj(x)  # [..., I] each
+            else:
+                gu = fused(x)  # [..., 2I]: one weight stream instead of two
+                gate, up = gu.chunk(2, dim=-1)
+            if names is not None:
+                g, u = tap(names["gate"], gate), tap(names["up"], up)  # [1, N, I]
+                if g is not gate or u is not up:  # grafted: the halves are no longer the fused output's
+                    gate, up, gu = g, u, None
+            act = silu_mul(gate, up, gu, self.kernel)
         if names is not None:
             act = tap(names["act"], act)  # [1, N, I]
         return self.down_proj(act)
@@ -207,20 +223,25 @@ class Qwen3Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # [(Hq+2Hkv)Dh, D] fused by fast.optimize; q/k/v are its row views
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
-        q, k, v = self.qkv_proj(x).split((Hq * Dh, Hkv * Dh, Hkv * Dh), dim=-1)  # one weight stream
+        """x [1, N, D] -> q [1, N, Hq, Dh], k and v [1, N, Hkv, Dh]."""
+        N, Hq, Hkv, Dh = x.shape[1], self.Hq, self.Hkv, self.Dh
+        fused = self.qkv_proj
+        if fused is None:
+            return self.q_proj(x).view(1, N, Hq, Dh), self.k_proj(x).view(1, N, Hkv, Dh), \
+                self.v_proj(x).view(1, N, Hkv, Dh)
+        # one weight stream; one view and one split of it (a decode step makes these views 28 times: each torch
+        # call costs ~1-5 us of Python on a small CPU, as much as the C++ leaf of a small layer)
+        q, k, v = fused(x).view(1, N, Hq + 2 * Hkv, Dh).split_with_sizes((Hq, Hkv, Hkv), dim=2)
         return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plans: Sequence[AttnPlan],
                 names: Mapping[str, str]) -> torch.Tensor:
         _, N, D = x.shape
-        Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
+        Hq, Dh = self.Hq, self.Dh
         q, k, v = self._qkv(x)
-        q = tap(names["q"], q.view(1, N, Hq, Dh))  # [1, N, Hq, Dh]
-        k = tap(names["k"], k.view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
-        v = tap(names["v"], v.view(1, N, Hkv, Dh))  # [1, N, Hkv, Dh]
+        q = tap(names["q"], q)  # [1, N, Hq, Dh]
+        k = tap(names["k"], k)  # [1, N, Hkv, Dh]
+        v = tap(names["v"], v)  # [1, N, Hkv, Dh]
         q, k = self._norm_rope(q, k, cos, sin, names)  # [1, N, Hq, Dh], [1, N, Hkv, Dh]
         paged = plans[0].paged  # every span a paged decode: the batch's block tables, built once per forward
         kernel_ok = _on_kernel(self.kernel, q, k) and v.dtype == q.dtype and not wants(names["probs"])
@@ -248,9 +269,11 @@ class Qwen3Attention(nn.Module):
         one call (kernels.cpp qk_norm_rope: the norm and RoPE kernels' arithmetic, bit for bit) when both norms
         are plain kernel-leaf RMSNorms; a grafted q_norm / k_norm is then rotated again from the graft."""
         kern, qn_mod, kn_mod = self.kernel, self.q_norm, self.k_norm
-        if _on_kernel(kern, q, cos) and k.dtype == q.dtype and _is_kernel_norm(qn_mod, kern, q.dtype) \
-                and _is_kernel_norm(kn_mod, kern, q.dtype):
-            qn, kn, qr, kr = kern.qk_norm_rope(q, k, qn_mod.weight, kn_mod.weight, qn_mod.eps, kn_mod.eps, cos, sin)
+        wq = wk = None
+        if _on_kernel(kern, q, cos) and k.dtype == q.dtype:
+            wq, wk = _kernel_norm_weight(qn_mod, kern, q.dtype), _kernel_norm_weight(kn_mod, kern, q.dtype)
+        if wq is not None and wk is not None:
+            qn, kn, qr, kr = kern.qk_norm_rope(q, k, wq, wk, qn_mod.eps, kn_mod.eps, cos, sin)
             q, k = tap(names["q_norm"], qn), tap(names["k_norm"], kn)
             if q is not qn:
                 qr = apply_rope(q, cos, sin, kern)
