@@ -124,12 +124,6 @@ def tap(name: str, x):
     return s.on_tap(name, x)
 
 
-def active() -> bool:
-    """Whether a session is active (tap() then records or grafts): model code may skip making a view that only a
-    tap would see."""
-    return _active is not None
-
-
 def record_only(name: str, x) -> None:
     """Record x at `name` without offering a graft point: for values an adapter can observe but cannot feed
     back (e.g. what transformers computes and consumes inside one call)."""
@@ -145,6 +139,8 @@ def wants(name: str) -> bool:
 
 
 def active() -> bool:
+    """Whether a session is active (tap() then records or grafts): model code may skip making a view that only a
+    tap would see."""
     return _active is not None
 
 
