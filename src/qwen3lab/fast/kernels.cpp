@@ -987,6 +987,14 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
   });
 }
 
+// f(std::true_type{}) if `flag`, else f(std::false_type{}): a run-time fact made a template argument (the
+// decode attentions' FULL, below)
+template <class F>
+inline void with_flag(bool flag, F&& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // scores[r, s] = q[r] . K[s] for NR heads over n keys, 4 at a time (q rows float32, already scaled, zero-padded
 // to a multiple of W; key tails load as zeros), prefetching the same rows of `next`: the next block a paged
 // sequence reads (blocks lie apart in the pool, where no hardware prefetcher follows), or 16 keys ahead.
@@ -995,7 +1003,7 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
 // pass reads once the chunk's scores are done (they were fetched then, block by block as p.V reached them:
 // 1.06-1.10x the decode attention of one or 8 sequences at 144 positions and of one at 1024 on Zen 3, 2 threads,
 // the caches emptied between layers as a step's weights empty them).
-template <class D, int NR, bool FULL = false>
+template <class D, int NR, bool FULL>
 inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t n, int64_t Dh, const float* q,
                      int64_t ldq, float* sc, int64_t lds, const typename D::T* vals = nullptr) {
   const int64_t row_bytes = Dh * int64_t(sizeof(typename D::T));
@@ -1033,14 +1041,15 @@ inline void qk_block(const typename D::T* K, const typename D::T* next, int64_t 
 template <class D, int NR>
 inline void qk_rows(const typename D::T* K, int64_t S, int64_t Dh, const float* q, int64_t ldq, float* sc,
                     int64_t lds) {
-  if (Dh % W == 0) qk_block<D, NR, true>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds, nullptr);
-  else qk_block<D, NR, false>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds, nullptr);
+  with_flag(Dh % W == 0, [&](auto full) {
+    qk_block<D, NR, decltype(full)::value>(K, K + 16 * Dh, S, Dh, q, ldq, sc, lds);
+  });
 }
 
 // a[r][c] += p[r * ldp] * Vrow[c0 + c*W ..] for NR heads: one key position's values (nc whole or partial vectors
 // of the row from column c0), what both decode attentions' p.V loops do at each position. FULL: the CB vectors
 // from c0 are all whole (nc = CB), so every load is a plain vector load with no length check.
-template <class D, int NR, int CB, bool FULL = false>
+template <class D, int NR, int CB, bool FULL>
 inline void pv_add_row(const typename D::T* Vrow, int64_t Dh, int64_t c0, int64_t nc, const float* p, int64_t ldp,
                        vf (&a)[NR][CB]) {
   vf vv[CB];
@@ -1076,12 +1085,12 @@ template <class D>
 inline void pv_heads(const typename D::T* V, int64_t S, int64_t Dh, const float* p, int64_t R, typename D::T* o) {
   constexpr int CB = W >= 16 ? 8 : 4;  // 128 / 64 columns of V at a time, 2 heads: 16 / 8 accumulators
   for (int64_t c0 = 0; c0 < Dh; c0 += CB * W) {
-    const bool full = Dh - c0 >= CB * W;
-    int64_t r = 0;
-    for (; r + 2 <= R; r += 2)
-      (full ? pv_cols<D, 2, CB, true> : pv_cols<D, 2, CB, false>)(V, S, Dh, c0, p + r * S, S, o + r * Dh);
-    for (; r < R; ++r)
-      (full ? pv_cols<D, 1, CB, true> : pv_cols<D, 1, CB, false>)(V, S, Dh, c0, p + r * S, S, o + r * Dh);
+    with_flag(Dh - c0 >= CB * W, [&](auto full) {
+      constexpr bool FULL = decltype(full)::value;
+      int64_t r = 0;
+      for (; r + 2 <= R; r += 2) pv_cols<D, 2, CB, FULL>(V, S, Dh, c0, p + r * S, S, o + r * Dh);
+      for (; r < R; ++r) pv_cols<D, 1, CB, FULL>(V, S, Dh, c0, p + r * S, S, o + r * Dh);
+    });
   }
 }
 
@@ -1267,13 +1276,15 @@ void attend_paged_impl(const at::Tensor& q, const at::Tensor& kn, const at::Tens
         for (int64_t j = 0; j < nb; ++j) {
           const int64_t nn = std::min(bs, n - j * bs);
           float* scj = sc.data() + j * bs;
-          int64_t r = 0;
-          for (; r + 2 <= R; r += 2)
-            (Dh % W == 0 ? qk_block<D, 2, true> : qk_block<D, 2, false>)(
-                Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH, r == 0 ? Vb[j] : nullptr);
-          for (; r < R; ++r)
-            (Dh % W == 0 ? qk_block<D, 1, true> : qk_block<D, 1, false>)(
-                Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH, r == 0 ? Vb[j] : nullptr);
+          with_flag(Dh % W == 0, [&](auto full) {
+            constexpr bool FULL = decltype(full)::value;
+            const T* vals = Vb[j];  // prefetched by the first head group's pass only
+            int64_t r = 0;
+            for (; r + 2 <= R; r += 2, vals = nullptr)
+              qk_block<D, 2, FULL>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH, vals);
+            for (; r < R; ++r, vals = nullptr)
+              qk_block<D, 1, FULL>(Kb[j], Kb[j + PFB], nn, Dh, qf.data() + r * ldq, ldq, scj + r * CH, CH, vals);
+          });
         }
         for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale what was summed under the old max
           const float mnew = std::max(m[r], max_row(sc.data() + r * CH, n));
@@ -1284,14 +1295,16 @@ void attend_paged_impl(const at::Tensor& q, const at::Tensor& kn, const at::Tens
             for (int64_t c = 0; c < ldq; c += W) store(acc.data() + r * ldq + c, load<vf>(acc.data() + r * ldq + c) * alpha);
         }
         for (int64_t c0 = 0; c0 < Dh; c0 += CB * W) {
-          const bool full = Dh - c0 >= CB * W;
-          int64_t r = 0;
-          for (; r + 2 <= R; r += 2)
-            (full ? pv_paged_cols<D, 2, CB, true> : pv_paged_cols<D, 2, CB, false>)(
-                Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
-          for (; r < R; ++r)
-            (full ? pv_paged_cols<D, 1, CB, true> : pv_paged_cols<D, 1, CB, false>)(
-                Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq, ldq);
+          with_flag(Dh - c0 >= CB * W, [&](auto full) {
+            constexpr bool FULL = decltype(full)::value;
+            int64_t r = 0;
+            for (; r + 2 <= R; r += 2)
+              pv_paged_cols<D, 2, CB, FULL>(Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq,
+                                            ldq);
+            for (; r < R; ++r)
+              pv_paged_cols<D, 1, CB, FULL>(Vb.data(), bs, n, Dh, c0, sc.data() + r * CH, CH, acc.data() + r * ldq,
+                                            ldq);
+          });
         }
       }
       for (int64_t r = 0; r < R; ++r) {
