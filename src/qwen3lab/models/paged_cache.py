@@ -218,9 +218,6 @@ class PagedDecode:
 
     def layer(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Layer i of the pool(s), [NB, Hkv, bs, Dh] each: what the kernel reads and writes."""
-        if self.shared:
-            k, v = self.pools[0].layer_views[i]
-            return [k], [v]
         views = [p.layer_views[i] for p in self.pools]
         return [k for k, _ in views], [v for _, v in views]
 

@@ -125,8 +125,7 @@ def silu_mul_fused(gate_up: torch.Tensor, kernel=None) -> torch.Tensor:
     """silu_mul of the two halves of gate_up [..., 2I] -> [..., I]; the kernel takes gate_up as it is."""
     if _on_kernel(kernel, gate_up, gate_up):
         return kernel.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return silu_mul(*gate_up.chunk(2, dim=-1))
 
 
 class Qwen3MLP(nn.Module):
