@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen3lab import runspec
 from qwen3lab import taps as T
 from qwen3lab.errors import InputError, Qwen3LabError
 from qwen3lab.fast import build
@@ -287,7 +288,8 @@ def test_torch_fast_spec_label_and_tolerance(model_dir, oracle, dtype, tol):
     weights = {None: "f32", "bfloat16": "bf16", "int8": "int8"}[dtype]
     if weights == "bf16" and getattr(build.kernels(), "BF16_DOT", False):
         weights = "bf16dot"  # AVX512-BF16's vdpbf16ps (kernels.cpp Bf16Dot)
-    dist = build.kernels().stream_prefetch()[1 if weights == "f32" else 0] if path else 0
+    # the distance the CPU table (or QWEN3LAB_PREFETCH) gives these weights, not the module's own setting
+    dist = runspec.stream_prefetch()[1 if weights == "f32" else 0] if path else 0
     pf = f"+pf{dist}" if dist else ""
     want = f"{path}-{weights}{pf}" if path else "torch" if weights != "int8" else "torch-int8"
     assert rep.kernels["linear"] == want
